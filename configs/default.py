@@ -1,0 +1,45 @@
+"""Base config: plain E.T. on Tiny ImageNet (200 classes, 64x64), Adam 1e-3.
+
+Every experiment config imports this one and overrides only what changes.
+
+  python -m et_flax.main --config=configs/default.py --workdir=runs/default \
+      --config.data.data_dir=/path/to/tiny-imagenet-200
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict(dict(
+      name='et',             # et | vgg16 | resnet50
+      width=1,               # k: 16 * k filters per conv
+      num_modules=4,         # 4 plain, 8 deep
+      activation='relu',     # relu | tanh
+      hidden_units=256,      # the report does not give the hidden Dense width
+      dropout_rate=0.0,      # before the last Dense (the report used 0.5)
+      stem_pool=False,       # 2x2 stride-2 max-pool after the stem conv
+      batch_norm=False,      # batch norm + scale after every conv
+      block_dropout_rate=0.0,
+      kernel_sizes=(1, 3),   # block x, block y; (1, 3, 5) alternates three
+      block_type='residual',  # residual | three_branch (footnote 3)
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      name='tiny_imagenet',  # tiny_imagenet | digits
+      data_dir='',           # tiny_imagenet: the extracted tiny-imagenet-200/
+      image_size=64,
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='adam',
+      learning_rate=1e-3,
+  ))
+  config.loss = 'categorical_crossentropy'
+
+  config.batch_size = 128
+  config.eval_batch_size = 256
+  config.num_epochs = 100
+  config.seed = 0
+  return config

@@ -1,0 +1,130 @@
+"""The embedded default dataset: scikit-learn's handwritten digits.
+
+`sklearn.datasets.load_digits` ships 1,797 real 8x8 grayscale images of the
+digits 0-9 inside scikit-learn, so a fresh machine can train offline. They are
+written to disk in the Tiny ImageNet layout (see `tiny_imagenet_layout`), so
+that exactly the loader used for Tiny ImageNet reads them:
+
+  digits_<size>px/
+    wnids.txt, words.txt
+    train/digit_<d>/images/digit_<d>_<i>.JPEG, train/digit_<d>/digit_<d>_boxes.txt
+    val/images/val_<i>.JPEG, val/val_annotations.txt
+    test/images/test_<i>.JPEG  (unlabeled, like Tiny ImageNet's test split)
+
+The split is stratified and fixed (scikit-learn's `train_test_split` with
+`random_state=0`): 10% test, 15% val, the rest train. Images are scaled from
+0-16 to 0-255, resized bilinearly to `image_size`, replicated to RGB and saved
+as JPEG of quality 95.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+
+DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
+               'eight', 'nine')
+TEST_FRACTION = 0.10
+VAL_FRACTION = 0.15
+SPLIT_SEED = 0
+JPEG_QUALITY = 95
+_MARKER = 'et_flax_digits.json'
+
+
+def wnid(digit: int) -> str:
+  return f'digit_{digit}'
+
+
+def split_indices() -> dict[str, np.ndarray]:
+  """Indices into `load_digits()` of the train, val and test splits."""
+  labels = sk_datasets.load_digits().target
+  indices = np.arange(len(labels))
+  rest, test = model_selection.train_test_split(
+      indices, test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED)
+  train, val = model_selection.train_test_split(
+      rest, test_size=VAL_FRACTION / (1 - TEST_FRACTION), stratify=labels[rest],
+      random_state=SPLIT_SEED)
+  return {'train': np.sort(train), 'val': np.sort(val), 'test': np.sort(test)}
+
+
+def _to_rgb(image_8x8: np.ndarray, image_size: int) -> Image.Image:
+  gray = Image.fromarray(np.round(image_8x8 * (255 / 16)).astype(np.uint8), 'L')
+  if image_size != gray.width:
+    gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+  return gray.convert('RGB')
+
+
+def write_digits_tree(data_dir: str | os.PathLike, image_size: int) -> pathlib.Path:
+  """Writes the digits in the Tiny ImageNet layout, once, and returns the root.
+
+  An existing complete tree for the same size is reused. The tree is built in
+  a temporary folder and moved into place, so an interrupted write never
+  leaves a half-written tree behind.
+  """
+  if not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
+  data_dir = pathlib.Path(data_dir).expanduser()
+  root = data_dir / f'digits_{image_size}px'
+  marker = {'image_size': image_size, 'split_seed': SPLIT_SEED,
+            'test_fraction': TEST_FRACTION, 'val_fraction': VAL_FRACTION,
+            'jpeg_quality': JPEG_QUALITY}
+  if (root / _MARKER).exists():
+    found = json.loads((root / _MARKER).read_text())
+    if found != marker:
+      raise ValueError(f'{root} holds digits written with {found}, expected '
+                       f'{marker}; remove it to rewrite it')
+    return root
+  if root.exists():
+    raise FileExistsError(f'{root} exists but is not a complete digits tree (no '
+                          f'{_MARKER}); remove it or choose another data.data_dir')
+
+  data_dir.mkdir(parents=True, exist_ok=True)
+  digits = sk_datasets.load_digits()
+  splits = split_indices()
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix='.digits_tmp_', dir=data_dir))
+  try:
+    wnids = [wnid(d) for d in range(10)]
+    (tmp / 'wnids.txt').write_text(''.join(f'{w}\n' for w in wnids))
+    (tmp / 'words.txt').write_text(''.join(
+        f'{wnid(d)}\t{DIGIT_NAMES[d]}, digit {d}\n' for d in range(10)))
+    box = f'0\t0\t{image_size - 1}\t{image_size - 1}'
+
+    per_class: dict[int, list[str]] = {d: [] for d in range(10)}
+    for index in splits['train']:
+      digit = int(digits.target[index])
+      name = f'{wnid(digit)}_{len(per_class[digit])}.JPEG'
+      folder = tmp / 'train' / wnid(digit) / 'images'
+      folder.mkdir(parents=True, exist_ok=True)
+      _to_rgb(digits.images[index], image_size).save(
+          folder / name, 'JPEG', quality=JPEG_QUALITY)
+      per_class[digit].append(name)
+    for digit, names in per_class.items():
+      (tmp / 'train' / wnid(digit) / f'{wnid(digit)}_boxes.txt').write_text(
+          ''.join(f'{n}\t{box}\n' for n in names))
+
+    for split in ('val', 'test'):
+      folder = tmp / split / 'images'
+      folder.mkdir(parents=True)
+      lines = []
+      for i, index in enumerate(splits[split]):
+        name = f'{split}_{i}.JPEG'
+        _to_rgb(digits.images[index], image_size).save(
+            folder / name, 'JPEG', quality=JPEG_QUALITY)
+        lines.append(f'{name}\t{wnid(int(digits.target[index]))}\t{box}\n')
+      if split == 'val':
+        (tmp / 'val' / 'val_annotations.txt').write_text(''.join(lines))
+
+    (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, root)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return root

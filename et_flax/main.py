@@ -1,0 +1,34 @@
+"""Trains and evaluates a model from a config file.
+
+  python -m et_flax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+Any config field can be overridden on the command line, e.g.
+`--config.num_epochs=5 --config.data.data_dir=/data/tiny-imagenet-200`.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import tensorflow as tf
+
+from et_flax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for metrics (and, later, checkpoints).')
+config_flags.DEFINE_config_file('config', None, 'A config file with get_config().',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # tf.data only: TensorFlow must never take GPU memory that JAX needs.
+  tf.config.set_visible_devices([], 'GPU')
+  logging.info('Config:\n%s', FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

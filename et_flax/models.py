@@ -1,0 +1,353 @@
+"""Flax Linen models: E.T. with every variant of the report, VGG16 and ResNet50.
+
+All models are pure `flax.linen` modules over NHWC float images and return
+logits (the softmax lives in the loss). `create_model` builds any of them from
+`config.model`, a mapping with a `name` and the module's fields.
+
+Initialisation follows Keras (glorot-uniform kernels, zero biases) so that a
+model trained here starts where the report's Keras model started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+KERNEL_INIT = nn.initializers.glorot_uniform()
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nn.relu,
+    'tanh': nn.tanh,
+}
+ET_BLOCK_TYPES = ('residual', 'three_branch')
+
+
+def _conv(features: int, kernel_size: int, name: str, strides: int = 1,
+          padding: Any = 'SAME') -> nn.Conv:
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=padding, kernel_init=KERNEL_INIT, name=name)
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=KERNEL_INIT, name=name)
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+class ETBlock(nn.Module):
+  """E.T.'s residual block: three convs of one kernel size plus the identity.
+
+  The shortcut is added after the third conv and the activation follows the
+  sum, as in ResNet's identity block; the first two convs are each followed by
+  the activation (and by dropout when `dropout_rate` > 0, the wide-ResNet
+  placement the report proposes as future work).
+  """
+  features: int
+  kernel_size: int
+  activation: str = 'relu'
+  batch_norm: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    shortcut = x
+    for i in range(3):
+      x = _conv(self.features, self.kernel_size, name=f'conv{i}')(x)
+      if self.batch_norm:
+        x = _et_batch_norm(train, name=f'bn{i}')(x)
+      if i < 2:
+        x = act(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return act(x + shortcut)
+
+
+class ETThreeBranchBlock(nn.Module):
+  """The report's original block (its footnote 3).
+
+  One branch of three convs per kernel size (1x1 and 3x3 in the report) and an
+  identity branch, concatenated on channels and merged by a 1x1 conv.
+  """
+  features: int
+  kernel_sizes: Sequence[int]
+  activation: str = 'relu'
+  batch_norm: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    outputs = [x]
+    for kernel_size in self.kernel_sizes:
+      y = x
+      for i in range(3):
+        if i > 0:
+          y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = _conv(self.features, kernel_size, name=f'branch{kernel_size}_conv{i}')(y)
+        if self.batch_norm:
+          y = _et_batch_norm(train, name=f'branch{kernel_size}_bn{i}')(y)
+        y = act(y)
+      outputs.append(y)
+    x = _conv(self.features, 1, name='merge_conv')(jnp.concatenate(outputs, axis=-1))
+    if self.batch_norm:
+      x = _et_batch_norm(train, name='merge_bn')(x)
+    return act(x)
+
+
+def _et_batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  # Keras BatchNormalization defaults: momentum 0.99, epsilon 1e-3; its learned
+  # scale and offset are the report's "batch norm + scale" pair.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                      name=name)
+
+
+class ETNet(nn.Module):
+  """The Extractor Team network of the report, with its variants as fields.
+
+  Plain E.T. (the defaults): a 3x3 stem conv with 16 filters, 4 modules of
+  block x (three 1x1 convs) then block y (three 3x3 convs), global average
+  pooling, Dense(hidden_units) + activation, Dense(num_classes): 25 convs and
+  2 dense layers, no downsampling.
+
+  Attributes:
+    num_classes: width of the last Dense.
+    width: the wide-ResNet factor k; every conv has 16 * k filters.
+    num_modules: modules of two blocks each (4 plain, 8 for the deep variant).
+    activation: 'relu' or 'tanh', used after every conv and the hidden Dense.
+    hidden_units: width of the hidden Dense (the report does not give it).
+    dropout_rate: dropout before the last Dense (the report's 0.5).
+    stem_pool: a 2x2 max-pool with stride 2 after the stem (the stride
+      experiment).
+    batch_norm: batch norm with learned scale and offset after every conv.
+    block_dropout_rate: dropout between the convs inside each block.
+    kernel_sizes: the 2 * num_modules residual blocks take their kernel size
+      from this sequence in turn: (1, 3) is plain E.T., (1, 3, 5) the
+      report's proposed alternation. In a three-branch block, one branch per
+      kernel size.
+    block_type: 'residual' (the report's final design) or 'three_branch'
+      (footnote 3: one three-branch block per module).
+  """
+  num_classes: int
+  width: int = 1
+  num_modules: int = 4
+  activation: str = 'relu'
+  hidden_units: int = 256
+  dropout_rate: float = 0.0
+  stem_pool: bool = False
+  batch_norm: bool = False
+  block_dropout_rate: float = 0.0
+  kernel_sizes: Sequence[int] = (1, 3)
+  block_type: str = 'residual'
+
+  def __post_init__(self):
+    _check_positive_int('model.num_classes', self.num_classes)
+    _check_positive_int('model.width', self.width)
+    _check_positive_int('model.num_modules', self.num_modules)
+    _check_positive_int('model.hidden_units', self.hidden_units)
+    _check(self.activation in ACTIVATIONS,
+           f'model.activation must be one of {sorted(ACTIVATIONS)}, got '
+           f'{self.activation!r}')
+    _check(self.block_type in ET_BLOCK_TYPES,
+           f'model.block_type must be one of {list(ET_BLOCK_TYPES)}, got '
+           f'{self.block_type!r}')
+    _check_rate('model.dropout_rate', self.dropout_rate)
+    _check_rate('model.block_dropout_rate', self.block_dropout_rate)
+    _check(len(self.kernel_sizes) > 0 and all(
+        isinstance(k, int) and k > 0 and k % 2 == 1 for k in self.kernel_sizes),
+           'model.kernel_sizes must be a non-empty sequence of positive odd '
+           f'integers, got {self.kernel_sizes!r}')
+    super().__post_init__()
+
+  @property
+  def min_image_size(self) -> int:
+    return 2 if self.stem_pool else 1
+
+  @property
+  def features(self) -> int:
+    return 16 * self.width
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    x = _conv(self.features, 3, name='stem_conv')(x)
+    if self.batch_norm:
+      x = _et_batch_norm(train, name='stem_bn')(x)
+    x = act(x)
+    if self.stem_pool:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    block_args = dict(features=self.features, activation=self.activation,
+                      batch_norm=self.batch_norm,
+                      dropout_rate=self.block_dropout_rate)
+    if self.block_type == 'residual':
+      for i in range(2 * self.num_modules):
+        kernel_size = self.kernel_sizes[i % len(self.kernel_sizes)]
+        x = ETBlock(kernel_size=kernel_size, name=f'block{i}', **block_args)(
+            x, train=train)
+    else:
+      for i in range(self.num_modules):
+        x = ETThreeBranchBlock(kernel_sizes=tuple(self.kernel_sizes),
+                               name=f'block{i}', **block_args)(x, train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = act(_dense(self.hidden_units, name='hidden')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes, name='logits')(x)
+
+
+class VGG16(nn.Module):
+  """VGG16 as in Keras Applications, layer names included.
+
+  The convolutional base is Keras's `VGG16(include_top=False)` layer for
+  layer; the head is its `pooling='avg'` option followed by dropout and a new
+  Dense named `predictions`, sized for Tiny ImageNet's 64x64 inputs (the
+  224x224 `fc1`/`fc2` top does not apply there).
+  """
+  num_classes: int
+  dropout_rate: float = 0.0
+
+  stages = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+  min_image_size = 32
+
+  def __post_init__(self):
+    _check_positive_int('model.num_classes', self.num_classes)
+    _check_rate('model.dropout_rate', self.dropout_rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    for stage, (features, num_convs) in enumerate(self.stages, start=1):
+      for i in range(1, num_convs + 1):
+        x = nn.relu(_conv(features, 3, name=f'block{stage}_conv{i}')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes, name='predictions')(x)
+
+
+class ResNet50(nn.Module):
+  """ResNet50 (v1) as in Keras Applications, layer names included.
+
+  Same layers in the same order as `keras.applications.ResNet50`: conv biases
+  kept, batch norm with epsilon 1.001e-5, the projection shortcut on the
+  first block of each stage with the stride on the 1x1 convs. Head: global
+  average pooling (Keras's `pooling='avg'`), dropout, Dense `predictions`.
+  """
+  num_classes: int
+  dropout_rate: float = 0.0
+
+  stages = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+  min_image_size = 32
+
+  def __post_init__(self):
+    _check_positive_int('model.num_classes', self.num_classes)
+    _check_rate('model.dropout_rate', self.dropout_rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def batch_norm(name):
+      return nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                          epsilon=1.001e-5, name=name)
+
+    x = _conv(64, 7, strides=2, padding=((3, 3), (3, 3)), name='conv1_conv')(x)
+    x = nn.relu(batch_norm('conv1_bn')(x))
+    # Keras zero-pads before this pool; after a ReLU that equals -inf padding.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, (filters, num_blocks, stride) in enumerate(self.stages, start=2):
+      for block in range(1, num_blocks + 1):
+        name = f'conv{stage}_block{block}'
+        block_stride = stride if block == 1 else 1
+        if block == 1:
+          shortcut = _conv(4 * filters, 1, strides=block_stride,
+                           name=f'{name}_0_conv')(x)
+          shortcut = batch_norm(f'{name}_0_bn')(shortcut)
+        else:
+          shortcut = x
+        y = _conv(filters, 1, strides=block_stride, name=f'{name}_1_conv')(x)
+        y = nn.relu(batch_norm(f'{name}_1_bn')(y))
+        y = _conv(filters, 3, name=f'{name}_2_conv')(y)
+        y = nn.relu(batch_norm(f'{name}_2_bn')(y))
+        y = _conv(4 * filters, 1, name=f'{name}_3_conv')(y)
+        y = batch_norm(f'{name}_3_bn')(y)
+        x = nn.relu(shortcut + y)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes, name='predictions')(x)
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    'et': ETNet,
+    'vgg16': VGG16,
+    'resnet50': ResNet50,
+}
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+  _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+         f'{field} must be a positive integer, got {value!r}')
+
+
+def _check_rate(field: str, value: Any) -> None:
+  _check(isinstance(value, (int, float)) and 0.0 <= value < 1.0,
+         f'{field} must be a rate in [0, 1), got {value!r}')
+
+
+def create_model(model_config: Mapping[str, Any], num_classes: int,
+                 image_size: int | None = None) -> nn.Module:
+  """Builds the model named by `model_config['name']` from the other fields.
+
+  Args:
+    model_config: `config.model`: `name` plus fields of the model class.
+    num_classes: classes in the data.
+    image_size: side of the square input images; checked against what the
+      model can take when given.
+
+  Raises:
+    ValueError: unknown name or field, a field out of range, or an image
+      size the model cannot take.
+  """
+  fields = dict(model_config)
+  name = fields.pop('name', None)
+  if name not in MODELS:
+    raise ValueError(f'Unknown model name {name!r} in config.model.name; valid '
+                     f'names: {sorted(MODELS)}')
+  model_class = MODELS[name]
+  valid = {f.name for f in dataclasses.fields(model_class)
+           if f.init and f.name not in ('parent', 'name', 'num_classes')}
+  unknown = sorted(set(fields) - valid)
+  if unknown:
+    raise ValueError(f'Unknown field(s) {unknown} in config.model for model '
+                     f'{name!r}; valid fields: {sorted(valid)}')
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  model = model_class(num_classes=num_classes, **fields)
+  if image_size is not None:
+    _check_positive_int('data.image_size', image_size)
+    if image_size < model.min_image_size:
+      raise ValueError(
+          f'Model {name!r} cannot take {image_size}x{image_size} images: it '
+          f'needs at least {model.min_image_size}x{model.min_image_size} '
+          '(set config.data.image_size)')
+  return model
+
+
+def weighted_layers(params: Mapping[str, Any]) -> list[str]:
+  """Paths of the conv and dense layers (every module holding a `kernel`)."""
+  flat = flatten_params(params)
+  return [path[:-len('/kernel')] for path in flat if path.endswith('/kernel')]
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Flattens a parameter tree into {'a/b/kernel': array}."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in leaves}
+
+
+def count_params(params: Mapping[str, Any]) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
