@@ -263,17 +263,20 @@ class ResNet50(nn.Module):
       for block in range(1, num_blocks + 1):
         name = f'conv{stage}_block{block}'
         block_stride = stride if block == 1 else 1
-        if block == 1:
-          shortcut = _conv(4 * filters, 1, strides=block_stride,
-                           name=f'{name}_0_conv')(x)
-          shortcut = batch_norm(f'{name}_0_bn')(shortcut)
-        else:
-          shortcut = x
+        # Layers are created in Keras's topological order (1, 2, 0, 3), so
+        # that the parameter trees list them as keras.Model.layers does.
         y = _conv(filters, 1, strides=block_stride, name=f'{name}_1_conv')(x)
         y = nn.relu(batch_norm(f'{name}_1_bn')(y))
         y = _conv(filters, 3, name=f'{name}_2_conv')(y)
         y = nn.relu(batch_norm(f'{name}_2_bn')(y))
+        if block == 1:
+          shortcut = _conv(4 * filters, 1, strides=block_stride,
+                           name=f'{name}_0_conv')(x)
         y = _conv(4 * filters, 1, name=f'{name}_3_conv')(y)
+        if block == 1:
+          shortcut = batch_norm(f'{name}_0_bn')(shortcut)
+        else:
+          shortcut = x
         y = batch_norm(f'{name}_3_bn')(y)
         x = nn.relu(shortcut + y)
     x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,173 @@
+"""The digits tree, the Tiny ImageNet layout reader and the tf.data batches."""
+
+import numpy as np
+import pytest
+from sklearn import datasets as sk_datasets
+
+from conftest import make_tiny_imagenet_tree
+from et_flax import digits
+from et_flax import input_pipeline
+
+
+def _digits_info(data_dir, size=8):
+  return input_pipeline.get_dataset_info(
+      {'name': 'digits', 'data_dir': str(data_dir), 'image_size': size})
+
+
+def test_digits_split_is_stratified_disjoint_and_complete():
+  splits = digits.split_indices()
+  all_indices = np.concatenate(list(splits.values()))
+  assert sorted(all_indices) == list(range(1797))
+  assert [len(splits[s]) for s in ('train', 'val', 'test')] == [1347, 270, 180]
+  target = sk_datasets.load_digits().target
+  for split in splits.values():
+    counts = np.bincount(target[split], minlength=10)
+    assert counts.min() >= 0.8 * counts.mean()
+  np.testing.assert_array_equal(splits['val'], digits.split_indices()['val'])
+
+
+def test_digits_tree_in_tiny_imagenet_layout(digits_data_dir):
+  info = _digits_info(digits_data_dir)
+  assert info.wnids == tuple(f'digit_{d}' for d in range(10))
+  assert info.class_names[3] == 'three, digit 3'
+  root = info.root
+  assert len(list((root / 'train' / 'digit_0' / 'images').glob('*.JPEG'))) > 100
+  assert (root / 'train' / 'digit_0' / 'digit_0_boxes.txt').exists()
+  assert len((root / 'val' / 'val_annotations.txt').read_text().splitlines()) == 270
+  assert len(list((root / 'test' / 'images').glob('test_*.JPEG'))) == 180
+
+
+def test_digits_decode_to_the_sklearn_images(digits_data_dir):
+  info = _digits_info(digits_data_dir)
+  val = input_pipeline.load_split(info, 'val')
+  sk_digits = sk_datasets.load_digits()
+  val_indices = digits.split_indices()['val']
+  # Files are listed by name (val_0, val_1, val_10, ...): map back by number.
+  order = [val_indices[int(name[len('val_'):-len('.JPEG')])] for name in val.file_names]
+  np.testing.assert_array_equal(val.labels, sk_digits.target[order])
+  expected = sk_digits.images[order] * (255 / 16)
+  assert val.images.shape == (270, 8, 8, 3) and val.images.dtype == np.uint8
+  np.testing.assert_array_equal(val.images[..., 0], val.images[..., 2])
+  # JPEG at quality 95 moves a pixel by a few levels on average.
+  assert np.abs(val.images[..., 0] - expected).mean() < 4.0
+
+
+def test_digits_tree_is_reused_not_rewritten(tmp_path):
+  root = digits.write_digits_tree(tmp_path, 4)
+  marker = root / 'et_flax_digits.json'
+  stamp = marker.stat().st_mtime_ns
+  assert digits.write_digits_tree(tmp_path, 4) == root
+  assert marker.stat().st_mtime_ns == stamp
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.digits_tmp')]
+
+
+def test_digits_refuses_an_incomplete_tree(tmp_path):
+  (tmp_path / 'digits_4px').mkdir()
+  (tmp_path / 'digits_4px' / 'keep.txt').write_text('user data')
+  with pytest.raises(FileExistsError, match='not a complete digits tree'):
+    digits.write_digits_tree(tmp_path, 4)
+  assert (tmp_path / 'digits_4px' / 'keep.txt').read_text() == 'user data'
+
+
+def test_tiny_imagenet_tree_reads_labels_names_and_grayscale(tmp_path):
+  root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200')
+  info = input_pipeline.get_dataset_info(
+      {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 64})
+  assert info.wnids == ('n01', 'n02', 'n03')
+  assert info.class_names == ('name of n01, other', 'name of n02, other',
+                              'name of n03, other')
+  train = input_pipeline.load_split(info, 'train')
+  assert train.images.shape == (12, 64, 64, 3)
+  # Each image's pixel value encodes its label (40 + 80 * label), grayscale too.
+  np.testing.assert_allclose(train.images.mean(axis=(1, 2, 3)), 40 + 80 * train.labels,
+                             atol=2)
+  assert 'n02_0.JPEG' in train.file_names
+  val = input_pipeline.load_split(info, 'val')
+  np.testing.assert_allclose(val.images.mean(axis=(1, 2, 3)), 40 + 80 * val.labels,
+                             atol=2)
+  test = input_pipeline.load_split(info, 'test')
+  assert len(test) == 3 and (test.labels == -1).all()
+
+
+def test_tiny_imagenet_resized_on_decode(tmp_path):
+  root = make_tiny_imagenet_tree(tmp_path / 't', size=64)
+  info = input_pipeline.get_dataset_info(
+      {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 32})
+  val = input_pipeline.load_split(info, 'val')
+  assert val.images.shape == (5, 32, 32, 3)
+  np.testing.assert_allclose(val.images.mean(axis=(1, 2, 3)), 40 + 80 * val.labels,
+                             atol=2)
+
+
+def test_bad_trees_are_clear_errors(tmp_path):
+  config = {'name': 'tiny_imagenet', 'data_dir': str(tmp_path / 'nowhere'),
+            'image_size': 64}
+  with pytest.raises(FileNotFoundError, match='nowhere is not a directory'):
+    input_pipeline.get_dataset_info(config)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='wnids.txt is missing'):
+    input_pipeline.get_dataset_info({**config, 'data_dir': str(tmp_path / 'empty')})
+  with pytest.raises(ValueError, match='must name the extracted tiny-imagenet-200'):
+    input_pipeline.get_dataset_info({**config, 'data_dir': ''})
+  with pytest.raises(ValueError, match="valid names: \\['digits', 'tiny_imagenet'\\]"):
+    input_pipeline.get_dataset_info({**config, 'name': 'cifar'})
+  with pytest.raises(ValueError, match='data.image_size must be a positive integer'):
+    input_pipeline.get_dataset_info({**config, 'image_size': 0})
+
+  root = make_tiny_imagenet_tree(tmp_path / 'bad')
+  annotations = root / 'val' / 'val_annotations.txt'
+  annotations.write_text(annotations.read_text() + 'val_0.JPEG\tn77\t0\t0\t1\t1\n')
+  info = input_pipeline.get_dataset_info({**config, 'data_dir': str(root)})
+  with pytest.raises(ValueError, match='val_annotations.txt:6: .*a wnid from wnids.txt'):
+    input_pipeline.load_split(info, 'val')
+  (root / 'train' / 'n03' / 'images' / 'n03_1.JPEG').write_bytes(b'not a jpeg')
+  with pytest.raises(ValueError, match='Cannot decode .*n03_1.JPEG'):
+    input_pipeline.load_split(info, 'train')
+
+
+def _split(n):
+  return input_pipeline.Split(
+      images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
+      labels=np.arange(n, dtype=np.int32), file_names=tuple(map(str, range(n))))
+
+
+@pytest.mark.parametrize('batch_size', [1, 3, 4, 7, 16])
+def test_eval_batches_count_every_image_once(batch_size):
+  split = _split(7)
+  batches = list(input_pipeline.eval_batches(split, batch_size))
+  assert all(b['image'].shape[0] == batch_size for b in batches)
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  images = np.concatenate([b['image'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(labels, split.labels)
+  np.testing.assert_array_equal(images[:, 0, 0, 0], split.labels)
+
+
+def test_train_epochs_are_deterministic_permutations():
+  split = _split(10)
+  train_input = input_pipeline.TrainInput(split, batch_size=3, seed=5)
+  assert train_input.steps_per_epoch == 3
+  epoch1 = [b['label'] for b in train_input.epoch(1)]
+  assert [len(b) for b in epoch1] == [3, 3, 3]
+  seen = np.concatenate(epoch1)
+  assert len(set(seen)) == 9
+  again = input_pipeline.TrainInput(split, batch_size=3, seed=5)
+  np.testing.assert_array_equal(seen, np.concatenate([b['label'] for b in again.epoch(1)]))
+  epoch2 = np.concatenate([b['label'] for b in train_input.epoch(2)])
+  assert not np.array_equal(seen, epoch2)
+  for batch in train_input.epoch(1):
+    np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batch['label'])
+
+
+def test_two_hosts_read_disjoint_examples():
+  split = _split(12)
+  hosts = [input_pipeline.TrainInput(split, batch_size=4, seed=0, process_index=i,
+                                     process_count=2) for i in range(2)]
+  seen = [np.concatenate([b['label'] for b in h.epoch(3)]) for h in hosts]
+  assert all(len(s) == 12 // 4 * 2 for s in seen)
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(np.concatenate(seen)) == list(range(12))
+
+
+def test_batch_larger_than_split_is_a_clear_error():
+  with pytest.raises(ValueError, match='batch_size 64 is larger than the 10 training'):
+    input_pipeline.TrainInput(_split(10), batch_size=64, seed=0)

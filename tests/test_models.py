@@ -1,0 +1,265 @@
+"""Models: E.T. maths against NumPy, layer and parameter counts, Keras layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from et_flax import models
+
+
+def _init(model, size, batch_size=2, seed=0):
+  x = jax.random.uniform(jax.random.key(seed + 1), (batch_size, size, size, 3))
+  return model.init(jax.random.key(seed), x, train=False), x
+
+
+def _conv_same_numpy(x, kernel, bias):
+  """Cross-correlation with 'SAME' zero padding, stride 1, in float64."""
+  k = kernel.shape[0]
+  pad = k // 2
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+  for a in range(k):
+    for b in range(k):
+      window = xp[:, a:a + x.shape[1], b:b + x.shape[2], :]
+      out += np.einsum('nhwc,co->nhwo', window, kernel[a, b])
+  return out + bias
+
+
+NUMPY_ACTIVATIONS = {'relu': lambda v: np.maximum(v, 0.0), 'tanh': np.tanh}
+
+
+# float32 sums of at most 9 * 16 = 144 products per conv, three convs deep:
+# rounding stays near 1e-6 relative; 1e-5 leaves room without hiding a wrong
+# placement of the shortcut or the activation (those change outputs by O(1)).
+@pytest.mark.parametrize('kernel_size', [1, 3])
+@pytest.mark.parametrize('activation', ['relu', 'tanh'])
+def test_jit_et_block_equals_numpy(kernel_size, activation):
+  block = models.ETBlock(features=16, kernel_size=kernel_size, activation=activation)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 16))
+  variables = block.init(jax.random.key(1), x, train=False)
+  # Non-zero biases so a misplaced bias would show.
+  variables = jax.tree.map(
+      lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
+  got = jax.jit(lambda v, x: block.apply(v, x, train=False))(variables, x)
+
+  act = NUMPY_ACTIVATIONS[activation]
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables['params'])
+  h = np.asarray(x, np.float64)
+  for i in range(3):
+    h = _conv_same_numpy(h, params[f'conv{i}']['kernel'], params[f'conv{i}']['bias'])
+    if i < 2:
+      h = act(h)
+  expected = act(h + np.asarray(x, np.float64))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_three_branch_block_equals_numpy():
+  block = models.ETThreeBranchBlock(features=16, kernel_sizes=(1, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
+  variables = block.init(jax.random.key(1), x, train=False)
+  got = jax.jit(lambda v, x: block.apply(v, x, train=False))(variables, x)
+
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables['params'])
+  relu = NUMPY_ACTIVATIONS['relu']
+  x64 = np.asarray(x, np.float64)
+  branches = [x64]
+  for k in (1, 3):
+    h = x64
+    for i in range(3):
+      layer = params[f'branch{k}_conv{i}']
+      h = relu(_conv_same_numpy(h, layer['kernel'], layer['bias']))
+    branches.append(h)
+  merged = np.concatenate(branches, axis=-1)
+  expected = relu(_conv_same_numpy(merged, params['merge_conv']['kernel'],
+                                   params['merge_conv']['bias']))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_et_forward_equals_numpy_head():
+  """Stem, blocks and head of plain E.T. composed as the report describes."""
+  model = models.ETNet(num_classes=7, num_modules=1, hidden_units=8)
+  variables, x = _init(model, 5)
+  got = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables['params'])
+  relu = NUMPY_ACTIVATIONS['relu']
+  h = relu(_conv_same_numpy(np.asarray(x, np.float64), p['stem_conv']['kernel'],
+                            p['stem_conv']['bias']))
+  for block in ('block0', 'block1'):
+    shortcut = h
+    for i in range(3):
+      h = _conv_same_numpy(h, p[block][f'conv{i}']['kernel'], p[block][f'conv{i}']['bias'])
+      h = relu(h) if i < 2 else relu(h + shortcut)
+  h = h.mean(axis=(1, 2))
+  h = relu(h @ p['hidden']['kernel'] + p['hidden']['bias'])
+  expected = h @ p['logits']['kernel'] + p['logits']['bias']
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+MODEL_CONFIGS = [
+    ({'name': 'et'}, 8),
+    ({'name': 'et', 'width': 2, 'activation': 'tanh'}, 8),
+    ({'name': 'et', 'batch_norm': True, 'stem_pool': True, 'kernel_sizes': (1, 3, 5)}, 8),
+    ({'name': 'et', 'block_type': 'three_branch', 'dropout_rate': 0.5,
+      'block_dropout_rate': 0.1}, 8),
+    ({'name': 'vgg16'}, 32),
+    ({'name': 'resnet50'}, 32),
+]
+
+
+@pytest.mark.parametrize('config,size', MODEL_CONFIGS)
+def test_jit_forward_equals_eager(config, size):
+  model = models.create_model(config, num_classes=10, image_size=size)
+  variables, x = _init(model, size)
+  eager = model.apply(variables, x, train=False)
+  jitted = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert eager.shape == (2, 10)
+  # Same ops, but XLA may fuse and reorder float32 sums differently.
+  np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_modules,expected', [(4, 27), (8, 51)])
+def test_jit_weighted_layer_count(num_modules, expected):
+  model = models.ETNet(num_classes=200, num_modules=num_modules)
+  variables, _ = _init(model, 4)
+  layers = models.weighted_layers(variables['params'])
+  assert len(layers) == expected
+  assert sum('conv' in name for name in layers) == expected - 2
+
+
+def _et_params_by_hand(width, num_modules, hidden=256, classes=200):
+  f = 16 * width
+  stem = 3 * 3 * 3 * f + f
+  block_x = 3 * (1 * 1 * f * f + f)
+  block_y = 3 * (3 * 3 * f * f + f)
+  head = (f * hidden + hidden) + (hidden * classes + classes)
+  return stem + num_modules * (block_x + block_y) + head
+
+
+@pytest.mark.parametrize('variant,width,num_modules,expected', [
+    ('plain', 1, 4, 87_304),
+    ('wide', 2, 4, 184_392),
+    ('deep', 1, 8, 118_408),
+])
+def test_jit_parameter_count_equals_hand_arithmetic(variant, width, num_modules,
+                                                    expected):
+  del variant
+  assert _et_params_by_hand(width, num_modules) == expected
+  model = models.ETNet(num_classes=200, width=width, num_modules=num_modules)
+  variables, _ = _init(model, 4)
+  assert models.count_params(variables['params']) == expected
+
+
+def test_jit_dropout_active_only_when_training():
+  model = models.ETNet(num_classes=10, dropout_rate=0.5, block_dropout_rate=0.1,
+                       num_modules=1)
+  variables, x = _init(model, 6, batch_size=4)
+  apply = jax.jit(lambda v, x, key, train: model.apply(
+      v, x, train=train, rngs={'dropout': key}), static_argnums=3)
+  eval_a = apply(variables, x, jax.random.key(1), False)
+  eval_b = apply(variables, x, jax.random.key(2), False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  np.testing.assert_array_equal(eval_a, model.apply(variables, x))
+  train_a = apply(variables, x, jax.random.key(1), True)
+  train_b = apply(variables, x, jax.random.key(2), True)
+  assert np.abs(train_a - eval_a).max() > 1e-3
+  assert np.abs(train_a - train_b).max() > 1e-3
+  np.testing.assert_array_equal(train_a, apply(variables, x, jax.random.key(1), True))
+
+
+def test_jit_same_key_same_output():
+  model = models.ETNet(num_classes=10, num_modules=1)
+  a, x = _init(model, 6, seed=3)
+  b, _ = _init(model, 6, seed=3)
+  c, _ = _init(model, 6, seed=4)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.allclose(a['params']['stem_conv']['kernel'],
+                         c['params']['stem_conv']['kernel'])
+  np.testing.assert_array_equal(model.apply(a, x), model.apply(b, x))
+
+
+def test_jit_stem_pool_halves_resolution():
+  model = models.ETNet(num_classes=3, stem_pool=True, num_modules=1)
+  variables, x = _init(model, 6)
+  _, state = jax.jit(lambda v, x: model.apply(
+      v, x, capture_intermediates=True, mutable=['intermediates']))(variables, x)
+  captured = state['intermediates']
+  stem = np.maximum(np.asarray(captured['stem_conv']['__call__'][0]), 0.0)
+  pooled = stem.reshape(2, 3, 2, 3, 2, 16).max(axis=(2, 4))
+  block0 = models.ETBlock(features=16, kernel_size=1).apply(
+      {'params': variables['params']['block0']}, jnp.asarray(pooled), train=False)
+  np.testing.assert_allclose(captured['block0']['__call__'][0], block0, rtol=1e-5,
+                             atol=1e-6)
+  assert captured['block1']['__call__'][0].shape == (2, 3, 3, 16)
+
+
+def test_jit_kernel_sizes_alternate():
+  model = models.ETNet(num_classes=3, kernel_sizes=(1, 3, 5))
+  variables, _ = _init(model, 4)
+  sizes = [variables['params'][f'block{i}']['conv0']['kernel'].shape[0]
+           for i in range(8)]
+  assert sizes == [1, 3, 5, 1, 3, 5, 1, 3]
+
+
+def test_jit_batch_norm_after_every_conv():
+  model = models.ETNet(num_classes=3, batch_norm=True)
+  variables, _ = _init(model, 4)
+  stats = models.flatten_params(variables['batch_stats'])
+  assert sum(path.endswith('/mean') for path in stats) == 25
+
+
+def _keras_layers(keras_model):
+  return [(layer.name, [tuple(w.shape) for w in layer.weights])
+          for layer in keras_model.layers if layer.weights]
+
+
+def _our_layers(model, size):
+  variables, _ = _init(model, size, batch_size=1)
+  layers = []
+  for name, layer in variables['params'].items():
+    if name == 'predictions':
+      continue
+    if 'kernel' in layer:
+      shapes = [layer['kernel'].shape, layer['bias'].shape]
+    else:
+      stats = variables['batch_stats'][name]
+      shapes = [layer['scale'].shape, layer['bias'].shape, stats['mean'].shape,
+                stats['var'].shape]
+    layers.append((name, [tuple(s) for s in shapes]))
+  return layers
+
+
+@pytest.mark.parametrize('name', ['vgg16', 'resnet50'])
+def test_keras_applications_layers_in_same_order(name):
+  keras = pytest.importorskip('keras')
+  builders = {'vgg16': keras.applications.VGG16,
+              'resnet50': keras.applications.ResNet50}
+  keras_model = builders[name](weights=None, include_top=False,
+                               input_shape=(32, 32, 3))
+  ours = _our_layers(models.create_model({'name': name}, 10), 32)
+  assert ours == _keras_layers(keras_model)
+
+
+@pytest.mark.parametrize('config,message', [
+    ({'name': 'lenet'}, "valid names: ['et', 'resnet50', 'vgg16']"),
+    ({'name': 'et', 'width': 0}, 'model.width must be a positive integer'),
+    ({'name': 'et', 'width': -2}, 'model.width must be a positive integer'),
+    ({'name': 'et', 'num_modules': 0}, 'model.num_modules must be a positive integer'),
+    ({'name': 'et', 'activation': 'gelu'}, "model.activation must be one of"),
+    ({'name': 'et', 'kernel_sizes': (2,)}, 'positive odd integers'),
+    ({'name': 'et', 'dropout_rate': 1.0}, 'model.dropout_rate must be a rate'),
+    ({'name': 'et', 'depth': 3}, "Unknown field(s) ['depth']"),
+    ({'name': 'vgg16', 'width': 2}, "Unknown field(s) ['width']"),
+])
+def test_bad_model_config_is_a_clear_error(config, message):
+  with pytest.raises(ValueError) as error:
+    models.create_model(config, num_classes=10, image_size=32)
+  assert message in str(error.value)
+
+
+@pytest.mark.parametrize('config,size', [
+    ({'name': 'vgg16'}, 16), ({'name': 'resnet50'}, 31),
+    ({'name': 'et', 'stem_pool': True}, 1)])
+def test_image_size_the_model_cannot_take(config, size):
+  with pytest.raises(ValueError, match=f'cannot take {size}x{size} images'):
+    models.create_model(config, num_classes=10, image_size=size)
