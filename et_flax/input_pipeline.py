@@ -1,7 +1,9 @@
-"""tf.data input: decode a Tiny ImageNet-layout tree once, then batch it.
+"""tf.data input: prepare the tfds dataset, decode it once, then batch it.
 
-Images are decoded once (in parallel, by tf.data) and kept as uint8 in host
-memory: Tiny ImageNet's training split is 1.2 GB that way. Each training
+Both datasets go through the `tiny_imagenet` tfds builder: Tiny ImageNet from
+its extracted folder, its zip or (when allowed) its URL, and the embedded
+digits from the tree `et_flax.digits` writes in the same layout. Images are
+decoded once (in parallel, by tf.data) and kept as uint8 in host memory: Tiny ImageNet's training split is 1.2 GB that way. Each training
 epoch is a fresh permutation drawn from (seed, epoch), so a run resumed at
 epoch e sees exactly the batches it would have seen; evaluation batches are
 padded to full size and carry a mask, so every image counts exactly once.
@@ -10,32 +12,45 @@ padded to full size and carry a mask, so every image counts exactly once.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+import tensorflow_datasets as tfds
+from absl import logging
 
 from et_flax import digits
 from et_flax import tiny_imagenet
 
 DATASETS = ('digits', 'tiny_imagenet')
+DEFAULT_TFDS_DIR = os.path.join('~', 'tensorflow_datasets')
 _DECODE_BATCH = 1024
+
+# tf.data only: TensorFlow must never take GPU memory that JAX needs (a no-op
+# with tensorflow-cpu, but not if a GPU build of TensorFlow is installed too).
+tf.config.set_visible_devices([], 'GPU')
+tfds.disable_progress_bar()
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What a run needs to know about its data before decoding any image."""
-  root: pathlib.Path
+  builder: tfds.core.DatasetBuilder
   wnids: tuple[str, ...]  # label i is wnids[i]
   class_names: tuple[str, ...]
   image_size: int
+  source_labels: tuple[int, ...]  # label i is source_labels[i] in the builder
 
   @property
   def num_classes(self) -> int:
     return len(self.wnids)
+
+  def class_mapping(self) -> dict[str, Any]:
+    return {'wnids': list(self.wnids), 'class_names': list(self.class_names)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,71 +64,165 @@ class Split:
     return len(self.labels)
 
 
-def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
-  """Locates (for digits: writes) the tree named by `config.data`."""
+def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
+  """The class subset named by `config.data.classes`, in label order.
+
+  0 (or None) keeps every class. A count n takes n wnids evenly spaced over
+  the sorted wnids (the i-th is wnids[i * len(wnids) // n]), which spreads a
+  subset across WordNet rather than taking one branch of it. A list of wnids
+  takes exactly those.
+  """
+  if classes is None or (isinstance(classes, int) and not isinstance(classes, bool)
+                         and classes == 0):
+    return wnids
+  if isinstance(classes, int) and not isinstance(classes, bool):
+    if not 0 < classes <= len(wnids):
+      raise ValueError(f'data.classes={classes} but the dataset has {len(wnids)} '
+                       'classes: expected a count from 1 to that, 0 for all, or a '
+                       'list of wnids')
+    return tuple(wnids[i * len(wnids) // classes] for i in range(classes))
+  if isinstance(classes, (list, tuple)) and all(isinstance(w, str) for w in classes):
+    unknown = [w for w in classes if w not in wnids]
+    if unknown:
+      raise ValueError(f'data.classes names wnids the dataset does not have: {unknown}')
+    if len(set(classes)) != len(classes) or not classes:
+      raise ValueError(f'data.classes must list distinct wnids, got {list(classes)}')
+    return tuple(sorted(classes))
+  raise ValueError('data.classes must be 0 (all), a class count or a list of wnids, '
+                   f'got {classes!r}')
+
+
+def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder for `config.data` (preparing it once)."""
   name = data_config.get('name')
-  image_size = data_config.get('image_size')
-  if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-    raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
+  data_dir = str(data_config.get('data_dir') or '')
+  manual_dir = None
   if name == 'digits':
-    root = digits.write_digits_tree(data_config['data_dir'], image_size)
+    if not data_dir:
+      raise ValueError('data.data_dir must name a folder to write the digits to')
+    root = digits.write_digits_tree(data_dir, data_config['image_size'])
+    builder = tiny_imagenet.TinyImagenet(
+        extracted_dir=root,
+        config=tiny_imagenet.digits_builder_config(data_config['image_size']),
+        data_dir=data_config.get('tfds_dir') or str(pathlib.Path(data_dir).expanduser() / 'tfds'))
   elif name == 'tiny_imagenet':
-    if not data_config.get('data_dir'):
-      raise ValueError('data.data_dir must name the extracted tiny-imagenet-200/ '
-                       'folder (set --config.data.data_dir=/path/to/tiny-imagenet-200)')
-    root = pathlib.Path(data_config['data_dir']).expanduser()
-    if not root.is_dir():
-      raise FileNotFoundError(f'data.data_dir {root} is not a directory (expected '
-                              'the extracted tiny-imagenet-200/ folder)')
+    extracted_dir = None
+    if data_dir:
+      source = pathlib.Path(data_dir).expanduser()
+      if (source / 'wnids.txt').exists():
+        extracted_dir = source
+      elif (source / tiny_imagenet.ZIP_NAME).exists():
+        manual_dir = source
+      else:
+        raise FileNotFoundError(
+            f'data.data_dir {source} holds neither wnids.txt (the extracted '
+            f'{tiny_imagenet.TREE_NAME}/ folder) nor {tiny_imagenet.ZIP_NAME}')
+    config = tiny_imagenet.TinyImagenet.BUILDER_CONFIGS[0]
+    if extracted_dir is not None:
+      # A tree in the layout with another number of classes (a test tree, a
+      # user's own subset) is prepared under a config of its own.
+      num_classes = len(tiny_imagenet.read_wnids(extracted_dir))
+      if num_classes != config.num_classes:
+        config = tiny_imagenet.TinyImagenetConfig(
+            name=f'layout_{num_classes}_classes', num_classes=num_classes)
+    builder = tiny_imagenet.TinyImagenet(
+        extracted_dir=extracted_dir, allow_download=bool(data_config.get('download')),
+        config=config, data_dir=data_config.get('tfds_dir') or DEFAULT_TFDS_DIR)
   else:
     raise ValueError(f'Unknown dataset {name!r} in config.data.name; valid names: '
                      f'{list(DATASETS)}')
-  wnids = tiny_imagenet.read_wnids(root)
-  return DatasetInfo(root=root, wnids=wnids,
-                     class_names=tiny_imagenet.read_class_names(root, wnids),
-                     image_size=image_size)
+  if not builder.is_prepared():
+    logging.info('Preparing %s in %s (once)', builder.name, builder.data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False))
+  return builder
 
 
-def _decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                             expand_animations=False)
-  # Images of another size (data.image_size below Tiny ImageNet's 64, say) are
-  # resized with an antialiased bilinear filter; same-size images pass as is.
-  shape = tf.shape(image)
-  image = tf.cond(
-      tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
-      lambda: image,
-      lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-          image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8))
-  return tf.ensure_shape(image, (image_size, image_size, 3))
+def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
+  """Prepares (once) the dataset named by `config.data` and selects its classes."""
+  image_size = data_config.get('image_size')
+  if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+    raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
+  builder = _builder(data_config)
+  all_wnids = tuple(builder.info.features['label'].names)
+  names = dict(zip(all_wnids, builder.info.metadata['class_names']))
+  wnids = select_classes(all_wnids, data_config.get('classes'))
+  return DatasetInfo(builder=builder, wnids=wnids,
+                     class_names=tuple(names[w] for w in wnids),
+                     image_size=image_size,
+                     source_labels=tuple(all_wnids.index(w) for w in wnids))
 
 
-def _find_undecodable(paths: tuple[pathlib.Path, ...]) -> pathlib.Path | None:
-  for path in paths:
-    try:
-      with Image.open(path) as image:
-        image.load()
-    except OSError:
-      return path
-  return None
+def save_class_mapping(info: DatasetInfo, workdir: str | os.PathLike) -> pathlib.Path:
+  """Writes `classes.json` (label i: wnid and name) to the workdir.
+
+  A workdir that already maps labels differently is refused: its
+  checkpoints and results would name the wrong classes.
+  """
+  path = pathlib.Path(workdir) / 'classes.json'
+  mapping = info.class_mapping()
+  if path.exists():
+    found = json.loads(path.read_text())
+    if found != mapping:
+      raise ValueError(f'{path} maps labels to other classes ({len(found["wnids"])} '
+                       f'classes, first {found["wnids"][:3]}) than this config '
+                       f'({info.num_classes}, first {list(info.wnids[:3])}); use '
+                       'another workdir')
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(mapping, indent=1))
+  return path
+
+
+def _decoder(info: DatasetInfo, split: str):
+  remap = np.full(len(info.builder.info.features['label'].names), -1, np.int32)
+  remap[list(info.source_labels)] = np.arange(info.num_classes)
+  remap = tf.constant(remap)
+  size = info.image_size
+
+  def decode(example):
+    image = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
+    # Another data.image_size than the stored one (below Tiny ImageNet's 64,
+    # say): resize with an antialiased bilinear filter.
+    shape = tf.shape(image)
+    image = tf.cond(
+        tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
+        lambda: image,
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+            image, (size, size), antialias=True)), 0, 255), tf.uint8))
+    label = tf.cast(example['label'], tf.int32)
+    label = tf.where(label < 0, label, tf.gather(remap, tf.maximum(label, 0)))
+    return {'image': tf.ensure_shape(image, (size, size, 3)), 'label': label,
+            'file_name': example['file_name']}
+
+  def keep(example):
+    if split == 'test':
+      return tf.constant(True)
+    return tf.reduce_any(tf.equal(tf.cast(example['label'], tf.int32),
+                                  tf.constant(info.source_labels, tf.int32)))
+  return decode, keep
 
 
 def load_split(info: DatasetInfo, split: str) -> Split:
-  """Decodes every image of `split` at `info.image_size` (grayscale to RGB)."""
-  files = tiny_imagenet.list_split(info.root, split, info.wnids)
-  label_of = {w: i for i, w in enumerate(info.wnids)}
-  labels = np.array([-1 if w is None else label_of[w] for w in files.wnids], np.int32)
-  dataset = (tf.data.Dataset.from_tensor_slices([str(p) for p in files.paths])
-             .map(lambda p: _decode(p, info.image_size),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  """Decodes every image of `split` (of the selected classes) into memory."""
+  if split not in tiny_imagenet.SPLITS:
+    raise ValueError(f'Unknown split {split!r}; valid splits: {list(tiny_imagenet.SPLITS)}')
+  decode, keep = _decoder(info, split)
+  dataset = (info.builder.as_dataset(split=split, shuffle_files=False,
+                                     decoders={'image': tfds.decode.SkipDecoding()})
+             .filter(keep)
+             .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
              .batch(_DECODE_BATCH))
-  try:
-    images = np.concatenate(list(dataset.as_numpy_iterator()))
-  except tf.errors.InvalidArgumentError as error:
-    bad = _find_undecodable(files.paths)
-    where = str(bad) if bad else f'an image of {info.root / split}'
-    raise ValueError(f'Cannot decode {where}: {error.message}') from error
-  return Split(images=images, labels=labels, file_names=files.file_names)
+  images, labels, file_names = [], [], []
+  for batch in dataset.as_numpy_iterator():
+    images.append(batch['image'])
+    labels.append(batch['label'])
+    file_names += [f.decode() for f in batch['file_name']]
+  if not images:
+    raise ValueError(f'The {split} split of {info.builder.data_dir} holds no images '
+                     'of the selected classes')
+  return Split(images=np.concatenate(images), labels=np.concatenate(labels),
+               file_names=tuple(file_names))
 
 
 def _gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor,

@@ -10,7 +10,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import tensorflow as tf
 
 from et_flax import train
 
@@ -24,8 +23,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # tf.data only: TensorFlow must never take GPU memory that JAX needs.
-  tf.config.set_visible_devices([], 'GPU')
   logging.info('Config:\n%s', FLAGS.config)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -12,12 +12,20 @@
 Class order: label i is the i-th wnid in sorted order, which is also the order
 Keras' `flow_from_directory` gave the report's models. The embedded digits
 dataset (`et_flax.digits`) is written in this layout too.
+
+`TinyImagenet` is a tensorflow-datasets builder over such a tree (tfds has
+none for Tiny ImageNet).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_SUFFIX = '.JPEG'
@@ -109,3 +117,123 @@ def list_split(root: pathlib.Path, split: str, wnids: tuple[str, ...]) -> SplitF
   if not paths:
     raise ValueError(f'The {split} split of {root} holds no images')
   return SplitFiles(tuple(paths), tuple(labels))
+
+
+# ---------------------------------------------------------------------------
+# The tensorflow-datasets builder.
+
+URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
+ZIP_NAME = 'tiny-imagenet-200.zip'
+TREE_NAME = 'tiny-imagenet-200'
+
+
+@dataclasses.dataclass
+class TinyImagenetConfig(tfds.core.BuilderConfig):
+  """One source layout: its number of classes and image side."""
+  num_classes: int = 200
+  image_size: int = 64
+
+
+def digits_builder_config(image_size: int) -> TinyImagenetConfig:
+  """The config under which the embedded digits tree is prepared."""
+  return TinyImagenetConfig(name=f'digits_{image_size}px', num_classes=10,
+                            image_size=image_size,
+                            description='scikit-learn digits in the Tiny ImageNet layout')
+
+
+def read_image(path: pathlib.Path, image_size: int) -> np.ndarray:
+  """Decodes a JPEG to uint8 RGB (grayscale replicated), checking its size."""
+  try:
+    with Image.open(path) as image:
+      array = np.asarray(image.convert('RGB'))
+  except OSError as error:
+    raise ValueError(f'Cannot decode {path}: {error}') from error
+  if array.shape != (image_size, image_size, 3):
+    raise ValueError(f'{path} is {array.shape[1]}x{array.shape[0]}, expected '
+                     f'{image_size}x{image_size}')
+  return array
+
+
+class TinyImagenet(tfds.core.GeneratorBasedBuilder):
+  """Tiny ImageNet 200: 100k train, 10k val (labeled), 10k test (unlabeled).
+
+  Sources, in this order: the extracted `tiny-imagenet-200/` folder given as
+  `extracted_dir`; `tiny-imagenet-200.zip` in the download config's
+  `manual_dir`; the official URL, only when `allow_download` is True.
+  Labels index the sorted wnids; the test split has label -1 and wnid ''.
+  The human-readable class names are in `info.metadata['class_names']`.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  BUILDER_CONFIGS = [TinyImagenetConfig(name='tiny_imagenet_200',
+                                        description='The official dataset.')]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Download {ZIP_NAME} from {URL} (the CS231n course site) and place it in
+  the manual_dir, or pass the extracted {TREE_NAME}/ folder as extracted_dir.
+  """
+
+  def __init__(self, *, extracted_dir: str | os.PathLike | None = None,
+               allow_download: bool = False, **kwargs):
+    self._extracted_dir = pathlib.Path(extracted_dir).expanduser() if extracted_dir else None
+    self._allow_download = allow_download
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Tiny ImageNet in the official layout (64x64, 200 classes).',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, 3)),
+            'label': tfds.features.ClassLabel(num_classes=self.builder_config.num_classes),
+            'wnid': tfds.features.Text(),
+            'file_name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'label'),
+        homepage='https://www.kaggle.com/c/tiny-imagenet',
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _source_root(self, dl_manager) -> pathlib.Path:
+    if self._extracted_dir is not None:
+      if not self._extracted_dir.is_dir():
+        raise FileNotFoundError(f'{self._extracted_dir} is not a directory (expected '
+                                f'the extracted {TREE_NAME}/ folder)')
+      return self._extracted_dir
+    try:
+      manual_dir = pathlib.Path(dl_manager.manual_dir)
+    except AssertionError:
+      # tfds's way of saying that the manual_dir is missing or empty.
+      manual_dir = None
+    if manual_dir is not None and (manual_dir / ZIP_NAME).exists():
+      return pathlib.Path(dl_manager.extract(manual_dir / ZIP_NAME)) / TREE_NAME
+    if not self._allow_download:
+      raise FileNotFoundError(
+          f'No Tiny ImageNet source: no extracted_dir given and no {ZIP_NAME} in '
+          f'the manual_dir ({manual_dir or "missing or empty"}). Set config.data.data_dir to the extracted '
+          f'{TREE_NAME}/ folder or to the folder holding {ZIP_NAME}, or set '
+          'config.data.download=True to fetch it from the course site.')
+    return pathlib.Path(dl_manager.download_and_extract(URL)) / TREE_NAME
+
+  def _split_generators(self, dl_manager):
+    root = self._source_root(dl_manager)
+    wnids = read_wnids(root)
+    if len(wnids) != self.builder_config.num_classes:
+      raise ValueError(f'{root / "wnids.txt"} lists {len(wnids)} wnids, expected '
+                       f'{self.builder_config.num_classes}')
+    self.info.features['label'].names = list(wnids)
+    self.info.metadata['wnids'] = list(wnids)
+    self.info.metadata['class_names'] = list(read_class_names(root, wnids))
+    return {split: self._generate_examples(list_split(root, split, wnids))
+            for split in SPLITS}
+
+  def _generate_examples(self, files: SplitFiles):
+    size = self.builder_config.image_size
+    for path, wnid in zip(files.paths, files.wnids):
+      yield path.name, {
+          'image': read_image(path, size),
+          'label': -1 if wnid is None else wnid,
+          'wnid': wnid or '',
+          'file_name': path.name,
+      }

@@ -125,8 +125,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = models.create_model(config.model, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
   tx = optim.create_optimizer(config.optimizer)
+  input_pipeline.save_class_mapping(info, workdir)
 
-  logging.info('Decoding %s at %dx%d', info.root, info.image_size, info.image_size)
+  logging.info('Decoding %s at %dx%d', info.builder.data_dir, info.image_size,
+               info.image_size)
   train_split = input_pipeline.load_split(info, 'train')
   val_split = input_pipeline.load_split(info, 'val')
   train_input = input_pipeline.TrainInput(train_split, config.batch_size, config.seed)

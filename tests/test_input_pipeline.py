@@ -1,7 +1,11 @@
 """The digits tree, the Tiny ImageNet layout reader and the tf.data batches."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
 from conftest import make_tiny_imagenet_tree
@@ -30,7 +34,7 @@ def test_digits_tree_in_tiny_imagenet_layout(digits_data_dir):
   info = _digits_info(digits_data_dir)
   assert info.wnids == tuple(f'digit_{d}' for d in range(10))
   assert info.class_names[3] == 'three, digit 3'
-  root = info.root
+  root = digits_data_dir / 'digits_8px'
   assert len(list((root / 'train' / 'digit_0' / 'images').glob('*.JPEG'))) > 100
   assert (root / 'train' / 'digit_0' / 'digit_0_boxes.txt').exists()
   assert len((root / 'val' / 'val_annotations.txt').read_text().splitlines()) == 270
@@ -69,10 +73,14 @@ def test_digits_refuses_an_incomplete_tree(tmp_path):
   assert (tmp_path / 'digits_4px' / 'keep.txt').read_text() == 'user data'
 
 
+def _tiny_config(tmp_path, root, **overrides):
+  return {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 64,
+          'tfds_dir': str(tmp_path / 'tfds'), **overrides}
+
+
 def test_tiny_imagenet_tree_reads_labels_names_and_grayscale(tmp_path):
   root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200')
-  info = input_pipeline.get_dataset_info(
-      {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 64})
+  info = input_pipeline.get_dataset_info(_tiny_config(tmp_path, root))
   assert info.wnids == ('n01', 'n02', 'n03')
   assert info.class_names == ('name of n01, other', 'name of n02, other',
                               'name of n03, other')
@@ -89,40 +97,127 @@ def test_tiny_imagenet_tree_reads_labels_names_and_grayscale(tmp_path):
   assert len(test) == 3 and (test.labels == -1).all()
 
 
+def test_tfds_builder_counts_labels_names_and_determinism(tmp_path):
+  root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200')
+  builders = []
+  for i in range(2):
+    info = input_pipeline.get_dataset_info(
+        _tiny_config(tmp_path, root, tfds_dir=str(tmp_path / f'tfds{i}')))
+    builders.append(info.builder)
+  builder = builders[0]
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+      'train': 12, 'val': 5, 'test': 3}
+  assert builder.info.features['label'].names == ['n01', 'n02', 'n03']
+  assert builder.info.metadata['class_names'][1] == 'name of n02, other'
+  annotations = dict(line.split('\t')[:2] for line in
+                     (root / 'val' / 'val_annotations.txt').read_text().splitlines())
+  for example in tfds.as_numpy(builder.as_dataset(split='val')):
+    name = example['file_name'].decode()
+    assert example['wnid'].decode() == annotations[name]
+    assert example['label'] == ['n01', 'n02', 'n03'].index(annotations[name])
+  for example in tfds.as_numpy(builder.as_dataset(split='test')):
+    assert example['label'] == -1 and example['wnid'] == b''
+  for split in ('train', 'val', 'test'):
+    a, b = (list(tfds.as_numpy(x.as_dataset(split=split, shuffle_files=False)))
+            for x in builders)
+    assert [e['file_name'] for e in a] == [e['file_name'] for e in b]
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_tfds_builder_takes_the_zip_from_the_data_dir(tmp_path):
+  root = make_tiny_imagenet_tree(tmp_path / 'src' / 'tiny-imagenet-200')
+  downloads = tmp_path / 'downloads'
+  downloads.mkdir()
+  shutil.make_archive(str(downloads / 'tiny-imagenet-200'), 'zip', root.parent,
+                      'tiny-imagenet-200')
+  shutil.rmtree(root.parent)
+  # The builder's config for a zip is the official 200-class one: this tree's
+  # three classes are refused with the file named.
+  with pytest.raises(ValueError, match='wnids.txt lists 3 wnids, expected 200'):
+    input_pipeline.get_dataset_info(_tiny_config(tmp_path, downloads))
+
+
+def test_tfds_builder_never_downloads_unless_told(tmp_path, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError('tried to download')
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', no_network)
+  with pytest.raises(FileNotFoundError, match='config.data.download=True'):
+    input_pipeline.get_dataset_info(_tiny_config(tmp_path, ''))
+
+
 def test_tiny_imagenet_resized_on_decode(tmp_path):
   root = make_tiny_imagenet_tree(tmp_path / 't', size=64)
-  info = input_pipeline.get_dataset_info(
-      {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 32})
+  info = input_pipeline.get_dataset_info(_tiny_config(tmp_path, root, image_size=32))
   val = input_pipeline.load_split(info, 'val')
   assert val.images.shape == (5, 32, 32, 3)
   np.testing.assert_allclose(val.images.mean(axis=(1, 2, 3)), 40 + 80 * val.labels,
                              atol=2)
 
 
+def test_class_subsets(tmp_path):
+  wnids = tuple(f'n{i:02d}' for i in range(10))
+  assert input_pipeline.select_classes(wnids, 0) == wnids
+  assert input_pipeline.select_classes(wnids, 5) == ('n00', 'n02', 'n04', 'n06', 'n08')
+  assert input_pipeline.select_classes(wnids, 3) == ('n00', 'n03', 'n06')
+  assert input_pipeline.select_classes(wnids, ['n07', 'n01']) == ('n01', 'n07')
+  with pytest.raises(ValueError, match='data.classes=11 but the dataset has 10'):
+    input_pipeline.select_classes(wnids, 11)
+  with pytest.raises(ValueError, match="does not have: \\['n99'\\]"):
+    input_pipeline.select_classes(wnids, ['n01', 'n99'])
+  with pytest.raises(ValueError, match='must be 0'):
+    input_pipeline.select_classes(wnids, 2.5)
+
+  root = make_tiny_imagenet_tree(tmp_path / 't')
+  info = input_pipeline.get_dataset_info(_tiny_config(tmp_path, root, classes=['n03', 'n01']))
+  assert info.wnids == ('n01', 'n03') and info.num_classes == 2
+  train = input_pipeline.load_split(info, 'train')
+  assert len(train) == 8 and sorted(set(train.labels)) == [0, 1]
+  # n01 keeps pixel value 40 (source label 0), n03 has 200 (source label 2).
+  np.testing.assert_allclose(train.images.mean(axis=(1, 2, 3)),
+                             np.where(train.labels == 0, 40, 200), atol=2)
+  assert all(name.startswith(('n01', 'n03')) for name in train.file_names)
+  assert len(input_pipeline.load_split(info, 'test')) == 3
+
+  workdir = tmp_path / 'workdir'
+  path = input_pipeline.save_class_mapping(info, workdir)
+  assert json.loads(path.read_text()) == {
+      'wnids': ['n01', 'n03'], 'class_names': ['name of n01, other', 'name of n03, other']}
+  other = input_pipeline.get_dataset_info(_tiny_config(tmp_path, root, classes=2))
+  with pytest.raises(ValueError, match='classes.json maps labels to other classes'):
+    input_pipeline.save_class_mapping(other, workdir)
+  assert json.loads(path.read_text())['wnids'] == ['n01', 'n03']
+
+
 def test_bad_trees_are_clear_errors(tmp_path):
-  config = {'name': 'tiny_imagenet', 'data_dir': str(tmp_path / 'nowhere'),
-            'image_size': 64}
-  with pytest.raises(FileNotFoundError, match='nowhere is not a directory'):
+  config = _tiny_config(tmp_path, tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='nowhere holds neither wnids.txt'):
     input_pipeline.get_dataset_info(config)
-  (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match='wnids.txt is missing'):
-    input_pipeline.get_dataset_info({**config, 'data_dir': str(tmp_path / 'empty')})
-  with pytest.raises(ValueError, match='must name the extracted tiny-imagenet-200'):
-    input_pipeline.get_dataset_info({**config, 'data_dir': ''})
   with pytest.raises(ValueError, match="valid names: \\['digits', 'tiny_imagenet'\\]"):
     input_pipeline.get_dataset_info({**config, 'name': 'cifar'})
   with pytest.raises(ValueError, match='data.image_size must be a positive integer'):
     input_pipeline.get_dataset_info({**config, 'image_size': 0})
 
-  root = make_tiny_imagenet_tree(tmp_path / 'bad')
+  def prepare(root):
+    return input_pipeline.get_dataset_info(
+        _tiny_config(tmp_path, root, tfds_dir=str(root) + '_tfds'))
+
+  root = make_tiny_imagenet_tree(tmp_path / 'unknown_wnid')
   annotations = root / 'val' / 'val_annotations.txt'
   annotations.write_text(annotations.read_text() + 'val_0.JPEG\tn77\t0\t0\t1\t1\n')
-  info = input_pipeline.get_dataset_info({**config, 'data_dir': str(root)})
   with pytest.raises(ValueError, match='val_annotations.txt:6: .*a wnid from wnids.txt'):
-    input_pipeline.load_split(info, 'val')
+    prepare(root)
+
+  root = make_tiny_imagenet_tree(tmp_path / 'no_annotations')
+  (root / 'val' / 'val_annotations.txt').unlink()
+  with pytest.raises(FileNotFoundError, match='val_annotations.txt is missing'):
+    prepare(root)
+
+  root = make_tiny_imagenet_tree(tmp_path / 'corrupt')
   (root / 'train' / 'n03' / 'images' / 'n03_1.JPEG').write_bytes(b'not a jpeg')
   with pytest.raises(ValueError, match='Cannot decode .*n03_1.JPEG'):
-    input_pipeline.load_split(info, 'train')
+    prepare(root)
 
 
 def _split(n):
