@@ -7,6 +7,7 @@ Every experiment config imports this one and overrides only what changes.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,8 +29,31 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       name='tiny_imagenet',  # tiny_imagenet | digits
-      data_dir='',           # tiny_imagenet: the extracted tiny-imagenet-200/
+      # tiny_imagenet: the extracted tiny-imagenet-200/ folder, or the folder
+      # holding tiny-imagenet-200.zip; empty once the tfds dataset is prepared.
+      # digits: where the digits tree is written.
+      data_dir='',
+      tfds_dir='',           # where tfds prepares it; '' = ~/tensorflow_datasets
+      download=False,        # fetch the zip from the course site if no source
       image_size=64,
+      # 0 = all classes; n = n classes evenly spaced over the sorted wnids;
+      # or a list of wnids. Saved to <workdir>/classes.json.
+      classes=0,
+  ))
+
+  # A preset of et_flax.augment (none | five | eight | heavy); a range set
+  # here overrides the preset's, e.g. --config.augment.rotation_range=10.
+  config.augment = ml_collections.ConfigDict(dict(
+      preset='none',
+      rotation_range=placeholder(float),
+      width_shift_range=placeholder(float),
+      height_shift_range=placeholder(float),
+      shear_range=placeholder(float),
+      zoom_range=placeholder(float),
+      channel_shift_range=placeholder(float),
+      horizontal_flip=placeholder(bool),
+      vertical_flip=placeholder(bool),
+      crop_min_area=placeholder(float),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

@@ -21,6 +21,7 @@ from clu import metric_writers
 from clu import metrics
 from flax.training import train_state
 
+from et_flax import augment
 from et_flax import input_pipeline
 from et_flax import models
 from et_flax import optim
@@ -40,7 +41,10 @@ class Metrics(metrics.Collection):
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """uint8 images to float32 in [0, 1] (Keras' `rescale=1/255`)."""
+  """0-255 images (uint8, or float after augmentation) to float32 in [0, 1].
+
+  Keras's `rescale=1/255`, applied after the augmentations as Keras does.
+  """
   return images.astype(jnp.float32) / 255.0
 
 
@@ -61,10 +65,18 @@ def classification_outputs(logits: jax.Array, labels: jax.Array,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
-               *, loss_fn: optim.LossFn) -> tuple[TrainState, Metrics]:
-  """One optimizer step on `batch`; dropout keyed by (rng, step)."""
-  images, labels = preprocess(batch['image']), batch['label']
-  dropout_rng = jax.random.fold_in(rng, state.step)
+               *, loss_fn: optim.LossFn,
+               augment_config: augment.AugmentConfig = augment.AugmentConfig(),
+               ) -> tuple[TrainState, Metrics]:
+  """One optimizer step on `batch`, augmented on device first.
+
+  Augmentation and dropout are keyed by (rng, step), so a resumed run draws
+  the same randomness as an uninterrupted one.
+  """
+  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  images = augment.augment_batch(augment_rng, batch['image'].astype(jnp.float32),
+                                 augment_config)
+  images, labels = preprocess(images), batch['label']
 
   def loss_of(params):
     logits, updates = state.apply_fn(
@@ -125,6 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = models.create_model(config.model, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
   tx = optim.create_optimizer(config.optimizer)
+  augment_config = augment.config_from(config.augment)
   input_pipeline.save_class_mapping(info, workdir)
 
   logging.info('Decoding %s at %dx%d', info.builder.data_dir, info.image_size,
@@ -143,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                models.count_params(state.params),
                len(models.weighted_layers(state.params)))
 
-  train_step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
+  train_step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn,
+                                            augment_config=augment_config),
                           donate_argnums=(0,))
   eval_step_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn))
   # TensorBoard events from the first host; the console line is logged below.

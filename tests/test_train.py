@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from et_flax import augment
 from et_flax import input_pipeline
 from et_flax import models
 from et_flax import optim
@@ -141,7 +142,31 @@ def test_main_runs_the_quickstart_config(digits_data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
        f'--workdir={tmp_path}', '--config.num_epochs=1', '--config.data.image_size=8',
-       f'--config.data.data_dir={digits_data_dir}', '--config.model.num_modules=1'],
+       f'--config.data.data_dir={digits_data_dir}', '--config.model.num_modules=1',
+       '--config.augment.preset=five', '--config.augment.rotation_range=5'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'epoch 1/1: train loss' in result.stderr
+
+
+def test_jit_augmentation_runs_inside_the_step(trained):
+  """The step augments with the key it derives from (rng, step), on device."""
+  state, _, val = trained
+  batch = next(input_pipeline.eval_batches(val, 16))
+  batch = {'image': batch['image'], 'label': batch['label']}
+  config = augment.PRESETS['eight']
+  step = jax.jit(functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy,
+                                   augment_config=config))
+  rng = jax.random.key(7)
+  augmented_state, _ = step(state, batch, rng)
+
+  augment_rng, _ = jax.random.split(jax.random.fold_in(rng, state.step))
+  images = augment.augment_batch(augment_rng, batch['image'].astype(jnp.float32), config)
+  plain = jax.jit(functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy))
+  expected_state, _ = plain(state, {'image': images, 'label': batch['label']}, rng)
+  unaugmented_state, _ = plain(state, batch, rng)
+  leaves = lambda s: jax.tree.leaves(s.params)
+  for got, want in zip(leaves(augmented_state), leaves(expected_state)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert any(not np.allclose(a, b) for a, b in
+             zip(leaves(augmented_state), leaves(unaugmented_state)))
