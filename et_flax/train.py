@@ -144,7 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                info.image_size)
   train_split = input_pipeline.load_split(info, 'train')
   val_split = input_pipeline.load_split(info, 'val')
-  train_input = input_pipeline.TrainInput(train_split, config.batch_size, config.seed)
+  train_input = input_pipeline.TrainInput(
+      train_split, config.batch_size, config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   logging.info('%d train and %d val images, %d classes, %d steps per epoch',
                len(train_split), len(val_split), info.num_classes,
                train_input.steps_per_epoch)
