@@ -56,14 +56,35 @@ def get_config() -> ml_collections.ConfigDict:
       crop_min_area=placeholder(float),
   ))
 
+  # Keras's formulas and defaults (et_flax/optim.py). Fields by optimizer:
+  # adam: beta_1, beta_2, epsilon; sgd: momentum, nesterov; rmsprop: rho,
+  # momentum, epsilon. Schedules: constant | inverse_time (Keras 2's `decay`)
+  # | cosine (warmup_epochs) | step (step_epochs, step_factor).
   config.optimizer = ml_collections.ConfigDict(dict(
       name='adam',
       learning_rate=1e-3,
+      schedule='constant',
+      # The report's schedule: halve the rate when the epoch's training loss
+      # has not improved by min_delta in `patience` epochs (Keras
+      # ReduceLROnPlateau at epoch granularity).
+      plateau=ml_collections.ConfigDict(dict(
+          enabled=True, factor=0.5, patience=50, min_delta=1e-4, cooldown=0,
+          min_lr=0.0)),
   ))
-  config.loss = 'categorical_crossentropy'
+  config.loss = 'categorical_crossentropy'  # or categorical_hinge
 
   config.batch_size = 128
   config.eval_batch_size = 256
-  config.num_epochs = 100
+  config.num_epochs = 200
   config.seed = 0
+
+  # Checkpoints: every N epochs, at the end, and whenever val top-1 improves
+  # (kept apart in checkpoints_best/). A workdir with checkpoints resumes.
+  config.checkpoint_every_epochs = 1
+  config.max_to_keep = 3
+  # Warm start: params (not optimizer state) from another run's workdir.
+  config.init_from = ''
+  config.init_from_checkpoint = 'best'  # best | latest | an epoch number
+  # Multi-host: call jax.distributed.initialize() first.
+  config.distributed = False
   return config

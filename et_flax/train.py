@@ -1,11 +1,13 @@
-"""Training and evaluation: pure jitted steps and the epoch loop.
+"""Training and evaluation: pure jitted steps and the resumable epoch loop.
 
 (No `from __future__ import annotations` here: clu reads the `Metrics` field
 annotations as classes.)
 """
 
-
 import functools
+import json
+import os
+import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,14 +21,19 @@ import optax
 from absl import logging
 from clu import metric_writers
 from clu import metrics
+from clu import periodic_actions
 from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from et_flax import augment
+from et_flax import checkpoints
 from et_flax import input_pipeline
 from et_flax import models
 from et_flax import optim
 
 TOP_K = 5
+HISTORY_FILE = 'history.jsonl'
 
 
 class TrainState(train_state.TrainState):
@@ -64,16 +71,30 @@ def classification_outputs(logits: jax.Array, labels: jax.Array,
   }
 
 
+def _metrics(outputs: Mapping[str, jax.Array], axis_name: str | None,
+             mask: jax.Array | None = None) -> Metrics:
+  if axis_name is None:
+    return Metrics.single_from_model_output(mask=mask, **outputs)
+  return Metrics.gather_from_model_output(axis_name=axis_name, mask=mask, **outputs)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                *, loss_fn: optim.LossFn,
                augment_config: augment.AugmentConfig = augment.AugmentConfig(),
-               ) -> tuple[TrainState, Metrics]:
+               axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on `batch`, augmented on device first.
 
   Augmentation and dropout are keyed by (rng, step), so a resumed run draws
-  the same randomness as an uninterrupted one.
+  the same randomness as an uninterrupted one. Under `jax.jit` with a
+  sharded batch the step is data parallel as it stands; under `jax.pmap`,
+  pass `axis_name` and the gradients, loss and batch statistics are averaged
+  over it (each device then draws its own augmentation and dropout, and batch
+  norm normalises with each device's own batch, as in flax's examples).
   """
-  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  rng = jax.random.fold_in(rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  augment_rng, dropout_rng = jax.random.split(rng)
   images = augment.augment_batch(augment_rng, batch['image'].astype(jnp.float32),
                                  augment_config)
   images, labels = preprocess(images), batch['label']
@@ -85,60 +106,137 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     outputs = classification_outputs(logits, labels, loss_fn)
     return outputs['loss'].mean(), (outputs, updates)
 
-  grads, (outputs, updates) = jax.grad(loss_of, has_aux=True)(state.params)
-  state = state.apply_gradients(
-      grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats))
-  return state, Metrics.single_from_model_output(**outputs)
+  (loss, (outputs, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+      state.params)
+  batch_stats = updates.get('batch_stats', state.batch_stats)
+  if axis_name is not None:
+    grads, loss, batch_stats = jax.lax.pmean((grads, loss, batch_stats), axis_name)
+  # The plateau element of the chain is fed the training loss.
+  param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                             value=loss)
+  state = state.replace(step=state.step + 1,
+                        params=optax.apply_updates(state.params, param_updates),
+                        opt_state=opt_state, batch_stats=batch_stats)
+  return state, _metrics(outputs, axis_name)
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              loss_fn: optim.LossFn) -> Metrics:
+              loss_fn: optim.LossFn, axis_name: str | None = None) -> Metrics:
   """Metrics of `batch` in inference mode; padded examples (mask 0) ignored."""
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                           preprocess(batch['image']), train=False)
   outputs = classification_outputs(logits, batch['label'], loss_fn)
-  return Metrics.single_from_model_output(mask=batch['mask'], **outputs)
+  return _metrics(outputs, axis_name, mask=batch['mask'])
 
 
 def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int,
                        tx: optax.GradientTransformation) -> TrainState:
   variables = jax.jit(functools.partial(model.init, train=False))(
       rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables.get('batch_stats', {}), tx=tx)
+  # An int32 array from the start, as every step returns it: no retrace.
+  return state.replace(step=jnp.zeros([], jnp.int32))
 
+
+# ---------------------------------------------------------------------------
+# Devices.
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  # Auto axes: XLA propagates the batch sharding through the step, which then
+  # reads exactly as on one device.
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
+                ) -> dict[str, jax.Array]:
+  """This host's part of a batch -> global arrays split over 'data'."""
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items() if k != 'file_name'}
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ---------------------------------------------------------------------------
+# The loop.
 
 def _check_run_fields(config: ml_collections.ConfigDict) -> None:
-  for field in ('batch_size', 'num_epochs', 'eval_batch_size'):
+  for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
+                'max_to_keep'):
     value = config.get(field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'config.{field} must be a positive integer, got {value!r}')
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % jax.device_count():
+      raise ValueError(f'config.{field}={config[field]} must be divisible by the '
+                       f'{jax.device_count()} devices')
 
 
 def evaluate(state: TrainState, split: input_pipeline.Split, batch_size: int,
-             eval_step_fn) -> dict[str, float]:
+             eval_step_fn, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Mean loss, top-1 and top-5 over every image of `split`."""
   total = None
   for batch in input_pipeline.eval_batches(split, batch_size):
-    batch_metrics = eval_step_fn(state, batch)
+    batch_metrics = eval_step_fn(state, shard_batch(batch, mesh))
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {k: float(v) for k, v in total.compute().items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+def _state_dict(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+  return {'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state, 'step': state.step,
+          'rng': jax.random.key_data(rng)}
+
+
+def _write_history(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(''.join(json.dumps(entry) + '\n' for entry in history))
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains `config.model` on `config.data`, evaluating on val every epoch.
 
-  Every part of the config is checked before any image is decoded or any
-  step taken. Returns the last epoch's metrics (`train_*` and `val_*`).
+  A workdir with checkpoints resumes from the latest: the same batches,
+  randomness, optimizer and plateau state and history as an uninterrupted
+  run. A config that differs from the saved one in anything but run length,
+  logging or data location is refused unless `allow_config_change`. Every
+  part of the config is checked before any image is decoded or any step
+  taken. Returns the last epoch's metrics.
   """
   _check_run_fields(config)
   info = input_pipeline.get_dataset_info(config.data)
   model = models.create_model(config.model, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
-  tx = optim.create_optimizer(config.optimizer)
+  optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)
-  input_pipeline.save_class_mapping(info, workdir)
+
+  workdir = pathlib.Path(workdir)
+  run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
+  latest = run_checkpoints.latest_epoch()
+  saved_config = None
+  if latest is not None:
+    saved_config = run_checkpoints.restore_meta(latest)['config']
+    differences = checkpoints.config_differences(saved_config,
+                                                 checkpoints.config_to_dict(config))
+    if differences and not allow_config_change:
+      raise ValueError(
+          f'{workdir} holds a run with another config; refusing to resume it. '
+          'Differences (saved -> now):\n  ' + '\n  '.join(differences) +
+          '\nUse another workdir, or pass --allow_config_change to resume anyway.')
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    input_pipeline.save_class_mapping(info, workdir)
 
   logging.info('Decoding %s at %dx%d', info.builder.data_dir, info.image_size,
                info.image_size)
@@ -147,51 +245,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_input = input_pipeline.TrainInput(
       train_split, config.batch_size, config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = train_input.steps_per_epoch
   logging.info('%d train and %d val images, %d classes, %d steps per epoch',
-               len(train_split), len(val_split), info.num_classes,
-               train_input.steps_per_epoch)
+               len(train_split), len(val_split), info.num_classes, steps_per_epoch)
+  tx = optim.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
   rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
+  init_rng, rng = jax.random.split(rng)
   state = create_train_state(init_rng, model, info.image_size, tx)
+  history: list[dict[str, Any]] = []
+  start_epoch = 1
+  best_top1 = -1.0
+  if latest is not None:
+    abstract = jax.tree.map(_abstract, _state_dict(state, rng))
+    restored, meta = run_checkpoints.restore(latest, abstract)
+    state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
+                          opt_state=restored['opt_state'], step=restored['step'])
+    rng = jax.random.wrap_key_data(restored['rng'])
+    history, best_top1 = meta['history'], meta['best_val_top1_accuracy']
+    start_epoch = meta['epoch'] + 1
+    logging.info('Resuming %s from epoch %d (step %d)', workdir, meta['epoch'],
+                 int(state.step))
+  elif config.get('init_from'):
+    loaded = checkpoints.load_variables(config.init_from,
+                                        config.get('init_from_checkpoint', 'latest'))
+    checkpoints.check_same_shapes(loaded, {'params': state.params,
+                                           'batch_stats': state.batch_stats},
+                                  f'The checkpoint in {config.init_from}')
+    state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
+    logging.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
+  # The history file is rewritten from the checkpoint: epochs after it that a
+  # killed run had logged are dropped, and will be logged again when redone.
+  history_path = workdir / HISTORY_FILE
+  if is_chief:
+    _write_history(history_path, history)
+
   logging.info('Model %s: %d parameters in %d weighted layers', config.model.name,
                models.count_params(state.params),
                len(models.weighted_layers(state.params)))
-
+  mesh = make_mesh()
+  state = replicate(state, mesh)
   train_step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn,
                                             augment_config=augment_config),
                           donate_argnums=(0,))
   eval_step_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn))
   # TensorBoard events from the first host; the console line is logged below.
-  writer = (metric_writers.SummaryWriter(workdir) if jax.process_index() == 0
+  writer = (metric_writers.SummaryWriter(str(workdir)) if is_chief
             else metric_writers.MultiWriter([]))
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=steps_per_epoch * config.num_epochs, writer=writer,
+      every_secs=60)
 
-  summary: dict[str, float] = {}
-  for epoch in range(1, config.num_epochs + 1):
+  summary: dict[str, float] = history[-1] if history else {}
+  for epoch in range(start_epoch, config.num_epochs + 1):
     start = time.perf_counter()
+    learning_rate = float(optim.current_learning_rate(
+        state.opt_state, config.optimizer, steps_per_epoch, config.num_epochs))
     train_metrics = None
-    for batch in train_input.epoch(epoch):
-      state, step_metrics = train_step_fn(state, batch, dropout_rng)
+    wait_seconds = 0.0
+    batches = train_input.epoch(epoch)
+    while True:
+      wait_start = time.perf_counter()
+      batch = next(batches, None)
+      wait_seconds += time.perf_counter() - wait_start
+      if batch is None:
+        break
+      state, step_metrics = train_step_fn(state, shard_batch(batch, mesh), rng)
       train_metrics = (step_metrics if train_metrics is None
                        else train_metrics.merge(step_metrics))
+      report_progress(int(state.step))
     train_summary = {k: float(v) for k, v in train_metrics.compute().items()}
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
       raise FloatingPointError(
-          f'Training loss is {train_summary["loss"]} in epoch {epoch}: stopping '
+          f'Training loss is {train_summary["loss"]} in epoch {epoch}: stopping. '
+          f'The last good checkpoint stays in {workdir / checkpoints.LATEST} '
           '(lower optimizer.learning_rate or check the data)')
-    val_summary = evaluate(state, val_split, config.eval_batch_size, eval_step_fn)
-    summary = {**{f'train_{k}': v for k, v in train_summary.items()},
+    val_summary = evaluate(state, val_split, config.eval_batch_size, eval_step_fn, mesh)
+    summary = {'epoch': epoch, 'step': int(state.step),
+               **{f'train_{k}': v for k, v in train_summary.items()},
                **{f'val_{k}': v for k, v in val_summary.items()},
+               'learning_rate': learning_rate,
                'epoch_seconds': time.perf_counter() - start,
-               'train_images_per_second': (train_input.steps_per_epoch
-                                           * config.batch_size / train_seconds)}
-    writer.write_scalars(epoch, summary)
+               'train_images_per_second': steps_per_epoch * config.batch_size / train_seconds,
+               'input_wait_fraction': wait_seconds / train_seconds}
+    history.append(summary)
+    is_best = summary['val_top1_accuracy'] > best_top1
+    best_top1 = max(best_top1, summary['val_top1_accuracy'])
+    if is_chief:
+      writer.write_scalars(epoch, {k: v for k, v in summary.items() if k != 'epoch'})
+      with history_path.open('a') as history_file:
+        history_file.write(json.dumps(summary) + '\n')
     logging.info(
         'epoch %d/%d: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f '
-        'top5 %.4f | %.1f s, %.0f img/s', epoch, config.num_epochs,
+        'top5 %.4f | lr %.3g | %.1f s, %.0f img/s', epoch, config.num_epochs,
         summary['train_loss'], summary['train_top1_accuracy'], summary['val_loss'],
-        summary['val_top1_accuracy'], summary['val_top5_accuracy'],
+        summary['val_top1_accuracy'], summary['val_top5_accuracy'], learning_rate,
         summary['epoch_seconds'], summary['train_images_per_second'])
+    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
+      meta = {'epoch': epoch, 'config': checkpoints.config_to_dict(config),
+              'history': history, 'best_val_top1_accuracy': best_top1}
+      run_checkpoints.save(epoch, _state_dict(state, rng), meta, best=is_best)
   writer.flush()
+  run_checkpoints.close()
   return summary
+

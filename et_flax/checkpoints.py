@@ -1,0 +1,151 @@
+"""Orbax checkpoints of a run, and the config comparison behind resuming.
+
+A workdir holds `checkpoints/<epoch>/` (the latest `max_to_keep`) and
+`checkpoints_best/<epoch>/` (the one with the best validation top-1: the
+report's "best weights saved"). Each holds two items: `state` (params, batch
+stats, optimizer state with the plateau state, step, RNG) and `meta` (JSON:
+epoch, config, history, best accuracy). Orbax writes a checkpoint to a
+temporary folder and renames it when complete, so a run killed during a save
+resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST = 'checkpoints'
+BEST = 'checkpoints_best'
+
+# Config fields a resumed run may change: run length, logging, data location.
+RESUMABLE_CHANGES = frozenset({
+    'num_epochs', 'checkpoint_every_epochs', 'max_to_keep', 'eval_batch_size',
+    'data.data_dir', 'data.tfds_dir', 'data.download', 'init_from',
+    'init_from_checkpoint', 'distributed',
+})
+
+
+def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
+  """A JSON round trip, so saved and current configs compare alike."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+  """'field: saved -> current' for each field that differs (`ignore` aside)."""
+  saved, current = _flatten(saved), _flatten(current)
+  missing = object()
+  return [f'{key}: {saved.get(key, "(absent)")!r} -> {current.get(key, "(absent)")!r}'
+          for key in sorted(set(saved) | set(current))
+          if key not in ignore and saved.get(key, missing) != current.get(key, missing)]
+
+
+def _manager(directory: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+          enable_async_checkpointing=False))
+
+
+class RunCheckpoints:
+  """The latest and the best checkpoints of one workdir, indexed by epoch."""
+
+  def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3):
+    workdir = pathlib.Path(workdir)
+    self.latest = _manager(workdir / LATEST, max_to_keep)
+    self.best = _manager(workdir / BEST, 1)
+
+  def latest_epoch(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, epoch: int, state: Mapping[str, Any], meta: Mapping[str, Any],
+           *, best: bool) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(dict(meta)))
+    if best and epoch not in self.best.all_steps():
+      self.best.save(epoch, args=args)
+      self.best.wait_until_finished()
+    # A run resumed from an older checkpoint redoes epochs bit for bit, so a
+    # step that exists already holds the same values.
+    if epoch not in self.latest.all_steps():
+      self.latest.save(epoch, args=args)
+      self.latest.wait_until_finished()
+
+  def restore_meta(self, epoch: int) -> dict[str, Any]:
+    return self.latest.restore(
+        epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, epoch: int, abstract_state: Mapping[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    restored = self.latest.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def load_variables(workdir: str | pathlib.Path, which: str = 'latest'
+                   ) -> dict[str, Any]:
+  """Params and batch stats of another run's checkpoint (for warm starts).
+
+  `which` is 'latest', 'best' or an epoch number.
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  directory = workdir / (BEST if which == 'best' else LATEST)
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{directory} does not exist: {workdir} holds no '
+                            f'{which} checkpoint to start from')
+  manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+      read_only=True, enable_async_checkpointing=False))
+  try:
+    if which in ('latest', 'best'):
+      epoch = manager.latest_step()
+    else:
+      epoch = int(which)
+    if epoch is None or epoch not in manager.all_steps():
+      raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has '
+                              f'{sorted(manager.all_steps())})')
+    state = manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    manager.close()
+  return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+
+
+def check_same_shapes(loaded: Mapping[str, Any], expected: Mapping[str, Any],
+                      source: str) -> None:
+  """A clear error listing missing, extra and mismatched arrays."""
+  flat_loaded = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.shape(v)
+                 for path, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  flat_expected = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.shape(v)
+                   for path, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  missing = sorted(set(flat_expected) - set(flat_loaded))
+  extra = sorted(set(flat_loaded) - set(flat_expected))
+  mismatched = [f'{k}: {flat_loaded[k]} vs {flat_expected[k]}'
+                for k in sorted(set(flat_loaded) & set(flat_expected))
+                if flat_loaded[k] != flat_expected[k]]
+  if missing or extra or mismatched:
+    raise ValueError(f'{source} does not fit this model: missing {missing}, '
+                     f'unexpected {extra}, shapes differing {mismatched}')

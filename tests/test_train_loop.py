@@ -1,0 +1,262 @@
+"""Resume, config refusal, warm start, NaN stop and multi-device steps."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import quickstart
+from et_flax import checkpoints
+from et_flax import optim
+from et_flax import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TIMING_FIELDS = {'epoch_seconds', 'train_images_per_second', 'input_wait_fraction'}
+
+
+def _tiny_config(data_dir, **overrides):
+  config = quickstart.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.image_size = 8
+  config.model.num_modules = 1
+  config.batch_size = 64
+  config.num_epochs = 2
+  config.update(overrides)
+  return config
+
+
+def _main_args(workdir, data_dir, num_epochs):
+  return [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
+          f'--workdir={workdir}', f'--config.num_epochs={num_epochs}',
+          '--config.data.image_size=8', f'--config.data.data_dir={data_dir}',
+          '--config.model.num_modules=1', '--config.batch_size=64',
+          '--config.augment.preset=five', '--config.model.dropout_rate=0.2',
+          '--config.optimizer.plateau.patience=1',
+          '--config.optimizer.plateau.min_delta=0.3', '--config.max_to_keep=2']
+
+
+def _final_state(workdir):
+  manager = ocp.CheckpointManager(
+      (pathlib.Path(workdir) / checkpoints.LATEST).absolute(),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  return step, state
+
+
+def _history(workdir):
+  lines = (pathlib.Path(workdir) / train.HISTORY_FILE).read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+          for line in lines]
+
+
+def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, tmp_path):
+  """SIGKILL at random points (mid-epoch, mid-save, at start-up), then resume."""
+  num_epochs = 6
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  reference = tmp_path / 'reference'
+  subprocess.run(_main_args(reference, digits_data_dir, num_epochs), cwd=REPO, env=env,
+                 check=True, capture_output=True, timeout=600)
+
+  interrupted = tmp_path / 'interrupted'
+  rng = np.random.default_rng(0)
+  kills = 0
+  for target_lines in (1, 2, 4):
+    process = subprocess.Popen(_main_args(interrupted, digits_data_dir, num_epochs),
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    history_path = interrupted / train.HISTORY_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+      if (history_path.exists()
+          and len(history_path.read_text().splitlines()) >= target_lines):
+        break
+      time.sleep(0.02)
+    # An epoch here takes well under a second: a random delay of up to
+    # 0.6 s lands in the next epoch's steps, its evaluation or its save.
+    time.sleep(rng.uniform(0.0, 0.6))
+    if process.poll() is None:
+      process.send_signal(signal.SIGKILL)
+      kills += 1
+    process.wait()
+  assert kills >= 2
+  subprocess.run(_main_args(interrupted, digits_data_dir, num_epochs), cwd=REPO, env=env,
+                 check=True, capture_output=True, timeout=600)
+
+  step_a, state_a = _final_state(reference)
+  step_b, state_b = _final_state(interrupted)
+  assert step_a == step_b == num_epochs
+  # Bit for bit on CPU: same batches, same keys, same XLA programs.
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert _history(reference) == _history(interrupted)
+  assert [e['epoch'] for e in _history(interrupted)] == list(range(1, num_epochs + 1))
+  # The plateau (patience 1) did act, and its state came through the restarts.
+  rates = [e['learning_rate'] for e in _history(reference)]
+  assert min(rates) < max(rates)
+
+
+def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
+  script = textwrap.dedent(f'''
+      import numpy as np
+      from et_flax import checkpoints
+      run = checkpoints.RunCheckpoints({str(tmp_path)!r})
+      run.save(1, {{'w': np.ones(3)}}, {{'epoch': 1}}, best=False)
+      print('saved 1', flush=True)
+      big = {{f'w{{i}}': np.random.rand(4_000_000) for i in range(30)}}
+      run.save(2, big, {{'epoch': 2}}, best=False)
+      print('saved 2', flush=True)
+  ''')
+  process = subprocess.Popen([sys.executable, '-c', script], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+  assert process.stdout.readline().strip() == 'saved 1'
+  folder = tmp_path / checkpoints.LATEST
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    if [p for p in folder.iterdir() if p.name.startswith('2')]:
+      break
+    time.sleep(0.005)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert [p for p in folder.iterdir() if p.name.startswith('2')], 'save 2 never began'
+  run = checkpoints.RunCheckpoints(tmp_path)
+  assert run.latest_epoch() == 1
+  state, meta = run.restore(1, {'w': jax.ShapeDtypeStruct((3,), np.float64)})
+  np.testing.assert_array_equal(state['w'], np.ones(3))
+  assert meta == {'epoch': 1}
+
+
+def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
+  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
+  history = (tmp_path / train.HISTORY_FILE).read_text()
+  changed = _tiny_config(digits_data_dir, num_epochs=2)
+  changed.model.width = 2
+  changed.optimizer.learning_rate = 3e-3
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert 'model.width: 1 -> 2' in str(error.value)
+  assert 'optimizer.learning_rate: 0.001 -> 0.003' in str(error.value)
+  assert 'num_epochs' not in str(error.value)  # run length may change
+  assert (tmp_path / train.HISTORY_FILE).read_text() == history
+  # Run length alone is accepted, and the run continues.
+  summary = train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=2),
+                                     str(tmp_path))
+  assert summary['epoch'] == 2
+  allowed = _tiny_config(digits_data_dir, num_epochs=3)
+  allowed.optimizer.learning_rate = 3e-3
+  assert train.train_and_evaluate(allowed, str(tmp_path),
+                                  allow_config_change=True)['epoch'] == 3
+
+
+def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
+  source = tmp_path / 'source'
+  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(source))
+  _, source_state = _final_state(source)
+  target = tmp_path / 'target'
+  config = _tiny_config(digits_data_dir, num_epochs=1, init_from=str(source),
+                        init_from_checkpoint='latest')
+  config.optimizer.learning_rate = 1e-12  # the params barely move in this epoch
+  config.augment.preset = 'none'
+  train.train_and_evaluate(config, str(target))
+  _, target_state = _final_state(target)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               source_state['params'], target_state['params'])
+  # The optimizer started afresh: one epoch of Adam steps, not two.
+  assert int(source_state['step']) == int(target_state['step'])
+  assert int(target_state['opt_state']['direction']['count']) == int(target_state['step'])
+
+  other = _tiny_config(digits_data_dir, num_epochs=1, init_from=str(source))
+  other.model.width = 2
+  with pytest.raises(ValueError, match='does not fit this model: .*shapes differing'):
+    train.train_and_evaluate(other, str(tmp_path / 'other'))
+  with pytest.raises(FileNotFoundError, match='holds no best checkpoint'):
+    train.train_and_evaluate(
+        _tiny_config(digits_data_dir, init_from=str(tmp_path / 'empty')),
+        str(tmp_path / 'third'))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_data_dir, tmp_path,
+                                                           monkeypatch):
+  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
+  good_step, good_state = _final_state(tmp_path)
+
+  def nan_loss(logits, labels):
+    return optim.categorical_crossentropy(logits, labels) * np.nan
+
+  monkeypatch.setitem(optim.LOSSES, 'categorical_crossentropy', nan_loss)
+  with pytest.raises(FloatingPointError, match='Training loss is nan in epoch 2'):
+    train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=2), str(tmp_path))
+  step, state = _final_state(tmp_path)
+  assert step == good_step == 1
+  jax.tree.map(np.testing.assert_array_equal, state, good_state)
+  assert len(_history(tmp_path)) == 1
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import functools, json
+    import jax, jax.numpy as jnp, numpy as np
+    from et_flax import models, optim, train
+    assert jax.device_count() == 4, jax.devices()
+    model = models.ETNet(num_classes=10, num_modules=1)
+    tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 1e-2})
+    state = train.create_train_state(jax.random.key(0), model, 8, tx)
+    rng = np.random.default_rng(0)
+    batches = [{'image': rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+                'label': rng.integers(0, 10, 16).astype(np.int32)} for _ in range(3)]
+    step = functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy)
+    key = jax.random.key(1)
+
+    single = state
+    one_device = jax.jit(step)
+    for b in batches:
+      single, _ = one_device(jax.device_put(single, jax.devices()[0]),
+                             jax.device_put(b, jax.devices()[0]), key)
+
+    mesh = train.make_mesh()
+    meshed = train.replicate(state, mesh)
+    mesh_step = jax.jit(step)
+    for b in batches:
+      meshed, metrics = mesh_step(meshed, train.shard_batch(b, mesh), key)
+    assert meshed.params['stem_conv']['kernel'].sharding.is_fully_replicated
+
+    pmapped = jax.tree.map(lambda x: jnp.stack([x] * 4), state)
+    pmap_step = jax.pmap(functools.partial(step, axis_name='batch'), axis_name='batch',
+                         in_axes=(0, 0, None))
+    for b in batches:
+      pmapped, _ = pmap_step(pmapped, jax.tree.map(
+          lambda x: x.reshape(4, -1, *x.shape[1:]), b), key)
+    pmapped = jax.tree.map(lambda x: x[0], pmapped)
+
+    def max_diff(a, b):
+      pairs = zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+      return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
+                 for x, y in pairs)
+    print(json.dumps({
+        'mesh': max_diff(single.params, meshed.params),
+        'pmap': max_diff(single.params, pmapped.params),
+        'moved': max_diff(state.params, single.params)}))
+''')
+
+
+def test_jit_four_devices_equal_one_through_mesh_and_pmap():
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'TF_CPP_MIN_LOG_LEVEL': '2'}
+  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  diffs = json.loads(result.stdout.strip().splitlines()[-1])
+  assert diffs['moved'] > 1e-3  # three Adam steps did change the params
+  # Same maths; only the order of the float32 sums over the batch differs
+  # (per-device partial sums, then an all-reduce), after 3 Adam steps.
+  for name in ('mesh', 'pmap'):
+    assert diffs[name] < 1e-5, diffs
