@@ -26,4 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 16
   config.batch_size = 32
   config.num_epochs = 40
+  config.checkpoint_every_epochs = 10  # and whenever val top-1 improves
   return config

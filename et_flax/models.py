@@ -200,7 +200,25 @@ class ETNet(nn.Module):
     return _dense(self.num_classes, name='logits')(x)
 
 
-class VGG16(nn.Module):
+class _KerasApplication(nn.Module):
+  """A Keras Applications base with the `pooling='avg'` head and a new Dense."""
+  num_classes: int
+  dropout_rate: float = 0.0
+
+  min_image_size = 32  # five stride-2 stages, as Keras requires
+
+  def __post_init__(self):
+    _check_positive_int('model.num_classes', self.num_classes)
+    _check_rate('model.dropout_rate', self.dropout_rate)
+    super().__post_init__()
+
+  def head(self, x: jax.Array, train: bool) -> jax.Array:
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes, name='predictions')(x)
+
+
+class VGG16(_KerasApplication):
   """VGG16 as in Keras Applications, layer names included.
 
   The convolutional base is Keras's `VGG16(include_top=False)` layer for
@@ -208,16 +226,7 @@ class VGG16(nn.Module):
   Dense named `predictions`, sized for Tiny ImageNet's 64x64 inputs (the
   224x224 `fc1`/`fc2` top does not apply there).
   """
-  num_classes: int
-  dropout_rate: float = 0.0
-
   stages = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-  min_image_size = 32
-
-  def __post_init__(self):
-    _check_positive_int('model.num_classes', self.num_classes)
-    _check_rate('model.dropout_rate', self.dropout_rate)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -225,12 +234,10 @@ class VGG16(nn.Module):
       for i in range(1, num_convs + 1):
         x = nn.relu(_conv(features, 3, name=f'block{stage}_conv{i}')(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return _dense(self.num_classes, name='predictions')(x)
+    return self.head(x, train)
 
 
-class ResNet50(nn.Module):
+class ResNet50(_KerasApplication):
   """ResNet50 (v1) as in Keras Applications, layer names included.
 
   Same layers in the same order as `keras.applications.ResNet50`: conv biases
@@ -238,16 +245,7 @@ class ResNet50(nn.Module):
   first block of each stage with the stride on the 1x1 convs. Head: global
   average pooling (Keras's `pooling='avg'`), dropout, Dense `predictions`.
   """
-  num_classes: int
-  dropout_rate: float = 0.0
-
   stages = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
-  min_image_size = 32
-
-  def __post_init__(self):
-    _check_positive_int('model.num_classes', self.num_classes)
-    _check_rate('model.dropout_rate', self.dropout_rate)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -279,9 +277,7 @@ class ResNet50(nn.Module):
           shortcut = x
         y = batch_norm(f'{name}_3_bn')(y)
         x = nn.relu(shortcut + y)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return _dense(self.num_classes, name='predictions')(x)
+    return self.head(x, train)
 
 
 MODELS: dict[str, type[nn.Module]] = {

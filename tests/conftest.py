@@ -9,6 +9,20 @@ import pytest  # noqa: E402
 from et_flax import digits  # noqa: E402
 
 
+def tiny_config(data_dir, **overrides):
+  """The quickstart config shrunk for tests: 8x8 digits, one module, batch 64."""
+  from configs import quickstart
+
+  config = quickstart.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.image_size = 8
+  config.model.num_modules = 1
+  config.batch_size = 64
+  config.num_epochs = 1
+  config.update(overrides)
+  return config
+
+
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A data dir holding the digits at 8x8 (the size tests train at)."""

@@ -179,3 +179,20 @@ def test_bad_optimizer_configs():
     optim.create_optimizer({'name': 'sgd', 'learning_rate': 0})
   with pytest.raises(ValueError, match='Unknown loss'):
     optim.get_loss('mse')
+
+
+def test_jit_cosine_and_step_schedules_equal_their_formulas():
+  steps_per_epoch, num_epochs, lr = 10, 5, 0.1
+  cosine = optim.create_schedule({'learning_rate': lr, 'schedule': 'cosine'},
+                                 steps_per_epoch, num_epochs)
+  step = optim.create_schedule({'learning_rate': lr, 'schedule': 'step', 'step_epochs': 2,
+                                'step_factor': 0.5}, steps_per_epoch, num_epochs)
+  counts = np.arange(0, 50)
+  np.testing.assert_allclose(jax.jit(jax.vmap(cosine))(counts),
+                             0.5 * lr * (1 + np.cos(np.pi * counts / 50)), rtol=1e-5,
+                             atol=1e-8)
+  np.testing.assert_allclose(jax.jit(jax.vmap(step))(counts),
+                             lr * 0.5 ** (counts // 20), rtol=1e-6)
+  warm = optim.create_schedule({'learning_rate': lr, 'schedule': 'cosine',
+                                'warmup_epochs': 1}, steps_per_epoch, num_epochs)
+  np.testing.assert_allclose([warm(0), warm(5), warm(10)], [0.0, 0.05, 0.1], rtol=1e-6)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import quickstart
+from conftest import tiny_config
 from et_flax import augment
 from et_flax import input_pipeline
 from et_flax import models
@@ -20,21 +20,10 @@ from et_flax import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_config(data_dir, **overrides):
-  config = quickstart.get_config()
-  config.data.data_dir = str(data_dir)
-  config.data.image_size = 8
-  config.model.num_modules = 1
-  config.batch_size = 64
-  config.num_epochs = 1
-  config.update(overrides)
-  return config
-
-
 @pytest.fixture(scope='module')
 def trained(digits_data_dir):
   """Plain one-module E.T. after 30 Adam steps on one batch of digits."""
-  info = input_pipeline.get_dataset_info(_tiny_config(digits_data_dir).data)
+  info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
   model = models.create_model({'name': 'et', 'num_modules': 1}, info.num_classes, 8)
   tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 3e-3})
   state = train.create_train_state(jax.random.key(0), model, 8, tx)
@@ -100,7 +89,7 @@ def test_jit_top_k_correct_equals_numpy():
 
 
 def test_train_and_evaluate_end_to_end(digits_data_dir, tmp_path):
-  config = _tiny_config(digits_data_dir, num_epochs=2)
+  config = tiny_config(digits_data_dir, num_epochs=2)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert {'train_loss', 'train_top1_accuracy', 'val_loss', 'val_top1_accuracy',
           'val_top5_accuracy'} <= set(summary)
@@ -127,7 +116,7 @@ def test_bad_config_fails_before_training(digits_data_dir, tmp_path, monkeypatch
     raise AssertionError('decoded images before checking the config')
 
   monkeypatch.setattr(input_pipeline, 'load_split', no_decoding)
-  config = _tiny_config(digits_data_dir)
+  config = tiny_config(digits_data_dir)
   for key, value in overrides.items():
     if isinstance(value, dict):
       config[key] = type(config.model)(value)

@@ -14,24 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import quickstart
+from conftest import tiny_config
 from et_flax import checkpoints
 from et_flax import optim
 from et_flax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMING_FIELDS = {'epoch_seconds', 'train_images_per_second', 'input_wait_fraction'}
-
-
-def _tiny_config(data_dir, **overrides):
-  config = quickstart.get_config()
-  config.data.data_dir = str(data_dir)
-  config.data.image_size = 8
-  config.model.num_modules = 1
-  config.batch_size = 64
-  config.num_epochs = 2
-  config.update(overrides)
-  return config
 
 
 def _main_args(workdir, data_dir, num_epochs):
@@ -137,9 +126,9 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
 
 
 def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
-  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
+  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
   history = (tmp_path / train.HISTORY_FILE).read_text()
-  changed = _tiny_config(digits_data_dir, num_epochs=2)
+  changed = tiny_config(digits_data_dir, num_epochs=2)
   changed.model.width = 2
   changed.optimizer.learning_rate = 3e-3
   with pytest.raises(ValueError) as error:
@@ -149,10 +138,10 @@ def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
   assert 'num_epochs' not in str(error.value)  # run length may change
   assert (tmp_path / train.HISTORY_FILE).read_text() == history
   # Run length alone is accepted, and the run continues.
-  summary = train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=2),
+  summary = train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2),
                                      str(tmp_path))
   assert summary['epoch'] == 2
-  allowed = _tiny_config(digits_data_dir, num_epochs=3)
+  allowed = tiny_config(digits_data_dir, num_epochs=3)
   allowed.optimizer.learning_rate = 3e-3
   assert train.train_and_evaluate(allowed, str(tmp_path),
                                   allow_config_change=True)['epoch'] == 3
@@ -160,10 +149,10 @@ def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
 
 def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
   source = tmp_path / 'source'
-  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(source))
+  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(source))
   _, source_state = _final_state(source)
   target = tmp_path / 'target'
-  config = _tiny_config(digits_data_dir, num_epochs=1, init_from=str(source),
+  config = tiny_config(digits_data_dir, num_epochs=1, init_from=str(source),
                         init_from_checkpoint='latest')
   config.optimizer.learning_rate = 1e-12  # the params barely move in this epoch
   config.augment.preset = 'none'
@@ -175,19 +164,19 @@ def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
   assert int(source_state['step']) == int(target_state['step'])
   assert int(target_state['opt_state']['direction']['count']) == int(target_state['step'])
 
-  other = _tiny_config(digits_data_dir, num_epochs=1, init_from=str(source))
+  other = tiny_config(digits_data_dir, num_epochs=1, init_from=str(source))
   other.model.width = 2
   with pytest.raises(ValueError, match='does not fit this model: .*shapes differing'):
     train.train_and_evaluate(other, str(tmp_path / 'other'))
   with pytest.raises(FileNotFoundError, match='holds no best checkpoint'):
     train.train_and_evaluate(
-        _tiny_config(digits_data_dir, init_from=str(tmp_path / 'empty')),
+        tiny_config(digits_data_dir, init_from=str(tmp_path / 'empty')),
         str(tmp_path / 'third'))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_data_dir, tmp_path,
                                                            monkeypatch):
-  train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
+  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
   good_step, good_state = _final_state(tmp_path)
 
   def nan_loss(logits, labels):
@@ -195,7 +184,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_data_dir, tmp_
 
   monkeypatch.setitem(optim.LOSSES, 'categorical_crossentropy', nan_loss)
   with pytest.raises(FloatingPointError, match='Training loss is nan in epoch 2'):
-    train.train_and_evaluate(_tiny_config(digits_data_dir, num_epochs=2), str(tmp_path))
+    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(tmp_path))
   step, state = _final_state(tmp_path)
   assert step == good_step == 1
   jax.tree.map(np.testing.assert_array_equal, state, good_state)
