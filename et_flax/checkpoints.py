@@ -106,32 +106,40 @@ class RunCheckpoints:
     self.best.close()
 
 
-def load_variables(workdir: str | pathlib.Path, which: str = 'latest'
-                   ) -> dict[str, Any]:
-  """Params and batch stats of another run's checkpoint (for warm starts).
+def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest'
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Params, batch stats and meta of a run's checkpoint.
 
-  `which` is 'latest', 'best' or an epoch number.
+  `which` is 'latest', 'best' or an epoch number (of the latest checkpoints).
   """
   workdir = pathlib.Path(workdir).expanduser()
+  which = str(which)
+  if which not in ('latest', 'best') and not which.isdigit():
+    raise ValueError(f"checkpoint must be 'best', 'latest' or an epoch number, got {which!r}")
   directory = workdir / (BEST if which == 'best' else LATEST)
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: {workdir} holds no '
-                            f'{which} checkpoint to start from')
+                            f'{which} checkpoint')
   manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
       read_only=True, enable_async_checkpointing=False))
   try:
-    if which in ('latest', 'best'):
-      epoch = manager.latest_step()
-    else:
-      epoch = int(which)
+    epoch = manager.latest_step() if which in ('latest', 'best') else int(which)
     if epoch is None or epoch not in manager.all_steps():
       raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has '
                               f'{sorted(manager.all_steps())})')
-    state = manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+    restored = manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+  state = restored['state']
+  return ({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
+          restored['meta'])
+
+
+def load_variables(workdir: str | pathlib.Path, which: str | int = 'latest'
+                   ) -> dict[str, Any]:
+  """Params and batch stats of another run's checkpoint (for warm starts)."""
+  return load_checkpoint(workdir, which)[0]
 
 
 def check_same_shapes(loaded: Mapping[str, Any], expected: Mapping[str, Any],

@@ -1,24 +1,60 @@
 """Each notebook runs top to bottom (on tiny settings) without an error."""
 
-import os
 import pathlib
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / 'notebooks').glob('*.ipynb'))
+from conftest import make_tiny_imagenet_tree
+from conftest import tiny_config
+from et_flax import train
+
+NOTEBOOKS = pathlib.Path(__file__).parent.parent / 'notebooks'
 
 
-@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-  monkeypatch.setenv('ET_FLAX_NOTEBOOK_EPOCHS', '1')
-  monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '8')
-  monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
-  monkeypatch.setenv('HOME', str(tmp_path))  # the digits cache goes under ~
+def _execute(name):
+  path = NOTEBOOKS / name
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(path.parent)}}).execute()
   outputs = [o for cell in notebook.cells for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.get('output_type') == 'error']
+  return outputs
+
+
+def test_every_notebook_is_tested():
+  assert sorted(p.name for p in NOTEBOOKS.glob('*.ipynb')) == [
+      'analysis.ipynb', 'quickstart.ipynb', 'reproduce_report.ipynb']
+
+
+def test_quickstart_notebook(tmp_path, monkeypatch):
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_EPOCHS', '1')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '8')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
+  monkeypatch.setenv('HOME', str(tmp_path))  # the digits cache goes under ~
+  outputs = _execute('quickstart.ipynb')
   assert list((tmp_path / 'workdir').glob('events.out.tfevents.*'))
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 2
+
+
+def test_reproduce_report_notebook(tmp_path, monkeypatch):
+  root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200', train_per_class=8)
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_CONFIG', 'dropout_200')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_DATA', str(root))
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_TFDS_DIR', str(tmp_path / 'tfds'))
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_EPOCHS', '1')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '16')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_BATCH_SIZE', '8')
+  outputs = _execute('reproduce_report.ipynb')
+  assert (tmp_path / 'workdir' / 'comparison.md').exists()
+  assert any('text/markdown' in o.get('data', {}) for o in outputs)
+
+
+def test_analysis_notebook(digits_data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / 'workdir'
+  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(workdir))
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(workdir))
+  outputs = _execute('analysis.ipynb')
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 3

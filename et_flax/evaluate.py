@@ -1,0 +1,180 @@
+"""Evaluates a finished (or running) workdir and draws the report's figures.
+
+  python -m et_flax.evaluate --workdir=runs/dropout_augment5_20 [--checkpoint=best]
+      [--split=val]
+
+Writes `eval_<split>_<checkpoint>.json` (top-1, top-5, loss, per-class
+accuracy, the most confused pairs, the confusion matrix) and the figures
+`curves.png`, `confusion_<split>.png` and `misclassified_<split>.png` to the
+workdir, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from et_flax import analysis
+from et_flax import checkpoints
+from et_flax import input_pipeline
+from et_flax import models
+from et_flax import optim
+from et_flax import train
+
+LABELED_SPLITS = ('train', 'val')
+
+
+@dataclasses.dataclass
+class Run:
+  """A workdir's checkpoint, ready to predict."""
+  workdir: pathlib.Path
+  checkpoint: str
+  epoch: int
+  config: ml_collections.ConfigDict
+  info: input_pipeline.DatasetInfo
+  model: nn.Module
+  variables: dict[str, Any]
+
+
+def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
+             data_dir: str | None = None) -> Run:
+  """The model, weights, config and data of a workdir's checkpoint."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f'{workdir} is not a directory (expected a run workdir)')
+  variables, meta = checkpoints.load_checkpoint(workdir, checkpoint)
+  config = ml_collections.ConfigDict(meta['config'])
+  if data_dir:
+    config.data.data_dir = data_dir
+  info = input_pipeline.get_dataset_info(config.data)
+  mapping_path = workdir / 'classes.json'
+  if mapping_path.exists():
+    saved = json.loads(mapping_path.read_text())
+    if saved['wnids'] != list(info.wnids):
+      raise ValueError(f'{mapping_path} names other classes than the dataset gives '
+                       f'for this config: {saved["wnids"][:3]}... vs {list(info.wnids[:3])}...')
+  model = models.create_model(config.model, info.num_classes, info.image_size)
+  return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta['epoch'],
+             config=config, info=info, model=model, variables=variables)
+
+
+def predict_logits(run: Run, split: input_pipeline.Split, batch_size: int = 256
+                   ) -> np.ndarray:
+  """Logits [N, classes] for every image of `split`, in its order."""
+  apply = jax.jit(lambda v, images: run.model.apply(v, train.preprocess(images)))
+  outputs = []
+  for batch in input_pipeline.eval_batches(split, batch_size):
+    logits = np.asarray(apply(run.variables, batch['image']))
+    outputs.append(logits[batch['mask']])
+  return np.concatenate(outputs)
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray,
+                          wnids: Sequence[str], class_names: Sequence[str],
+                          loss_name: str = 'categorical_crossentropy') -> dict[str, Any]:
+  """Top-1, top-5, mean loss, per-class accuracy and the confusion matrix."""
+  num_classes = len(wnids)
+  k = min(train.TOP_K, num_classes)
+  ranking = np.argsort(-logits, axis=1, kind='stable')
+  predictions = ranking[:, 0]
+  top5 = (ranking[:, :k] == labels[:, None]).any(axis=1)
+  loss = np.asarray(optim.get_loss(loss_name)(jnp.asarray(logits), jnp.asarray(labels)))
+  matrix = analysis.confusion_matrix(labels, predictions, num_classes)
+  counts = matrix.sum(axis=1)
+  per_class = [{'wnid': wnids[c], 'name': class_names[c], 'count': int(counts[c]),
+                'accuracy': float(matrix[c, c] / counts[c]) if counts[c] else None}
+               for c in range(num_classes)]
+  return {
+      'num_images': int(len(labels)),
+      'top1_accuracy': float((predictions == labels).mean()),
+      'top5_accuracy': float(top5.mean()),
+      'loss': float(loss.mean()),
+      'per_class': per_class,
+      'most_confused': analysis.most_confused_pairs(matrix, class_names),
+      'confusion_matrix': matrix.tolist(),
+  }
+
+
+def read_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  path = pathlib.Path(workdir) / train.HISTORY_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path} is missing: {workdir} has no training history '
+                            '(was it trained by et_flax.main?)')
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
+                 split: str = 'val', data_dir: str | None = None,
+                 figures: bool = True) -> dict[str, Any]:
+  """Evaluates and writes the JSON report (and figures) into the workdir."""
+  if split not in LABELED_SPLITS:
+    raise ValueError(f'Cannot evaluate split {split!r}: valid splits are '
+                     f'{list(LABELED_SPLITS)} (the test split has no labels; use '
+                     'et_flax.predict for a submission)')
+  workdir = pathlib.Path(workdir)
+  history = read_history(workdir) if figures else None
+  run = load_run(workdir, checkpoint, data_dir)
+  data = input_pipeline.load_split(run.info, split)
+  logits = predict_logits(run, data)
+  report = {'workdir': str(workdir), 'checkpoint': run.checkpoint, 'epoch': run.epoch,
+            'split': split, 'model': run.config.model.name,
+            'num_classes': run.info.num_classes,
+            **classification_report(logits, data.labels, run.info.wnids,
+                                    run.info.class_names, run.config.loss)}
+  path = workdir / f'eval_{split}_{run.checkpoint}.json'
+  path.write_text(json.dumps(report, indent=1))
+  if figures:
+    drawn = [analysis.training_curves(history, workdir / 'curves.png'),
+             analysis.confusion_figure(np.asarray(report['confusion_matrix']),
+                                       run.info.class_names,
+                                       workdir / f'confusion_{split}.png')]
+    predictions = logits.argmax(axis=1)
+    if (predictions != data.labels).any():
+      drawn.append(analysis.misclassified_gallery(
+          data.images, data.labels, predictions, run.info.class_names,
+          workdir / f'misclassified_{split}.png'))
+    for figure in drawn:  # saved: keep them out of a notebook's output
+      plt.close(figure)
+  return report
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  report = evaluate_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.data_dir,
+                        FLAGS.figures)
+  print(f'{report["workdir"]} ({report["model"]}, {report["num_classes"]} classes), '
+        f'{report["checkpoint"]} checkpoint (epoch {report["epoch"]}), '
+        f'{report["split"]} split, {report["num_images"]} images:')
+  print(f'  top-1 {report["top1_accuracy"]:.4f}  top-5 {report["top5_accuracy"]:.4f}  '
+        f'loss {report["loss"]:.4f}')
+  for pair in report['most_confused'][:5]:
+    print(f'  confused: {analysis.short_name(pair["true"])} -> '
+          f'{analysis.short_name(pair["predicted"])} ({pair["count"]})')
+  logging.info('Wrote eval_%s_%s.json and figures to %s', report['split'],
+               report['checkpoint'], report['workdir'])
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'A run workdir.')
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or an epoch number.")
+  flags.DEFINE_string('split', 'val', 'train or val.')
+  flags.DEFINE_string('data_dir', None, 'Override config.data.data_dir.')
+  flags.DEFINE_bool('figures', True, 'Also draw curves, confusion matrix, gallery.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
