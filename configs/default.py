@@ -89,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Warm start: params (not optimizer state) from another run's workdir.
   config.init_from = ''
   config.init_from_checkpoint = 'best'  # best | latest | an epoch number
+  # Pretrained backbones (VGG16, ResNet50): a Keras weights file, the input
+  # preprocessing its weights expect (rescale | caffe), and epochs during
+  # which only the new head learns.
+  config.pretrained_weights = ''
+  config.preprocessing = 'rescale'
+  config.freeze_backbone_epochs = 0
   # Multi-host: call jax.distributed.initialize() first.
   config.distributed = False
   return config

@@ -5,7 +5,8 @@
 
 For each workdir: its validation top-1 and top-5 (from eval_val_<ckpt>.json,
 evaluating first where it is missing) beside the report's result for the same
-model and class count. The report's pretrained rows follow for reference.
+model and class count (pretrained or not); the report's rows that no run
+matches follow for reference.
 Writes <output>.md and <output>.csv and prints the Markdown.
 """
 
@@ -22,27 +23,26 @@ from absl import flags
 
 from et_flax import evaluate
 
-# The report's table 5.1: (model, classes) -> (top-1, top-5) on validation.
+# The report's table 5.1: (model, classes, pretrained) -> (row, top-1, top-5).
 REPORT_RESULTS = {
-    ('et', 20): ('E.T. (with dropout)', 0.525, 0.838),
-    ('et', 200): ('E.T. (with dropout)', 0.347, 0.551),
-    ('vgg16', 20): ('VGG16 (retrained)', 0.531, 0.854),
-    ('vgg16', 200): ('VGG16 (retrained)', 0.442, 0.782),
-    ('resnet50', 20): ('ResNet50 (retrained)', 0.562, 0.873),
-    ('resnet50', 200): ('ResNet50 (retrained)', 0.541, 0.801),
+    ('et', 20, False): ('E.T. (with dropout)', 0.525, 0.838),
+    ('et', 200, False): ('E.T. (with dropout)', 0.347, 0.551),
+    ('vgg16', 20, True): ('VGG16 (pre-trained)', 0.456, 0.892),
+    ('vgg16', 200, True): ('VGG16 (pre-trained)', 0.520, 0.794),
+    ('vgg16', 20, False): ('VGG16 (retrained)', 0.531, 0.854),
+    ('vgg16', 200, False): ('VGG16 (retrained)', 0.442, 0.782),
+    ('resnet50', 20, True): ('ResNet50 (pre-trained)', 0.663, 0.909),
+    ('resnet50', 200, True): ('ResNet50 (pre-trained)', 0.623, 0.821),
+    ('resnet50', 20, False): ('ResNet50 (retrained)', 0.562, 0.873),
+    ('resnet50', 200, False): ('ResNet50 (retrained)', 0.541, 0.801),
 }
-REPORT_ONLY = [
-    ('VGG16 (pre-trained)', 20, 0.456, 0.892), ('VGG16 (pre-trained)', 200, 0.520, 0.794),
-    ('ResNet50 (pre-trained)', 20, 0.663, 0.909),
-    ('ResNet50 (pre-trained)', 200, 0.623, 0.821),
-]
 COLUMNS = ['run', 'model', 'classes', 'epoch', 'top1', 'top5', 'report_model',
            'report_top1', 'report_top5']
 
 
 def comparison_rows(workdirs: Sequence[str | pathlib.Path], checkpoint: str = 'best'
                     ) -> list[dict[str, Any]]:
-  rows = []
+  rows, matched = [], set()
   for workdir in workdirs:
     workdir = pathlib.Path(workdir)
     path = workdir / f'eval_val_{checkpoint}.json'
@@ -50,7 +50,9 @@ def comparison_rows(workdirs: Sequence[str | pathlib.Path], checkpoint: str = 'b
       report = json.loads(path.read_text())
     else:
       report = evaluate.evaluate_run(workdir, checkpoint, 'val', figures=False)
-    reference = REPORT_RESULTS.get((report['model'], report['num_classes']))
+    key = (report['model'], report['num_classes'], report.get('pretrained', False))
+    reference = REPORT_RESULTS.get(key)
+    matched.add(key)
     rows.append({
         'run': workdir.name, 'model': report['model'], 'classes': report['num_classes'],
         'epoch': report['epoch'], 'top1': report['top1_accuracy'],
@@ -58,10 +60,11 @@ def comparison_rows(workdirs: Sequence[str | pathlib.Path], checkpoint: str = 'b
         'report_model': reference[0] if reference else '',
         'report_top1': reference[1] if reference else None,
         'report_top5': reference[2] if reference else None})
-  for name, classes, top1, top5 in REPORT_ONLY:
-    rows.append({'run': '(report only)', 'model': '', 'classes': classes, 'epoch': None,
-                 'top1': None, 'top5': None, 'report_model': name,
-                 'report_top1': top1, 'report_top5': top5})
+  for key, (name, top1, top5) in REPORT_RESULTS.items():
+    if key not in matched:
+      rows.append({'run': '(report only)', 'model': key[0], 'classes': key[1],
+                   'epoch': None, 'top1': None, 'top5': None, 'report_model': name,
+                   'report_top1': top1, 'report_top5': top5})
   return rows
 
 

@@ -74,7 +74,8 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
 def predict_logits(run: Run, split: input_pipeline.Split, batch_size: int = 256
                    ) -> np.ndarray:
   """Logits [N, classes] for every image of `split`, in its order."""
-  apply = jax.jit(lambda v, images: run.model.apply(v, train.preprocess(images)))
+  mode = run.config.get('preprocessing', 'rescale')
+  apply = jax.jit(lambda v, images: run.model.apply(v, train.preprocess(images, mode)))
   outputs = []
   for batch in input_pipeline.eval_batches(split, batch_size):
     logits = np.asarray(apply(run.variables, batch['image']))
@@ -131,6 +132,7 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
   logits = predict_logits(run, data)
   report = {'workdir': str(workdir), 'checkpoint': run.checkpoint, 'epoch': run.epoch,
             'split': split, 'model': run.config.model.name,
+            'pretrained': bool(run.config.get('pretrained_weights')),
             'num_classes': run.info.num_classes,
             **classification_report(logits, data.labels, run.info.wnids,
                                     run.info.class_names, run.config.loss)}

@@ -119,12 +119,14 @@ def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
             f'{tiny_imagenet.TREE_NAME}/ folder) nor {tiny_imagenet.ZIP_NAME}')
     config = tiny_imagenet.TinyImagenet.BUILDER_CONFIGS[0]
     if extracted_dir is not None:
-      # A tree in the layout with another number of classes (a test tree, a
-      # user's own subset) is prepared under a config of its own.
+      # A tree in the layout with other classes or image sizes (a test tree,
+      # a user's own subset) is prepared under a config of its own.
       num_classes = len(tiny_imagenet.read_wnids(extracted_dir))
-      if num_classes != config.num_classes:
+      size = tiny_imagenet.stored_image_size(extracted_dir)
+      if (num_classes, size) != (config.num_classes, config.image_size):
         config = tiny_imagenet.TinyImagenetConfig(
-            name=f'layout_{num_classes}_classes', num_classes=num_classes)
+            name=f'layout_{num_classes}_classes_{size}px', num_classes=num_classes,
+            image_size=size)
     builder = tiny_imagenet.TinyImagenet(
         extracted_dir=extracted_dir, allow_download=bool(data_config.get('download')),
         config=config, data_dir=data_config.get('tfds_dir') or DEFAULT_TFDS_DIR)

@@ -24,6 +24,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'tanh': nn.tanh,
 }
 ET_BLOCK_TYPES = ('residual', 'three_branch')
+# The classifier layers: trained anew on a pretrained backbone.
+HEAD_NAMES = ('predictions', 'logits', 'hidden')
 
 
 def _conv(features: int, kernel_size: int, name: str, strides: int = 1,

@@ -141,6 +141,20 @@ def digits_builder_config(image_size: int) -> TinyImagenetConfig:
                             description='scikit-learn digits in the Tiny ImageNet layout')
 
 
+def stored_image_size(root: pathlib.Path) -> int:
+  """The side of the tree's images, read off its first training image."""
+  wnid = read_wnids(root)[0]
+  folder = _require(root / 'train' / wnid / 'images', root)
+  first = next(iter(sorted(folder.glob(f'*{IMAGE_SUFFIX}'))), None)
+  if first is None:
+    raise ValueError(f'{folder} holds no {IMAGE_SUFFIX} images')
+  try:
+    with Image.open(first) as image:
+      return image.width
+  except OSError as error:
+    raise ValueError(f'Cannot decode {first}: {error}') from error
+
+
 def read_image(path: pathlib.Path, image_size: int) -> np.ndarray:
   """Decodes a JPEG to uint8 RGB (grayscale replicated), checking its size."""
   try:

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from et_flax import augment
 from et_flax import checkpoints
 from et_flax import input_pipeline
+from et_flax import keras_import
 from et_flax import models
 from et_flax import optim
 
@@ -47,12 +48,24 @@ class Metrics(metrics.Collection):
   top5_accuracy: metrics.Average.from_output('top5_accuracy')
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-  """0-255 images (uint8, or float after augmentation) to float32 in [0, 1].
+PREPROCESSING = ('rescale', 'caffe')
+# Keras's `preprocess_input(mode='caffe')` (VGG16, ResNet50): BGR means.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
-  Keras's `rescale=1/255`, applied after the augmentations as Keras does.
+
+def preprocess(images: jax.Array, mode: str = 'rescale') -> jax.Array:
+  """0-255 RGB images (uint8, or float after augmentation) to model inputs.
+
+  'rescale': Keras's `rescale=1/255`, after the augmentations as in Keras.
+  'caffe': Keras Applications' ImageNet preprocessing for VGG16 and ResNet50
+  (RGB to BGR, ImageNet mean subtracted, no scaling), for pretrained weights.
   """
-  return images.astype(jnp.float32) / 255.0
+  images = images.astype(jnp.float32)
+  if mode == 'rescale':
+    return images / 255.0
+  if mode == 'caffe':
+    return images[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
+  raise ValueError(f'Unknown preprocessing {mode!r}; valid: {list(PREPROCESSING)}')
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -81,6 +94,7 @@ def _metrics(outputs: Mapping[str, jax.Array], axis_name: str | None,
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                *, loss_fn: optim.LossFn,
                augment_config: augment.AugmentConfig = augment.AugmentConfig(),
+               preprocessing: str = 'rescale', frozen_steps: int = 0,
                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on `batch`, augmented on device first.
 
@@ -90,6 +104,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   pass `axis_name` and the gradients, loss and batch statistics are averaged
   over it (each device then draws its own augmentation and dropout, and batch
   norm normalises with each device's own batch, as in flax's examples).
+  For the first `frozen_steps` steps only the classifier head learns (the
+  backbone's gradients are zeroed; its batch statistics still adapt).
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
@@ -97,7 +113,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   augment_rng, dropout_rng = jax.random.split(rng)
   images = augment.augment_batch(augment_rng, batch['image'].astype(jnp.float32),
                                  augment_config)
-  images, labels = preprocess(images), batch['label']
+  images, labels = preprocess(images, preprocessing), batch['label']
 
   def loss_of(params):
     logits, updates = state.apply_fn(
@@ -109,6 +125,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   (loss, (outputs, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(
       state.params)
   batch_stats = updates.get('batch_stats', state.batch_stats)
+  if frozen_steps:
+    trainable = (state.step >= frozen_steps).astype(jnp.float32)
+    grads = {name: grads[name] if name in models.HEAD_NAMES else
+             jax.tree.map(lambda g: g * trainable, grads[name]) for name in grads}
   if axis_name is not None:
     grads, loss, batch_stats = jax.lax.pmean((grads, loss, batch_stats), axis_name)
   # The plateau element of the chain is fed the training loss.
@@ -121,18 +141,27 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              loss_fn: optim.LossFn, axis_name: str | None = None) -> Metrics:
+              loss_fn: optim.LossFn, preprocessing: str = 'rescale',
+              axis_name: str | None = None) -> Metrics:
   """Metrics of `batch` in inference mode; padded examples (mask 0) ignored."""
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          preprocess(batch['image']), train=False)
+                          preprocess(batch['image'], preprocessing), train=False)
   outputs = classification_outputs(logits, batch['label'], loss_fn)
   return _metrics(outputs, axis_name, mask=batch['mask'])
 
 
-def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int,
-                       tx: optax.GradientTransformation) -> TrainState:
-  variables = jax.jit(functools.partial(model.init, train=False))(
+def init_variables(rng: jax.Array, model: flax.linen.Module,
+                   image_size: int) -> dict[str, Any]:
+  return jax.jit(functools.partial(model.init, train=False))(
       rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+
+def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int,
+                       tx: optax.GradientTransformation,
+                       variables: Mapping[str, Any] | None = None) -> TrainState:
+  """A fresh state; `variables` (e.g. imported weights) replace the init."""
+  if variables is None:
+    variables = init_variables(rng, model, image_size)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables.get('batch_stats', {}), tx=tx)
   # An int32 array from the start, as every step returns it: no retrace.
@@ -171,6 +200,13 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
     value = config.get(field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'config.{field} must be a positive integer, got {value!r}')
+  if config.get('preprocessing', 'rescale') not in PREPROCESSING:
+    raise ValueError(f'config.preprocessing must be one of {list(PREPROCESSING)}, got '
+                     f'{config.preprocessing!r}')
+  frozen = config.get('freeze_backbone_epochs', 0)
+  if not isinstance(frozen, int) or frozen < 0:
+    raise ValueError('config.freeze_backbone_epochs must be an integer >= 0, got '
+                     f'{frozen!r}')
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % jax.device_count():
       raise ValueError(f'config.{field}={config[field]} must be divisible by the '
@@ -221,6 +257,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)
 
+  rng = jax.random.key(config.seed)
+  init_rng, rng = jax.random.split(rng)
+  variables = None
+  if config.get('pretrained_weights'):
+    # Before any decoding: a wrong or unreadable file fails fast.
+    variables = keras_import.import_keras_weights(
+        config.pretrained_weights, init_variables(init_rng, model, info.image_size),
+        keep_head=True)
+
   workdir = pathlib.Path(workdir)
   run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
   latest = run_checkpoints.latest_epoch()
@@ -250,9 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                len(train_split), len(val_split), info.num_classes, steps_per_epoch)
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
-  rng = jax.random.key(config.seed)
-  init_rng, rng = jax.random.split(rng)
-  state = create_train_state(init_rng, model, info.image_size, tx)
+  state = create_train_state(init_rng, model, info.image_size, tx, variables)
   history: list[dict[str, Any]] = []
   start_epoch = 1
   best_top1 = -1.0
@@ -285,10 +328,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                len(models.weighted_layers(state.params)))
   mesh = make_mesh()
   state = replicate(state, mesh)
-  train_step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn,
-                                            augment_config=augment_config),
+  preprocessing = config.get('preprocessing', 'rescale')
+  train_step_fn = jax.jit(functools.partial(
+      train_step, loss_fn=loss_fn, augment_config=augment_config,
+      preprocessing=preprocessing,
+      frozen_steps=config.get('freeze_backbone_epochs', 0) * steps_per_epoch),
                           donate_argnums=(0,))
-  eval_step_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn))
+  eval_step_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn,
+                                           preprocessing=preprocessing))
   # TensorBoard events from the first host; the console line is logged below.
   writer = (metric_writers.SummaryWriter(str(workdir)) if is_chief
             else metric_writers.MultiWriter([]))
