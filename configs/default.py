@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
       # 0 = all classes; n = n classes evenly spaced over the sorted wnids;
       # or a list of wnids. Saved to <workdir>/classes.json.
       classes=0,
+      # Keep the uint8 training split on the accelerator and batch it there:
+      # 'auto' does when it takes under half of a GPU's memory.
+      device_resident='auto',
   ))
 
   # A preset of et_flax.augment (none | five | eight | heavy); a range set
@@ -95,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrained_weights = ''
   config.preprocessing = 'rescale'
   config.freeze_backbone_epochs = 0
+  # Compute in bfloat16 (params, optimizer and loss stay float32): 'auto' is
+  # bfloat16 on GPUs and TPUs, float32 on CPUs.
+  config.compute_dtype = 'auto'
   # Multi-host: call jax.distributed.initialize() first.
   config.distributed = False
   return config

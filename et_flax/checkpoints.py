@@ -28,7 +28,7 @@ BEST = 'checkpoints_best'
 RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'checkpoint_every_epochs', 'max_to_keep', 'eval_batch_size',
     'data.data_dir', 'data.tfds_dir', 'data.download', 'init_from',
-    'init_from_checkpoint', 'distributed', 'pretrained_weights',
+    'init_from_checkpoint', 'distributed', 'pretrained_weights', 'data.device_resident',
 })
 
 

@@ -18,6 +18,7 @@ import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -233,6 +234,18 @@ def _gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor,
   return batch
 
 
+def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int,
+                process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """A host's example indices for `epoch`, in batch order (full batches only).
+
+  One permutation per (seed, epoch), whoever asks: each host takes every
+  `process_count`-th index of it.
+  """
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order = order[process_index::process_count]
+  return order[:(num_examples // batch_size) * (batch_size // process_count)]
+
+
 class TrainInput:
   """Training batches of one split, one deterministic permutation per epoch.
 
@@ -259,15 +272,56 @@ class TrainInput:
 
   def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
     """The host's batches of `epoch`: {'image': uint8, 'label': int32}."""
-    order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-    order = order[self.process_index::self.process_count]
-    order = order[:self.steps_per_epoch * self.host_batch_size]
+    order = epoch_order(self.num_examples, self.host_batch_size * self.process_count,
+                        self.seed, epoch, self.process_index, self.process_count)
     dataset = (tf.data.Dataset.from_tensor_slices(order)
                .batch(self.host_batch_size, drop_remainder=True)
                .map(lambda i: _gather(self._images, self._labels, i, {}),
                     num_parallel_calls=tf.data.AUTOTUNE)
                .prefetch(tf.data.AUTOTUNE))
     return dataset.as_numpy_iterator()
+
+
+class DeviceTrainInput:
+  """The whole uint8 training split on the accelerator, batched there.
+
+  The images go to device memory once; each epoch sends only the epoch's
+  order (the same permutation as `TrainInput`, so the batches are the same),
+  and each step gathers its batch on device: no host round trip per step.
+  `sharding` is where batches go (the data axis of the mesh); the split
+  itself is replicated on every device. One host only.
+  """
+
+  def __init__(self, split: Split, batch_size: int, seed: int,
+               sharding: jax.sharding.NamedSharding):
+    self.steps_per_epoch = len(split) // batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'batch_size {batch_size} is larger than the {len(split)} '
+                       'training images: no full batch to train on')
+    self.num_examples, self.batch_size, self.seed = len(split), batch_size, seed
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    self._images = jax.device_put(split.images, replicated)
+    self._labels = jax.device_put(split.labels, replicated)
+    self._sharding = sharding
+    self._gather = jax.jit(
+        lambda images, labels, order, step: {
+            'image': images[jax.lax.dynamic_index_in_dim(order, step, keepdims=False)],
+            'label': labels[jax.lax.dynamic_index_in_dim(order, step, keepdims=False)]},
+        out_shardings=sharding)
+
+  def epoch(self, epoch: int) -> Iterator[dict[str, jax.Array]]:
+    order = epoch_order(self.num_examples, self.batch_size, self.seed, epoch)
+    order = order.reshape(self.steps_per_epoch, self.batch_size)
+    order = jax.device_put(order.astype(np.int32))
+    for step in range(self.steps_per_epoch):
+      yield self._gather(self._images, self._labels, order, step)
+
+
+def fits_on_device(split: Split, share: float = 0.5) -> bool:
+  """Whether the split takes under `share` of the first device's memory."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get('bytes_limit')
+  return bool(limit) and split.images.nbytes + split.labels.nbytes < share * limit
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

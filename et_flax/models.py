@@ -11,6 +11,7 @@ model trained here starts where the report's Keras model started.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,13 +30,14 @@ HEAD_NAMES = ('predictions', 'logits', 'hidden')
 
 
 def _conv(features: int, kernel_size: int, name: str, strides: int = 1,
-          padding: Any = 'SAME') -> nn.Conv:
+          padding: Any = 'SAME', dtype: Any = jnp.float32) -> nn.Conv:
+  # Parameters stay float32 whatever the compute dtype.
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=padding, kernel_init=KERNEL_INIT, name=name)
+                 padding=padding, kernel_init=KERNEL_INIT, name=name, dtype=dtype)
 
 
-def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=KERNEL_INIT, name=name)
+def _dense(features: int, name: str, dtype: Any = jnp.float32) -> nn.Dense:
+  return nn.Dense(features, kernel_init=KERNEL_INIT, name=name, dtype=dtype)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -56,15 +58,16 @@ class ETBlock(nn.Module):
   activation: str = 'relu'
   batch_norm: bool = False
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     act = ACTIVATIONS[self.activation]
     shortcut = x
     for i in range(3):
-      x = _conv(self.features, self.kernel_size, name=f'conv{i}')(x)
+      x = _conv(self.features, self.kernel_size, name=f'conv{i}', dtype=self.dtype)(x)
       if self.batch_norm:
-        x = _et_batch_norm(train, name=f'bn{i}')(x)
+        x = _et_batch_norm(train, name=f'bn{i}', dtype=self.dtype)(x)
       if i < 2:
         x = act(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -82,6 +85,7 @@ class ETThreeBranchBlock(nn.Module):
   activation: str = 'relu'
   batch_norm: bool = False
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -92,22 +96,24 @@ class ETThreeBranchBlock(nn.Module):
       for i in range(3):
         if i > 0:
           y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = _conv(self.features, kernel_size, name=f'branch{kernel_size}_conv{i}')(y)
+        y = _conv(self.features, kernel_size, name=f'branch{kernel_size}_conv{i}',
+                  dtype=self.dtype)(y)
         if self.batch_norm:
-          y = _et_batch_norm(train, name=f'branch{kernel_size}_bn{i}')(y)
+          y = _et_batch_norm(train, name=f'branch{kernel_size}_bn{i}', dtype=self.dtype)(y)
         y = act(y)
       outputs.append(y)
-    x = _conv(self.features, 1, name='merge_conv')(jnp.concatenate(outputs, axis=-1))
+    x = _conv(self.features, 1, name='merge_conv', dtype=self.dtype)(
+        jnp.concatenate(outputs, axis=-1))
     if self.batch_norm:
-      x = _et_batch_norm(train, name='merge_bn')(x)
+      x = _et_batch_norm(train, name='merge_bn', dtype=self.dtype)(x)
     return act(x)
 
 
-def _et_batch_norm(train: bool, name: str) -> nn.BatchNorm:
+def _et_batch_norm(train: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
   # Keras BatchNormalization defaults: momentum 0.99, epsilon 1e-3; its learned
   # scale and offset are the report's "batch norm + scale" pair.
   return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                      name=name)
+                      name=name, dtype=dtype)
 
 
 class ETNet(nn.Module):
@@ -135,6 +141,8 @@ class ETNet(nn.Module):
       kernel size.
     block_type: 'residual' (the report's final design) or 'three_branch'
       (footnote 3: one three-branch block per module).
+    dtype: the compute dtype (bfloat16 on GPUs); parameters stay float32
+      and the logits come out float32.
   """
   num_classes: int
   width: int = 1
@@ -147,6 +155,7 @@ class ETNet(nn.Module):
   block_dropout_rate: float = 0.0
   kernel_sizes: Sequence[int] = (1, 3)
   block_type: str = 'residual'
+  dtype: Any = jnp.float32
 
   def __post_init__(self):
     _check_positive_int('model.num_classes', self.num_classes)
@@ -178,15 +187,15 @@ class ETNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = ACTIVATIONS[self.activation]
-    x = _conv(self.features, 3, name='stem_conv')(x)
+    x = _conv(self.features, 3, name='stem_conv', dtype=self.dtype)(x)
     if self.batch_norm:
-      x = _et_batch_norm(train, name='stem_bn')(x)
+      x = _et_batch_norm(train, name='stem_bn', dtype=self.dtype)(x)
     x = act(x)
     if self.stem_pool:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     block_args = dict(features=self.features, activation=self.activation,
                       batch_norm=self.batch_norm,
-                      dropout_rate=self.block_dropout_rate)
+                      dropout_rate=self.block_dropout_rate, dtype=self.dtype)
     if self.block_type == 'residual':
       for i in range(2 * self.num_modules):
         kernel_size = self.kernel_sizes[i % len(self.kernel_sizes)]
@@ -197,15 +206,16 @@ class ETNet(nn.Module):
         x = ETThreeBranchBlock(kernel_sizes=tuple(self.kernel_sizes),
                                name=f'block{i}', **block_args)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
-    x = act(_dense(self.hidden_units, name='hidden')(x))
+    x = act(_dense(self.hidden_units, name='hidden', dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return _dense(self.num_classes, name='logits')(x)
+    return _dense(self.num_classes, name='logits', dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class _KerasApplication(nn.Module):
   """A Keras Applications base with the `pooling='avg'` head and a new Dense."""
   num_classes: int
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
 
   min_image_size = 32  # five stride-2 stages, as Keras requires
 
@@ -217,7 +227,8 @@ class _KerasApplication(nn.Module):
   def head(self, x: jax.Array, train: bool) -> jax.Array:
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return _dense(self.num_classes, name='predictions')(x)
+    return _dense(self.num_classes, name='predictions', dtype=self.dtype)(x).astype(
+        jnp.float32)
 
 
 class VGG16(_KerasApplication):
@@ -234,7 +245,7 @@ class VGG16(_KerasApplication):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     for stage, (features, num_convs) in enumerate(self.stages, start=1):
       for i in range(1, num_convs + 1):
-        x = nn.relu(_conv(features, 3, name=f'block{stage}_conv{i}')(x))
+        x = nn.relu(_conv(features, 3, name=f'block{stage}_conv{i}', dtype=self.dtype)(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return self.head(x, train)
 
@@ -253,9 +264,11 @@ class ResNet50(_KerasApplication):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     def batch_norm(name):
       return nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                          epsilon=1.001e-5, name=name)
+                          epsilon=1.001e-5, name=name, dtype=self.dtype)
 
-    x = _conv(64, 7, strides=2, padding=((3, 3), (3, 3)), name='conv1_conv')(x)
+    conv = functools.partial(_conv, dtype=self.dtype)
+
+    x = conv(64, 7, strides=2, padding=((3, 3), (3, 3)), name='conv1_conv')(x)
     x = nn.relu(batch_norm('conv1_bn')(x))
     # Keras zero-pads before this pool; after a ReLU that equals -inf padding.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -265,14 +278,14 @@ class ResNet50(_KerasApplication):
         block_stride = stride if block == 1 else 1
         # Layers are created in Keras's topological order (1, 2, 0, 3), so
         # that the parameter trees list them as keras.Model.layers does.
-        y = _conv(filters, 1, strides=block_stride, name=f'{name}_1_conv')(x)
+        y = conv(filters, 1, strides=block_stride, name=f'{name}_1_conv')(x)
         y = nn.relu(batch_norm(f'{name}_1_bn')(y))
-        y = _conv(filters, 3, name=f'{name}_2_conv')(y)
+        y = conv(filters, 3, name=f'{name}_2_conv')(y)
         y = nn.relu(batch_norm(f'{name}_2_bn')(y))
         if block == 1:
-          shortcut = _conv(4 * filters, 1, strides=block_stride,
-                           name=f'{name}_0_conv')(x)
-        y = _conv(4 * filters, 1, name=f'{name}_3_conv')(y)
+          shortcut = conv(4 * filters, 1, strides=block_stride,
+                          name=f'{name}_0_conv')(x)
+        y = conv(4 * filters, 1, name=f'{name}_3_conv')(y)
         if block == 1:
           shortcut = batch_norm(f'{name}_0_bn')(shortcut)
         else:
@@ -300,7 +313,7 @@ def _check_rate(field: str, value: Any) -> None:
 
 
 def create_model(model_config: Mapping[str, Any], num_classes: int,
-                 image_size: int | None = None) -> nn.Module:
+                 image_size: int | None = None, dtype: Any = jnp.float32) -> nn.Module:
   """Builds the model named by `model_config['name']` from the other fields.
 
   Args:
@@ -308,6 +321,7 @@ def create_model(model_config: Mapping[str, Any], num_classes: int,
     num_classes: classes in the data.
     image_size: side of the square input images; checked against what the
       model can take when given.
+    dtype: the compute dtype (parameters stay float32).
 
   Raises:
     ValueError: unknown name or field, a field out of range, or an image
@@ -320,13 +334,13 @@ def create_model(model_config: Mapping[str, Any], num_classes: int,
                      f'names: {sorted(MODELS)}')
   model_class = MODELS[name]
   valid = {f.name for f in dataclasses.fields(model_class)
-           if f.init and f.name not in ('parent', 'name', 'num_classes')}
+           if f.init and f.name not in ('parent', 'name', 'num_classes', 'dtype')}
   unknown = sorted(set(fields) - valid)
   if unknown:
     raise ValueError(f'Unknown field(s) {unknown} in config.model for model '
                      f'{name!r}; valid fields: {sorted(valid)}')
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  model = model_class(num_classes=num_classes, **fields)
+  model = model_class(num_classes=num_classes, dtype=dtype, **fields)
   if image_size is not None:
     _check_positive_int('data.image_size', image_size)
     if image_size < model.min_image_size:

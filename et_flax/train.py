@@ -194,6 +194,19 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # ---------------------------------------------------------------------------
 # The loop.
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """'auto' is bfloat16 on GPUs and TPUs, float32 on CPUs."""
+  if name == 'auto':
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.compute_dtype must be one of '
+                     f'{["auto", *COMPUTE_DTYPES]}, got {name!r}')
+  return COMPUTE_DTYPES[name]
+
+
 def _check_run_fields(config: ml_collections.ConfigDict) -> None:
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
                 'max_to_keep'):
@@ -252,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   _check_run_fields(config)
   info = input_pipeline.get_dataset_info(config.data)
-  model = models.create_model(config.model, info.num_classes, info.image_size)
+  model = models.create_model(config.model, info.num_classes, info.image_size,
+                              dtype=compute_dtype(config.get('compute_dtype', 'float32')))
   loss_fn = optim.get_loss(config.loss)
   optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)
@@ -287,12 +301,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                info.image_size)
   train_split = input_pipeline.load_split(info, 'train')
   val_split = input_pipeline.load_split(info, 'val')
-  train_input = input_pipeline.TrainInput(
-      train_split, config.batch_size, config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  mesh = make_mesh()
+  device_resident = config.data.get('device_resident', 'auto')
+  if device_resident == 'auto':
+    device_resident = (jax.default_backend() != 'cpu' and jax.process_count() == 1
+                       and input_pipeline.fits_on_device(train_split))
+  if device_resident:
+    if jax.process_count() > 1:
+      raise ValueError('data.device_resident=True works on one host only')
+    train_input = input_pipeline.DeviceTrainInput(
+        train_split, config.batch_size, config.seed, NamedSharding(mesh, P('data')))
+  else:
+    train_input = input_pipeline.TrainInput(
+        train_split, config.batch_size, config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = train_input.steps_per_epoch
-  logging.info('%d train and %d val images, %d classes, %d steps per epoch',
-               len(train_split), len(val_split), info.num_classes, steps_per_epoch)
+  logging.info('%d train and %d val images, %d classes, %d steps per epoch; '
+               'training batches built on %s', len(train_split), len(val_split),
+               info.num_classes, steps_per_epoch,
+               'the device' if device_resident else 'the host (tf.data)')
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
   state = create_train_state(init_rng, model, info.image_size, tx, variables)
@@ -326,7 +353,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Model %s: %d parameters in %d weighted layers', config.model.name,
                models.count_params(state.params),
                len(models.weighted_layers(state.params)))
-  mesh = make_mesh()
   state = replicate(state, mesh)
   preprocessing = config.get('preprocessing', 'rescale')
   train_step_fn = jax.jit(functools.partial(
@@ -357,7 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       wait_seconds += time.perf_counter() - wait_start
       if batch is None:
         break
-      state, step_metrics = train_step_fn(state, shard_batch(batch, mesh), rng)
+      if not device_resident:
+        batch = shard_batch(batch, mesh)
+      state, step_metrics = train_step_fn(state, batch, rng)
       train_metrics = (step_metrics if train_metrics is None
                        else train_metrics.merge(step_metrics))
       report_progress(int(state.step))
