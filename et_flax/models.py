@@ -29,9 +29,31 @@ ET_BLOCK_TYPES = ('residual', 'three_branch')
 HEAD_NAMES = ('predictions', 'logits', 'hidden')
 
 
+class PointwiseConv(nn.Module):
+  """A 1x1, stride-1 convolution written as a matmul over channels.
+
+  Same parameters as `nn.Conv` with a (1, 1) kernel ('kernel' of shape
+  (1, 1, in, out) and 'bias'), so weights interchange with Keras as before.
+  XLA:CPU runs the matmul and its gradients 2.4x faster than the equivalent
+  convolution (docs/performance.md).
+  """
+  features: int
+  kernel_init: Any = KERNEL_INIT
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias
+
+
 def _conv(features: int, kernel_size: int, name: str, strides: int = 1,
-          padding: Any = 'SAME', dtype: Any = jnp.float32) -> nn.Conv:
+          padding: Any = 'SAME', dtype: Any = jnp.float32) -> nn.Module:
   # Parameters stay float32 whatever the compute dtype.
+  if kernel_size == 1 and strides == 1:
+    return PointwiseConv(features, name=name, dtype=dtype)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=padding, kernel_init=KERNEL_INIT, name=name, dtype=dtype)
 

@@ -22,13 +22,6 @@ from PIL import Image
 from et_flax import input_pipeline
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Scratch folder for the tree and the tfds data.')
-flags.DEFINE_integer('num_classes', 200, 'Classes in the generated tree.')
-flags.DEFINE_integer('train_per_class', 100, 'Training images per class (500 in Tiny ImageNet).')
-flags.DEFINE_integer('num_val', 1000, 'Validation images.')
-flags.DEFINE_integer('batch_size', 128, 'Training batch size.')
-flags.DEFINE_integer('epochs', 3, 'Training epochs to iterate.')
-flags.mark_flag_as_required('workdir')
 
 
 def write_random_tree(root: pathlib.Path, num_classes: int, train_per_class: int,
@@ -104,4 +97,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Scratch folder for the tree and the tfds data.')
+  flags.DEFINE_integer('num_classes', 200, 'Classes in the generated tree.')
+  flags.DEFINE_integer('train_per_class', 100,
+                       'Training images per class (500 in Tiny ImageNet).')
+  flags.DEFINE_integer('num_val', 1000, 'Validation images.')
+  flags.DEFINE_integer('batch_size', 128, 'Training batch size.')
+  flags.DEFINE_integer('epochs', 3, 'Training epochs to iterate.')
+  flags.mark_flag_as_required('workdir')
   app.run(main)

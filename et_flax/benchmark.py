@@ -1,0 +1,242 @@
+"""Speed of a config's train and eval steps, its input pipeline, and Keras's.
+
+  python -m et_flax.benchmark --config=configs/default.py [--batch_size=128]
+      [--steps=10] [--keras=true] [--pipeline_images=10000] [--json=bench.json]
+
+Reports, as a table and JSON: train-step images/s (median over --steps steps
+after --warmup), eval images/s, compile time, peak host and device memory,
+the input pipeline (decoding a generated Tiny ImageNet-layout tree of random
+JPEGs, then cached epochs) and the share of step time spent waiting for
+input when the pipeline feeds the step; and the same model written in Keras
+(TensorFlow), timed on the same batch on the same machine in the same run,
+with our/Keras as a ratio. Steps run on random data: speed does not depend
+on the pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import resource
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from et_flax import augment
+from et_flax import input_pipeline
+from et_flax import models
+from et_flax import optim
+from et_flax import pipeline_benchmark
+from et_flax import train
+
+FLAGS = flags.FLAGS
+
+
+def _median_seconds(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_steps(config, batch_size: int, image_size: int, num_classes: int,
+               steps: int, warmup: int) -> dict[str, Any]:
+  """Compile time and median seconds of our train and eval steps."""
+  dtype = train.compute_dtype(config.get('compute_dtype', 'float32'))
+  model = models.create_model(config.model, num_classes, image_size, dtype=dtype)
+  tx = optim.create_optimizer(config.optimizer, steps_per_epoch=100, num_epochs=10)
+  mesh = train.make_mesh()
+  state = train.replicate(train.create_train_state(jax.random.key(0), model, image_size,
+                                                   tx), mesh)
+  rng = np.random.default_rng(0)
+  host_batch = {'image': rng.integers(0, 256, (batch_size, image_size, image_size, 3),
+                                      dtype=np.uint8),
+                'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
+  batch = train.shard_batch(host_batch, mesh)
+  loss_fn = optim.get_loss(config.loss)
+  step = jax.jit(functools.partial(
+      train.train_step, loss_fn=loss_fn, augment_config=augment.config_from(config.augment),
+      preprocessing=config.get('preprocessing', 'rescale')), donate_argnums=(0,))
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, key).compile()
+  compile_seconds = time.perf_counter() - start
+
+  holder = {'state': state}
+
+  def train_once():
+    holder['state'], metrics = compiled(holder['state'], batch, key)
+    return metrics
+
+  train_seconds = _median_seconds(train_once, steps, warmup)
+  eval_batch = {**batch, 'mask': train.shard_batch(
+      {'mask': np.ones(batch_size, bool)}, mesh)['mask']}
+  evaluate = jax.jit(functools.partial(train.eval_step, loss_fn=loss_fn,
+                                       preprocessing=config.get('preprocessing', 'rescale')))
+  eval_seconds = _median_seconds(lambda: evaluate(holder['state'], eval_batch),
+                                 steps, warmup)
+  return {'compile_seconds': compile_seconds, 'train_step_seconds': train_seconds,
+          'train_images_per_second': batch_size / train_seconds,
+          'eval_images_per_second': batch_size / eval_seconds,
+          'state': holder['state'], 'step': compiled, 'batch': host_batch}
+
+
+def time_keras(config, batch: dict[str, np.ndarray], num_classes: int, steps: int,
+               warmup: int) -> dict[str, Any]:
+  """The same model in Keras (TensorFlow), Adam, the same batch."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  from et_flax import keras_models  # pylint: disable=import-outside-toplevel
+
+  image_size = batch['image'].shape[1]
+  name = config.model.name
+  if name == 'et':
+    model = keras_models.build_keras_et(config.model, num_classes, image_size)
+  else:
+    builder = {'vgg16': keras.applications.VGG16, 'resnet50': keras.applications.ResNet50}
+    base = builder[name](weights=None, include_top=False, pooling='avg',
+                         input_shape=(image_size, image_size, 3))
+    model = keras.Model(base.input, keras.layers.Dense(num_classes)(base.output))
+  model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  images = batch['image'].astype(np.float32) / 255.0
+  labels = batch['label']
+  start = time.perf_counter()
+  model.train_on_batch(images, labels)
+  compile_seconds = time.perf_counter() - start
+  seconds = _median_seconds(lambda: model.train_on_batch(images, labels), steps, warmup)
+  return {'keras_compile_seconds': compile_seconds, 'keras_train_step_seconds': seconds,
+          'keras_train_images_per_second': len(labels) / seconds}
+
+
+def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
+                  timing: dict[str, Any], steps: int) -> dict[str, Any]:
+  """Decoding, cached epochs, and the input wait when the pipeline feeds steps."""
+  with tempfile.TemporaryDirectory() as scratch:
+    scratch = pathlib.Path(scratch)
+    per_class = max(1, num_images // 200)
+    root = pipeline_benchmark.write_random_tree(scratch / 'tiny-imagenet-200', 200,
+                                                per_class, num_val=10)
+    data_config = {'name': 'tiny_imagenet', 'data_dir': str(root),
+                   'image_size': image_size, 'tfds_dir': str(scratch / 'tfds')}
+    info = input_pipeline.get_dataset_info(data_config)
+    start = time.perf_counter()
+    split = input_pipeline.load_split(info, 'train')
+    decode_seconds = time.perf_counter() - start
+    train_input = input_pipeline.TrainInput(split, batch_size, seed=0)
+    start = time.perf_counter()
+    count = sum(b['image'].shape[0] for b in train_input.epoch(1))
+    cached_rate = count / (time.perf_counter() - start)
+
+    # Feed real steps from the pipeline: how long does the step wait?
+    mesh = train.make_mesh()
+    state, compiled = timing['state'], timing['step']
+    key = jax.random.key(1)
+    wait = total = 0.0
+    batches = train_input.epoch(2)
+    jax.block_until_ready(state)
+    for _ in range(min(steps, train_input.steps_per_epoch)):
+      start = time.perf_counter()
+      batch = next(batches)
+      fetched = time.perf_counter()
+      state, metrics = compiled(state, train.shard_batch(batch, mesh), key)
+      jax.block_until_ready(metrics)
+      wait += fetched - start
+      total += time.perf_counter() - start
+    timing['state'] = state
+  return {'pipeline_images': len(split),
+          'decode_images_per_second': len(split) / decode_seconds,
+          'cached_epoch_images_per_second': cached_rate,
+          'input_wait_fraction': wait / total}
+
+
+def _peak_memory() -> dict[str, Any]:
+  device_stats = jax.local_devices()[0].memory_stats() or {}
+  return {'peak_host_megabytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          'peak_device_megabytes': (device_stats['peak_bytes_in_use'] / 2**20
+                                    if 'peak_bytes_in_use' in device_stats else None)}
+
+
+def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
+        keras: bool, pipeline_images: int) -> dict[str, Any]:
+  num_classes = config.data.classes if isinstance(config.data.classes, int) else len(
+      config.data.classes)
+  num_classes = num_classes or 200
+  timing = time_steps(config, batch_size, image_size, num_classes, steps, warmup)
+  results = {'config_model': config.model.to_dict(), 'batch_size': batch_size,
+             'image_size': image_size, 'device': str(jax.devices()[0]),
+             'device_count': jax.device_count(),
+             'compute_dtype': str(train.compute_dtype(config.get('compute_dtype',
+                                                                 'float32')).__name__)}
+  results.update({k: v for k, v in timing.items() if k not in ('state', 'step', 'batch')})
+  if pipeline_images:
+    results.update(time_pipeline(config, batch_size, image_size, pipeline_images, timing,
+                                 steps))
+  results.update(_peak_memory())
+  if keras:
+    results.update(time_keras(config, timing['batch'], num_classes, steps, warmup))
+    results['ours_over_keras'] = (results['train_images_per_second']
+                                  / results['keras_train_images_per_second'])
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  rows = [('device', results['device'] + f' x{results["device_count"]}'),
+          ('model / batch / image', f'{results["config_model"]["name"]} / '
+           f'{results["batch_size"]} / {results["image_size"]}px, '
+           f'{results["compute_dtype"]}'),
+          ('compile (s)', f'{results["compile_seconds"]:.1f}'),
+          ('train step (img/s, median)', f'{results["train_images_per_second"]:.1f}'),
+          ('eval step (img/s, median)', f'{results["eval_images_per_second"]:.1f}')]
+  if 'decode_images_per_second' in results:
+    rows += [('pipeline: decode (img/s)', f'{results["decode_images_per_second"]:.0f}'),
+             ('pipeline: cached epoch (img/s)',
+              f'{results["cached_epoch_images_per_second"]:.0f}'),
+             ('input wait (share of step time)', f'{results["input_wait_fraction"]:.2%}')]
+  rows.append(('peak host memory (MB)', f'{results["peak_host_megabytes"]:.0f}'))
+  if results['peak_device_megabytes'] is not None:
+    rows.append(('peak device memory (MB)', f'{results["peak_device_megabytes"]:.0f}'))
+  if 'keras_train_images_per_second' in results:
+    rows += [('Keras train step (img/s, median)',
+              f'{results["keras_train_images_per_second"]:.1f}'),
+             ('et_flax / Keras', f'{results["ours_over_keras"]:.2f}x')]
+  width = max(len(k) for k, _ in rows)
+  return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  batch_size = FLAGS.batch_size or config.batch_size
+  image_size = FLAGS.image_size or config.data.image_size
+  results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
+                FLAGS.pipeline_images)
+  print(format_table(results))
+  if FLAGS.json:
+    pathlib.Path(FLAGS.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'A config file with get_config().')
+  flags.DEFINE_integer('batch_size', 0, 'Batch size (default: the config\'s).')
+  flags.DEFINE_integer('image_size', 0, 'Image side (default: the config\'s).')
+  flags.DEFINE_integer('steps', 10, 'Timed steps (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
+  flags.DEFINE_bool('keras', True, 'Also time the same model in Keras (TensorFlow).')
+  flags.DEFINE_integer('pipeline_images', 10000,
+                       'Images in the generated tree for the pipeline (0: skip).')
+  flags.DEFINE_string('json', '', 'Also write the results here.')
+  flags.mark_flag_as_required('config')
+  app.run(main)
