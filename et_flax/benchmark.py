@@ -1,7 +1,8 @@
 """Speed of a config's train and eval steps, its input pipeline, and Keras's.
 
   python -m et_flax.benchmark --config=configs/default.py [--batch_size=128]
-      [--steps=10] [--keras=true] [--pipeline_images=10000] [--json=bench.json]
+      [--steps=10] [--keras=true] [--pipeline_images=10000] [--epoch_images=100000]
+      [--json=bench.json]
 
 Reports, as a table and JSON: train-step images/s (median over --steps steps
 after --warmup), eval images/s, compile time, peak host and device memory,
@@ -162,6 +163,35 @@ def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
           'input_wait_fraction': wait / total}
 
 
+def time_device_epoch(config, batch_size: int, image_size: int, num_images: int,
+                      timing: dict[str, Any]) -> dict[str, Any]:
+  """One epoch of `num_images` random images resident on the device.
+
+  The path `config.data.device_resident` takes: the uint8 split on the
+  device, batches gathered there, the step fed without host transfers.
+  """
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(
+      images=rng.integers(0, 256, (num_images, image_size, image_size, 3), dtype=np.uint8),
+      labels=rng.integers(0, timing['num_classes'], num_images).astype(np.int32),
+      file_names=())
+  mesh = train.make_mesh()
+  device_input = input_pipeline.DeviceTrainInput(
+      split, batch_size, seed=0,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  state, compiled, key = timing['state'], timing['step'], jax.random.key(1)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for batch in device_input.epoch(1):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready(metrics)
+  seconds = time.perf_counter() - start
+  timing['state'] = state
+  images = device_input.steps_per_epoch * batch_size
+  return {'device_epoch_images': images, 'device_epoch_seconds': seconds,
+          'device_epoch_images_per_second': images / seconds}
+
+
 def _peak_memory() -> dict[str, Any]:
   device_stats = jax.local_devices()[0].memory_stats() or {}
   return {'peak_host_megabytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -170,17 +200,21 @@ def _peak_memory() -> dict[str, Any]:
 
 
 def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
-        keras: bool, pipeline_images: int) -> dict[str, Any]:
+        keras: bool, pipeline_images: int, epoch_images: int = 0) -> dict[str, Any]:
   num_classes = config.data.classes if isinstance(config.data.classes, int) else len(
       config.data.classes)
   num_classes = num_classes or 200
   timing = time_steps(config, batch_size, image_size, num_classes, steps, warmup)
+  timing['num_classes'] = num_classes
   results = {'config_model': config.model.to_dict(), 'batch_size': batch_size,
              'image_size': image_size, 'device': str(jax.devices()[0]),
              'device_count': jax.device_count(),
              'compute_dtype': str(train.compute_dtype(config.get('compute_dtype',
                                                                  'float32')).__name__)}
-  results.update({k: v for k, v in timing.items() if k not in ('state', 'step', 'batch')})
+  results.update({k: v for k, v in timing.items()
+                  if k not in ('state', 'step', 'batch', 'num_classes')})
+  if epoch_images:
+    results.update(time_device_epoch(config, batch_size, image_size, epoch_images, timing))
   if pipeline_images:
     results.update(time_pipeline(config, batch_size, image_size, pipeline_images, timing,
                                  steps))
@@ -205,6 +239,10 @@ def format_table(results: dict[str, Any]) -> str:
              ('pipeline: cached epoch (img/s)',
               f'{results["cached_epoch_images_per_second"]:.0f}'),
              ('input wait (share of step time)', f'{results["input_wait_fraction"]:.2%}')]
+  if 'device_epoch_seconds' in results:
+    rows.append((f'device-resident epoch, {results["device_epoch_images"]} img (s)',
+                 f'{results["device_epoch_seconds"]:.2f} '
+                 f'({results["device_epoch_images_per_second"]:.0f} img/s)'))
   rows.append(('peak host memory (MB)', f'{results["peak_host_megabytes"]:.0f}'))
   if results['peak_device_megabytes'] is not None:
     rows.append(('peak device memory (MB)', f'{results["peak_device_megabytes"]:.0f}'))
@@ -222,7 +260,7 @@ def main(argv):
   batch_size = FLAGS.batch_size or config.batch_size
   image_size = FLAGS.image_size or config.data.image_size
   results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
-                FLAGS.pipeline_images)
+                FLAGS.pipeline_images, FLAGS.epoch_images)
   print(format_table(results))
   if FLAGS.json:
     pathlib.Path(FLAGS.json).write_text(json.dumps(results, indent=1))
@@ -237,6 +275,9 @@ if __name__ == '__main__':
   flags.DEFINE_bool('keras', True, 'Also time the same model in Keras (TensorFlow).')
   flags.DEFINE_integer('pipeline_images', 10000,
                        'Images in the generated tree for the pipeline (0: skip).')
+  flags.DEFINE_integer('epoch_images', 0,
+                       'Also time one device-resident epoch of this many random '
+                       'images (100000: a Tiny ImageNet epoch).')
   flags.DEFINE_string('json', '', 'Also write the results here.')
   flags.mark_flag_as_required('config')
   app.run(main)
