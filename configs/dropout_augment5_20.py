@@ -3,7 +3,8 @@
 Report (4.2, Fig. 7; table 5.1): validation top-1 0.525, top-5 0.838. The
 confusion matrix of the report (Fig. 15) comes from this model.
 
-  python -m et_flax.main --config=configs/dropout_augment5_20.py --workdir=runs/dropout_augment5_20 \
+  python -m et_flax.main --config=configs/dropout_augment5_20.py \
+      --workdir=runs/dropout_augment5_20 \
       --config.data.data_dir=/path/to/tiny-imagenet-200
 """
 

@@ -3,7 +3,8 @@
 Report (4.2, Fig. 8): validation accuracy ~0.29 before a plateau. The
 Kaggle model (dropout_200) was warm-started from this run.
 
-  python -m et_flax.main --config=configs/dropout_augment5_200.py --workdir=runs/dropout_augment5_200 \
+  python -m et_flax.main --config=configs/dropout_augment5_200.py \
+      --workdir=runs/dropout_augment5_200 \
       --config.data.data_dir=/path/to/tiny-imagenet-200
 """
 

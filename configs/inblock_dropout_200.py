@@ -3,7 +3,8 @@
 The wide-ResNet placement the report proposes (section 7), on top of the
 Kaggle model's dropout 0.5 before the last Dense. No result in the report.
 
-  python -m et_flax.main --config=configs/inblock_dropout_200.py --workdir=runs/inblock_dropout_200 \
+  python -m et_flax.main --config=configs/inblock_dropout_200.py \
+      --workdir=runs/inblock_dropout_200 \
       --config.data.data_dir=/path/to/tiny-imagenet-200
 """
 

@@ -4,7 +4,8 @@ Report (4.1): RMSprop "cannot train E.T. properly": training accuracy rose
 to 0.49 while validation accuracy stayed at chance for every rate scanned
 (0.1 to 1e-6). No plateau halving.
 
-  python -m et_flax.main --config=configs/optimizer_rmsprop_10.py --workdir=runs/optimizer_rmsprop_10 \
+  python -m et_flax.main --config=configs/optimizer_rmsprop_10.py \
+      --workdir=runs/optimizer_rmsprop_10 \
       --config.data.data_dir=/path/to/tiny-imagenet-200
 """
 

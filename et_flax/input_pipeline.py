@@ -3,8 +3,9 @@
 Both datasets go through the `tiny_imagenet` tfds builder: Tiny ImageNet from
 its extracted folder, its zip or (when allowed) its URL, and the embedded
 digits from the tree `et_flax.digits` writes in the same layout. Images are
-decoded once (in parallel, by tf.data) and kept as uint8 in host memory: Tiny ImageNet's training split is 1.2 GB that way. Each training
-epoch is a fresh permutation drawn from (seed, epoch), so a run resumed at
+decoded once (in parallel, by tf.data) and kept as uint8 in host memory:
+Tiny ImageNet's training split is 1.2 GB that way. Each training epoch is a
+fresh permutation drawn from (seed, epoch), so a run resumed at
 epoch e sees exactly the batches it would have seen; evaluation batches are
 padded to full size and carry a mask, so every image counts exactly once.
 """

@@ -225,8 +225,9 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     if not self._allow_download:
       raise FileNotFoundError(
           f'No Tiny ImageNet source: no extracted_dir given and no {ZIP_NAME} in '
-          f'the manual_dir ({manual_dir or "missing or empty"}). Set config.data.data_dir to the extracted '
-          f'{TREE_NAME}/ folder or to the folder holding {ZIP_NAME}, or set '
+          f'the manual_dir ({manual_dir or "missing or empty"}). Set '
+          f'config.data.data_dir to the extracted {TREE_NAME}/ folder or to the '
+          f'folder holding {ZIP_NAME}, or set '
           'config.data.download=True to fetch it from the course site.')
     return pathlib.Path(dl_manager.download_and_extract(URL)) / TREE_NAME
 
