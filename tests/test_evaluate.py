@@ -168,3 +168,31 @@ def test_bad_inputs_are_clear_errors(run_dir, tmp_path):
     evaluate.load_run(run_dir, 'newest')
   with pytest.raises(FileNotFoundError, match='is not a directory'):
     evaluate.load_run(tmp_path / 'nowhere')
+
+
+def test_the_three_commands(run_dir, tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+
+  def run(*args):
+    result = subprocess.run([sys.executable, '-m', *args], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  out = run('et_flax.evaluate', f'--workdir={run_dir}', '--checkpoint=latest',
+            '--figures=false')
+  report = json.loads((run_dir / 'eval_val_latest.json').read_text())
+  assert f'top-1 {report["top1_accuracy"]:.4f}' in out and 'epoch 3' in out
+  out = run('et_flax.compare', str(run_dir), f'--output={tmp_path / "cmp"}',
+            '--checkpoint=latest')
+  assert out.strip() == (tmp_path / 'cmp.md').read_text().strip()
+  out = run('et_flax.predict', f'--workdir={run_dir}', f'--output={tmp_path / "s.csv"}',
+            '--checkpoint=latest')
+  assert out.strip() == f'Wrote 180 predictions to {tmp_path / "s.csv"}'
+  assert len(predict.read_submission(tmp_path / 's.csv')) == 180
