@@ -91,10 +91,6 @@ class RunCheckpoints:
       self.latest.save(epoch, args=args)
       self.latest.wait_until_finished()
 
-  def restore_meta(self, epoch: int) -> dict[str, Any]:
-    return self.latest.restore(
-        epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-
   def restore(self, epoch: int, abstract_state: Mapping[str, Any]
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     restored = self.latest.restore(epoch, args=ocp.args.Composite(
@@ -104,6 +100,23 @@ class RunCheckpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+  """The meta of a workdir's latest checkpoint, or None; creates nothing."""
+  directory = pathlib.Path(workdir) / LATEST
+  if not directory.is_dir():
+    return None
+  manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+      read_only=True, enable_async_checkpointing=False))
+  try:
+    epoch = manager.latest_step()
+    if epoch is None:
+      return None
+    return manager.restore(epoch, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  finally:
+    manager.close()
 
 
 def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest'

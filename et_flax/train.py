@@ -271,31 +271,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)
 
-  rng = jax.random.key(config.seed)
-  init_rng, rng = jax.random.split(rng)
-  variables = None
-  if config.get('pretrained_weights'):
-    # Before any decoding: a wrong or unreadable file fails fast.
-    variables = keras_import.import_keras_weights(
-        config.pretrained_weights, init_variables(init_rng, model, info.image_size),
-        keep_head=True)
-
   workdir = pathlib.Path(workdir)
-  run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
-  latest = run_checkpoints.latest_epoch()
-  saved_config = None
-  if latest is not None:
-    saved_config = run_checkpoints.restore_meta(latest)['config']
-    differences = checkpoints.config_differences(saved_config,
+  saved_meta = checkpoints.latest_meta(workdir)
+  latest = None if saved_meta is None else saved_meta['epoch']
+  if saved_meta is not None:
+    differences = checkpoints.config_differences(saved_meta['config'],
                                                  checkpoints.config_to_dict(config))
     if differences and not allow_config_change:
       raise ValueError(
           f'{workdir} holds a run with another config; refusing to resume it. '
           'Differences (saved -> now):\n  ' + '\n  '.join(differences) +
           '\nUse another workdir, or pass --allow_config_change to resume anyway.')
+
+  # Starting weights of a new run, loaded before any decoding so that a wrong
+  # or unreadable file fails fast: Keras weights (pretrained backbones) or
+  # another run's checkpoint (warm start).
+  rng = jax.random.key(config.seed)
+  init_rng, rng = jax.random.split(rng)
+  variables = None
+  if latest is None and config.get('pretrained_weights'):
+    variables = keras_import.import_keras_weights(
+        config.pretrained_weights, init_variables(init_rng, model, info.image_size),
+        keep_head=True)
+  elif latest is None and config.get('init_from'):
+    variables = checkpoints.load_variables(config.init_from,
+                                           config.get('init_from_checkpoint', 'latest'))
+    checkpoints.check_same_shapes(variables, init_variables(init_rng, model,
+                                                            info.image_size),
+                                  f'The checkpoint in {config.init_from}')
+    logging.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
+
   is_chief = jax.process_index() == 0
   if is_chief:
     input_pipeline.save_class_mapping(info, workdir)
+  run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
 
   logging.info('Decoding %s at %dx%d', info.builder.data_dir, info.image_size,
                info.image_size)
@@ -336,14 +345,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_epoch = meta['epoch'] + 1
     logging.info('Resuming %s from epoch %d (step %d)', workdir, meta['epoch'],
                  int(state.step))
-  elif config.get('init_from'):
-    loaded = checkpoints.load_variables(config.init_from,
-                                        config.get('init_from_checkpoint', 'latest'))
-    checkpoints.check_same_shapes(loaded, {'params': state.params,
-                                           'batch_stats': state.batch_stats},
-                                  f'The checkpoint in {config.init_from}')
-    state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
-    logging.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
   # The history file is rewritten from the checkpoint: epochs after it that a
   # killed run had logged are dropped, and will be logged again when redone.
   history_path = workdir / HISTORY_FILE
