@@ -168,6 +168,7 @@ def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
   other.model.width = 2
   with pytest.raises(ValueError, match='does not fit this model: .*shapes differing'):
     train.train_and_evaluate(other, str(tmp_path / 'other'))
+  assert not (tmp_path / 'other').exists()  # refused before anything was written
   with pytest.raises(FileNotFoundError, match='holds no best checkpoint'):
     train.train_and_evaluate(
         tiny_config(digits_data_dir, init_from=str(tmp_path / 'empty')),
