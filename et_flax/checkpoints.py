@@ -67,6 +67,11 @@ def _manager(directory: pathlib.Path, max_to_keep: int | None) -> ocp.Checkpoint
           enable_async_checkpointing=False))
 
 
+def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+      read_only=True, enable_async_checkpointing=False))
+
+
 class RunCheckpoints:
   """The latest and the best checkpoints of one workdir, indexed by epoch."""
 
@@ -107,8 +112,7 @@ def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   directory = pathlib.Path(workdir) / LATEST
   if not directory.is_dir():
     return None
-  manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-      read_only=True, enable_async_checkpointing=False))
+  manager = _read_only_manager(directory)
   try:
     epoch = manager.latest_step()
     if epoch is None:
@@ -133,8 +137,7 @@ def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest'
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: {workdir} holds no '
                             f'{which} checkpoint')
-  manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-      read_only=True, enable_async_checkpointing=False))
+  manager = _read_only_manager(directory)
   try:
     epoch = manager.latest_step() if which in ('latest', 'best') else int(which)
     if epoch is None or epoch not in manager.all_steps():

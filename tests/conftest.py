@@ -9,6 +9,17 @@ import pytest  # noqa: E402
 from et_flax import digits  # noqa: E402
 
 
+def counting_split(n):
+  """A split of n 1x1 images whose pixel value and label are their index."""
+  import numpy as np
+
+  from et_flax import input_pipeline
+
+  return input_pipeline.Split(
+      images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
+      labels=np.arange(n, dtype=np.int32), file_names=tuple(map(str, range(n))))
+
+
 def tiny_config(data_dir, **overrides):
   """The quickstart config shrunk for tests: 8x8 digits, one module, batch 64."""
   from configs import quickstart

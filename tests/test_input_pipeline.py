@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
+from conftest import counting_split
 from conftest import make_tiny_imagenet_tree
 from et_flax import digits
 from et_flax import input_pipeline
@@ -220,15 +221,9 @@ def test_bad_trees_are_clear_errors(tmp_path):
     prepare(root)
 
 
-def _split(n):
-  return input_pipeline.Split(
-      images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
-      labels=np.arange(n, dtype=np.int32), file_names=tuple(map(str, range(n))))
-
-
 @pytest.mark.parametrize('batch_size', [1, 3, 4, 7, 16])
 def test_eval_batches_count_every_image_once(batch_size):
-  split = _split(7)
+  split = counting_split(7)
   batches = list(input_pipeline.eval_batches(split, batch_size))
   assert all(b['image'].shape[0] == batch_size for b in batches)
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
@@ -238,7 +233,7 @@ def test_eval_batches_count_every_image_once(batch_size):
 
 
 def test_train_epochs_are_deterministic_permutations():
-  split = _split(10)
+  split = counting_split(10)
   train_input = input_pipeline.TrainInput(split, batch_size=3, seed=5)
   assert train_input.steps_per_epoch == 3
   epoch1 = [b['label'] for b in train_input.epoch(1)]
@@ -254,7 +249,7 @@ def test_train_epochs_are_deterministic_permutations():
 
 
 def test_two_hosts_read_disjoint_examples():
-  split = _split(12)
+  split = counting_split(12)
   hosts = [input_pipeline.TrainInput(split, batch_size=4, seed=0, process_index=i,
                                      process_count=2) for i in range(2)]
   seen = [np.concatenate([b['label'] for b in h.epoch(3)]) for h in hosts]
@@ -265,4 +260,4 @@ def test_two_hosts_read_disjoint_examples():
 
 def test_batch_larger_than_split_is_a_clear_error():
   with pytest.raises(ValueError, match='batch_size 64 is larger than the 10 training'):
-    input_pipeline.TrainInput(_split(10), batch_size=64, seed=0)
+    input_pipeline.TrainInput(counting_split(10), batch_size=64, seed=0)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import counting_split
 from conftest import tiny_config
 from et_flax import checkpoints
 from et_flax import input_pipeline
@@ -16,14 +17,8 @@ from et_flax import optim
 from et_flax import train
 
 
-def _split(n):
-  return input_pipeline.Split(
-      images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
-      labels=np.arange(n, dtype=np.int32), file_names=tuple(map(str, range(n))))
-
-
 def test_device_resident_epochs_equal_the_host_batches():
-  split = _split(23)
+  split = counting_split(23)
   mesh = train.make_mesh()
   device = input_pipeline.DeviceTrainInput(
       split, batch_size=5, seed=3,
