@@ -69,7 +69,9 @@ def time_steps(config, batch_size: int, image_size: int, num_classes: int,
   loss_fn = optim.get_loss(config.loss)
   step = jax.jit(functools.partial(
       train.train_step, loss_fn=loss_fn, augment_config=augment.config_from(config.augment),
-      preprocessing=config.get('preprocessing', 'rescale')), donate_argnums=(0,))
+      preprocessing=config.get('preprocessing', 'rescale'),
+      micro_batches=batch_size // micro if (micro := train.micro_batch_size(config))
+      else 1), donate_argnums=(0,))
   key = jax.random.key(1)
   start = time.perf_counter()
   compiled = step.lower(state, batch, key).compile()
@@ -210,7 +212,8 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
              'image_size': image_size, 'device': str(jax.devices()[0]),
              'device_count': jax.device_count(),
              'compute_dtype': str(train.compute_dtype(config.get('compute_dtype',
-                                                                 'float32')).__name__)}
+                                                                 'float32')).__name__),
+             'micro_batch_size': train.micro_batch_size(config)}
   results.update({k: v for k, v in timing.items()
                   if k not in ('state', 'step', 'batch', 'num_classes')})
   if epoch_images:
@@ -230,7 +233,7 @@ def format_table(results: dict[str, Any]) -> str:
   rows = [('device', results['device'] + f' x{results["device_count"]}'),
           ('model / batch / image', f'{results["config_model"]["name"]} / '
            f'{results["batch_size"]} / {results["image_size"]}px, '
-           f'{results["compute_dtype"]}'),
+           f'{results["compute_dtype"]}, micro-batch {results["micro_batch_size"] or "-"}'),
           ('compile (s)', f'{results["compile_seconds"]:.1f}'),
           ('train step (img/s, median)', f'{results["train_images_per_second"]:.1f}'),
           ('eval step (img/s, median)', f'{results["eval_images_per_second"]:.1f}')]

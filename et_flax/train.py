@@ -95,6 +95,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                *, loss_fn: optim.LossFn,
                augment_config: augment.AugmentConfig = augment.AugmentConfig(),
                preprocessing: str = 'rescale', frozen_steps: int = 0,
+               micro_batches: int = 1,
                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on `batch`, augmented on device first.
 
@@ -105,7 +106,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   over it (each device then draws its own augmentation and dropout, and batch
   norm normalises with each device's own batch, as in flax's examples).
   For the first `frozen_steps` steps only the classifier head learns (the
-  backbone's gradients are zeroed; its batch statistics still adapt).
+  backbone's gradients are zeroed; its batch statistics still adapt). With
+  `micro_batches` > 1 the gradient is accumulated over that many equal parts
+  of the batch (the same update, summed in another order; batch norm then
+  sees the parts one after another, and dropout draws a key per part).
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
@@ -115,16 +119,37 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                                  augment_config)
   images, labels = preprocess(images, preprocessing), batch['label']
 
-  def loss_of(params):
+  def loss_of(params, images, labels, batch_stats, dropout_rng):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        {'params': params, 'batch_stats': batch_stats}, images, train=True,
         rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     outputs = classification_outputs(logits, labels, loss_fn)
-    return outputs['loss'].mean(), (outputs, updates)
+    return outputs['loss'].mean(), (outputs, updates.get('batch_stats', batch_stats))
 
-  (loss, (outputs, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-      state.params)
-  batch_stats = updates.get('batch_stats', state.batch_stats)
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if micro_batches == 1:
+    (loss, (outputs, batch_stats)), grads = grad_fn(
+        state.params, images, labels, state.batch_stats, dropout_rng)
+  else:
+    # The mean gradient of equal micro-batches is the batch's gradient; XLA:CPU
+    # runs small batches much faster per image (docs/performance.md).
+    def accumulate(carry, micro):
+      grads_sum, batch_stats = carry
+      micro_images, micro_labels, index = micro
+      (loss, (outputs, batch_stats)), grads = grad_fn(
+          state.params, micro_images, micro_labels, batch_stats,
+          jax.random.fold_in(dropout_rng, index))
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, outputs)
+
+    def split(x):
+      return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+    (grads, batch_stats), (losses, outputs) = jax.lax.scan(
+        accumulate, (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats),
+        (split(images), split(labels), jnp.arange(micro_batches)), unroll=True)
+    grads = jax.tree.map(lambda g: g / micro_batches, grads)
+    loss = losses.mean()
+    outputs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
   if frozen_steps:
     trainable = (state.step >= frozen_steps).astype(jnp.float32)
     grads = {name: grads[name] if name in models.HEAD_NAMES else
@@ -194,6 +219,37 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # ---------------------------------------------------------------------------
 # The loop.
 
+AUTO_CPU_MICRO_BATCH = 16
+
+
+def _micro_setting(config: ml_collections.ConfigDict) -> Any:
+  # The default config holds a string ('auto'), so a command-line override
+  # arrives as one too: '16' means 16.
+  micro = config.get('micro_batch_size', 0)
+  return int(micro) if isinstance(micro, str) and micro.isdigit() else micro
+
+
+def micro_batch_size(config: ml_collections.ConfigDict) -> int:
+  """config.micro_batch_size, with 'auto' resolved (0: whole batches).
+
+  'auto' is 16 on CPUs for models without batch norm (where the parts give
+  the very same update), else whole batches.
+  """
+  micro = _micro_setting(config)
+  if micro == 'auto':
+    has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
+    fits = (config.batch_size > AUTO_CPU_MICRO_BATCH
+            and config.batch_size % AUTO_CPU_MICRO_BATCH == 0)
+    use = jax.default_backend() == 'cpu' and not has_batch_norm and fits
+    return AUTO_CPU_MICRO_BATCH if use else 0
+  return micro
+
+
+def micro_batches(config: ml_collections.ConfigDict) -> int:
+  micro = micro_batch_size(config)
+  return config.batch_size // micro if micro else 1
+
+
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -220,6 +276,11 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
   if not isinstance(frozen, int) or frozen < 0:
     raise ValueError('config.freeze_backbone_epochs must be an integer >= 0, got '
                      f'{frozen!r}')
+  micro = _micro_setting(config)
+  if micro != 'auto' and (not isinstance(micro, int) or micro < 0
+                          or (micro and config.batch_size % micro)):
+    raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
+                     f'divide config.batch_size={config.batch_size}, got {micro!r}')
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % jax.device_count():
       raise ValueError(f'config.{field}={config[field]} must be divisible by the '
@@ -359,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_step_fn = jax.jit(functools.partial(
       train_step, loss_fn=loss_fn, augment_config=augment_config,
       preprocessing=preprocessing,
-      frozen_steps=config.get('freeze_backbone_epochs', 0) * steps_per_epoch),
+      frozen_steps=config.get('freeze_backbone_epochs', 0) * steps_per_epoch,
+      micro_batches=micro_batches(config)),
                           donate_argnums=(0,))
   eval_step_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn,
                                            preprocessing=preprocessing))

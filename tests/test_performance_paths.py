@@ -90,3 +90,40 @@ def test_no_recompiles_after_the_first_step(digits_data_dir, tmp_path, monkeypat
   config.augment.preset = 'eight'
   train.train_and_evaluate(config, str(tmp_path))
   chex.clear_trace_counter()
+
+
+def test_jit_micro_batches_give_the_batch_update(digits_data_dir):
+  info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
+  split = input_pipeline.load_split(info, 'train')
+  batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
+  model = models.create_model({'name': 'et', 'num_modules': 1}, 10, 8)
+  tx = optim.create_optimizer({'name': 'sgd', 'learning_rate': 0.5, 'momentum': 0.9})
+  states = {}
+  for micro in (1, 4):
+    state = train.create_train_state(jax.random.key(0), model, 8, tx)
+    step = jax.jit(functools.partial(train.train_step, micro_batches=micro,
+                                     loss_fn=optim.categorical_crossentropy))
+    for _ in range(3):
+      state, metrics = step(state, batch, jax.random.key(1))
+    states[micro] = (state, metrics.compute())
+  # The same mean gradient summed in another order: float32 rounding only.
+  for a, b in zip(jax.tree.leaves(states[1][0].params), jax.tree.leaves(states[4][0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(states[1][1]['loss']) == pytest.approx(float(states[4][1]['loss']), rel=1e-5)
+  assert float(states[1][1]['top1_accuracy']) == float(states[4][1]['top1_accuracy'])
+
+
+def test_micro_batch_size_must_divide_the_batch(digits_data_dir, tmp_path):
+  config = tiny_config(digits_data_dir, micro_batch_size=24)
+  with pytest.raises(ValueError, match="micro_batch_size must be 'auto', 0 .* or divide"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_micro_batch_size_auto_and_command_line_values():
+  from configs import default
+  config = default.get_config()
+  assert train.micro_batch_size(config) == 16  # 'auto' on this CPU, plain E.T.
+  config.model.batch_norm = True
+  assert train.micro_batch_size(config) == 0  # parts would be normalised apart
+  config.micro_batch_size = '32'  # as --config.micro_batch_size=32 arrives
+  assert train.micro_batches(config) == 4
