@@ -33,7 +33,6 @@ from ml_collections import config_flags
 
 from et_flax import augment
 from et_flax import input_pipeline
-from et_flax import models
 from et_flax import optim
 from et_flax import pipeline_benchmark
 from et_flax import train
@@ -55,8 +54,7 @@ def _median_seconds(fn, steps: int, warmup: int) -> float:
 def time_steps(config, batch_size: int, image_size: int, num_classes: int,
                steps: int, warmup: int) -> dict[str, Any]:
   """Compile time and median seconds of our train and eval steps."""
-  dtype = train.compute_dtype(config.get('compute_dtype', 'float32'))
-  model = models.create_model(config.model, num_classes, image_size, dtype=dtype)
+  model = train.build_model(config, num_classes, image_size)
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch=100, num_epochs=10)
   mesh = train.make_mesh()
   state = train.replicate(train.create_train_state(jax.random.key(0), model, image_size,
@@ -213,7 +211,8 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
              'device_count': jax.device_count(),
              'compute_dtype': str(train.compute_dtype(config.get('compute_dtype',
                                                                  'float32')).__name__),
-             'micro_batch_size': train.micro_batch_size(config)}
+             'micro_batch_size': train.micro_batch_size(config),
+             'conv_impl': train.conv_impl(config)}
   results.update({k: v for k, v in timing.items()
                   if k not in ('state', 'step', 'batch', 'num_classes')})
   if epoch_images:
@@ -233,7 +232,8 @@ def format_table(results: dict[str, Any]) -> str:
   rows = [('device', results['device'] + f' x{results["device_count"]}'),
           ('model / batch / image', f'{results["config_model"]["name"]} / '
            f'{results["batch_size"]} / {results["image_size"]}px, '
-           f'{results["compute_dtype"]}, micro-batch {results["micro_batch_size"] or "-"}'),
+           f'{results["compute_dtype"]}, micro-batch {results["micro_batch_size"] or "-"}, '
+           f'{results.get("conv_impl", "xla")} convs'),
           ('compile (s)', f'{results["compile_seconds"]:.1f}'),
           ('train step (img/s, median)', f'{results["train_images_per_second"]:.1f}'),
           ('eval step (img/s, median)', f'{results["eval_images_per_second"]:.1f}')]

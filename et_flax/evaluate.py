@@ -30,7 +30,6 @@ from absl import logging
 from et_flax import analysis
 from et_flax import checkpoints
 from et_flax import input_pipeline
-from et_flax import models
 from et_flax import optim
 from et_flax import train
 
@@ -66,8 +65,7 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
     if saved['wnids'] != list(info.wnids):
       raise ValueError(f'{mapping_path} names other classes than the dataset gives '
                        f'for this config: {saved["wnids"][:3]}... vs {list(info.wnids[:3])}...')
-  model = models.create_model(config.model, info.num_classes, info.image_size,
-                              dtype=train.compute_dtype(config.get('compute_dtype', 'float32')))
+  model = train.build_model(config, info.num_classes, info.image_size)
   return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta['epoch'],
              config=config, info=info, model=model, variables=variables)
 

@@ -31,6 +31,7 @@ from et_flax import checkpoints
 from et_flax import input_pipeline
 from et_flax import keras_import
 from et_flax import models
+from et_flax import onednn
 from et_flax import optim
 
 TOP_K = 5
@@ -91,6 +92,19 @@ def _metrics(outputs: Mapping[str, jax.Array], axis_name: str | None,
   return Metrics.gather_from_model_output(axis_name=axis_name, mask=mask, **outputs)
 
 
+def _after(x: jax.Array, tree: Any) -> jax.Array:
+  """`x`, made to depend on every leaf of `tree` (exactly: x + 0).
+
+  Orders the micro-batches: each part's forward pass waits for the previous
+  part's gradients, so only one part's activations are alive at a time
+  (XLA:CPU hoists every forward pass otherwise, and drops
+  `lax.optimization_barrier`). min(|s|, 0) is 0 for every finite or infinite
+  s; a NaN gradient makes the later parts NaN, as the loss already is.
+  """
+  s = sum(jnp.ravel(leaf)[0] for leaf in jax.tree.leaves(tree))
+  return x + jnp.minimum(jnp.abs(s), 0.0).astype(x.dtype)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                *, loss_fn: optim.LossFn,
                augment_config: augment.AugmentConfig = augment.AugmentConfig(),
@@ -136,6 +150,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     def accumulate(carry, micro):
       grads_sum, batch_stats = carry
       micro_images, micro_labels, index = micro
+      micro_images = _after(micro_images, grads_sum)
       (loss, (outputs, batch_stats)), grads = grad_fn(
           state.params, micro_images, micro_labels, batch_stats,
           jax.random.fold_in(dropout_rng, index))
@@ -263,6 +278,35 @@ def compute_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
+CONV_IMPLS = ('auto', *models.CONV_IMPLS)
+
+
+def conv_impl(config: ml_collections.ConfigDict) -> str:
+  """config.conv_impl with 'auto' resolved to 'onednn' or 'xla'.
+
+  'auto' is 'onednn' when the step computes in float32 on a single CPU device
+  of a Linux x86-64 machine (where the oneDNN wheels install with et_flax),
+  'xla' everywhere else (GPUs, TPUs, several devices, bfloat16).
+  """
+  name = config.get('conv_impl', 'xla')
+  if name not in CONV_IMPLS:
+    raise ValueError(f'config.conv_impl must be one of {list(CONV_IMPLS)}, got {name!r}')
+  if name == 'auto':
+    use = (jax.default_backend() == 'cpu' and jax.device_count() == 1
+           and onednn.platform_supported()
+           and compute_dtype(config.get('compute_dtype', 'float32')) == jnp.float32)
+    name = 'onednn' if use else 'xla'
+  return name
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                image_size: int | None = None) -> flax.linen.Module:
+  """`config.model` with the run's compute dtype and convolution implementation."""
+  return models.create_model(config.model, num_classes, image_size,
+                             dtype=compute_dtype(config.get('compute_dtype', 'float32')),
+                             conv_impl=conv_impl(config))
+
+
 def _check_run_fields(config: ml_collections.ConfigDict) -> None:
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
                 'max_to_keep'):
@@ -326,8 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   _check_run_fields(config)
   info = input_pipeline.get_dataset_info(config.data)
-  model = models.create_model(config.model, info.num_classes, info.image_size,
-                              dtype=compute_dtype(config.get('compute_dtype', 'float32')))
+  model = build_model(config, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
   optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)

@@ -1,0 +1,437 @@
+// A convolution layer, y = act(conv(x, w) + b [+ s]), and its gradients
+// through oneDNN, as XLA FFI handlers.
+//
+// Built at first use by et_flax/onednn.py (g++, the onednn-cpu-gomp library
+// and its devel headers, jaxlib's FFI headers). Tensors cross the boundary in
+// JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, the
+// primitives run on the layouts oneDNN picks for this CPU (blocked, e.g.
+// nChw16c); a tensor is reordered only when that layout differs from NHWC in
+// memory (with 16 channels, nChw16c *is* NHWC byte for byte, so E.T.'s
+// activations pass through untouched).
+//
+// Handlers (attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left,
+// pad_right, activation = 0 none | 1 relu | 2 tanh):
+//   et_onednn_conv_fwd           (x, w, b)    -> y = act(conv(x, w) + b)
+//   et_onednn_conv_fwd_residual  (x, w, b, s) -> y = act(conv(x, w) + b + s)
+//   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw, db)
+// where g = dy * act'(.) is the gradient at the pre-activation (and so the
+// shortcut's gradient), dx, dw and db the gradients of x, w and b. The bias,
+// shortcut and activation run as oneDNN post-ops in the convolution's own
+// pass over memory.
+//
+// Primitives are built once per shape and cached; calls run one at a time,
+// each on all cores (OpenMP).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using Dt = memory::data_type;
+
+enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
+
+struct Geometry {
+  int64_t n, h, w, c;      // input
+  int64_t o, kh, kw;       // kernel
+  int64_t oh, ow;          // output
+  int64_t sh, sw, pt, pb, pl, pr;
+
+  auto key() const {
+    return std::make_tuple(n, h, w, c, o, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr);
+  }
+  memory::dims src_dims() const { return {n, c, h, w}; }
+  memory::dims wei_dims() const { return {o, c, kh, kw}; }
+  memory::dims bia_dims() const { return {o}; }
+  memory::dims dst_dims() const { return {n, o, oh, ow}; }
+  memory::dims strides() const { return {sh, sw}; }
+  memory::dims pad_l() const { return {pt, pl}; }
+  memory::dims pad_r() const { return {pb, pr}; }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// How one tensor gets from JAX's layout to the primitive's and back.
+struct Port {
+  memory::desc user;      // JAX's layout (nhwc, hwio or x)
+  memory::desc inner;     // the primitive's layout
+  bool same = true;       // inner is user byte for byte: no reorder
+  dnnl::reorder to_inner, to_user;
+
+  Port() = default;
+  Port(const memory::desc& user_md, const memory::desc& inner_md, bool alias)
+      : user(user_md), inner(inner_md), same(alias || user_md == inner_md) {
+    if (same) return;
+    to_inner = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), inner));
+    to_user = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), inner, Engine(), user));
+  }
+};
+
+// A blocked activation layout equals NHWC in memory when it has one block of
+// all the channels: nChw16c with 16 channels, nChw8c with 8, ...
+bool AliasesNhwc(const memory::desc& inner, int64_t channels) {
+  for (auto [tag, block] : {std::pair{Tag::nChw16c, 16}, std::pair{Tag::nChw8c, 8},
+                            std::pair{Tag::nChw4c, 4}}) {
+    if (channels == block && inner == memory::desc(inner.get_dims(), Dt::f32, tag))
+      return true;
+  }
+  return false;
+}
+
+memory::desc Any(const memory::dims& d) { return memory::desc(d, Dt::f32, Tag::any); }
+
+struct Ports {
+  Port src, wei, bia, dst;
+};
+
+Ports MakePorts(const Geometry& g, const memory::desc& src, const memory::desc& wei,
+                const memory::desc& bia, const memory::desc& dst) {
+  return Ports{
+      Port(memory::desc(g.src_dims(), Dt::f32, Tag::nhwc), src, AliasesNhwc(src, g.c)),
+      Port(memory::desc(g.wei_dims(), Dt::f32, Tag::hwio), wei, false),
+      Port(memory::desc(g.bia_dims(), Dt::f32, Tag::x), bia, false),
+      Port(memory::desc(g.dst_dims(), Dt::f32, Tag::nhwc), dst, AliasesNhwc(dst, g.o))};
+}
+
+dnnl::primitive_attr Attr(const dnnl::post_ops& ops = dnnl::post_ops()) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_post_ops(ops);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g,
+                                                      const dnnl::primitive_attr& attr) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      Any(g.src_dims()), Any(g.wei_dims()), Any(g.bia_dims()), Any(g.dst_dims()),
+      g.strides(), g.pad_l(), g.pad_r(), attr);
+}
+
+struct ForwardPlan {
+  dnnl::convolution_forward prim;
+  size_t scratch_bytes;
+  Ports ports;
+  Port shortcut;
+};
+
+ForwardPlan MakeForwardPlan(const Geometry& g, bool residual, int64_t activation) {
+  // The layouts oneDNN picks without post-ops; the shortcut is then given in
+  // the output's layout, so that the sum is elementwise in memory.
+  auto plain = ForwardDesc(g, Attr());
+  dnnl::post_ops ops;
+  if (residual) ops.append_binary(dnnl::algorithm::binary_add, plain.dst_desc());
+  if (activation == kRelu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (activation == kTanh) ops.append_eltwise(dnnl::algorithm::eltwise_tanh, 0.f, 0.f);
+  auto pd = ForwardDesc(g, Attr(ops));
+  if (pd.dst_desc() != plain.dst_desc())
+    throw std::runtime_error("the fused convolution chose another output layout");
+  ForwardPlan plan{dnnl::convolution_forward(pd), pd.scratchpad_desc().get_size(),
+                   MakePorts(g, pd.src_desc(), pd.weights_desc(), pd.bias_desc(),
+                             pd.dst_desc()),
+                   Port()};
+  plan.shortcut = plan.ports.dst;
+  return plan;
+}
+
+struct BackwardPlan {
+  dnnl::convolution_backward_data data;
+  dnnl::convolution_backward_weights weights;
+  size_t data_scratch_bytes, weights_scratch_bytes;
+  Ports data_ports, weights_ports;
+};
+
+BackwardPlan MakeBackwardPlan(const Geometry& g) {
+  auto fwd = ForwardDesc(g, Attr());
+  auto data_pd = dnnl::convolution_backward_data::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, Any(g.src_dims()), Any(g.wei_dims()),
+      Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
+  auto weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, Any(g.src_dims()), Any(g.wei_dims()),
+      Any(g.bia_dims()), Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
+  return BackwardPlan{
+      dnnl::convolution_backward_data(data_pd),
+      dnnl::convolution_backward_weights(weights_pd),
+      data_pd.scratchpad_desc().get_size(),
+      weights_pd.scratchpad_desc().get_size(),
+      MakePorts(g, data_pd.diff_src_desc(), data_pd.weights_desc(),
+                memory::desc(g.bia_dims(), Dt::f32, Tag::x), data_pd.diff_dst_desc()),
+      MakePorts(g, weights_pd.src_desc(), weights_pd.diff_weights_desc(),
+                weights_pd.diff_bias_desc(), weights_pd.diff_dst_desc())};
+}
+
+template <typename Plan, typename Key, typename Make>
+const Plan& Cached(const Key& key, Make make) {
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = plans[key];
+  if (!slot) slot = std::make_unique<Plan>(make());
+  return *slot;
+}
+
+// Buffers that live for one call: scratchpads and reordered tensors.
+class CallMemory {
+ public:
+  explicit CallMemory(dnnl::stream& s) : s_(s) {}
+
+  void* take(size_t bytes) {
+    blocks_.emplace_back(new char[bytes + 64]);
+    auto p = reinterpret_cast<uintptr_t>(blocks_.back().get());
+    return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+  }
+
+  memory scratchpad(size_t bytes) {
+    return memory(memory::desc({static_cast<int64_t>(bytes)}, Dt::u8, Tag::x), Engine(),
+                  bytes ? take(bytes) : nullptr);
+  }
+
+  // `port`'s tensor in the primitive's layout, from JAX's buffer `data`.
+  memory input(const Port& port, void* data) {
+    if (port.same) return memory(port.inner, Engine(), data);
+    memory user(port.user, Engine(), data);
+    memory inner(port.inner, Engine(), take(port.inner.get_size()));
+    port.to_inner.execute(s_, user, inner);
+    return inner;
+  }
+
+  // Where the primitive writes `port`'s tensor; `finish` copies it to `data`.
+  memory output(const Port& port, void* data) {
+    if (port.same) return memory(port.inner, Engine(), data);
+    return memory(port.inner, Engine(), take(port.inner.get_size()));
+  }
+
+  void finish(const Port& port, memory& inner, void* data) {
+    if (port.same) return;
+    memory user(port.user, Engine(), data);
+    port.to_user.execute(s_, inner, user);
+  }
+
+ private:
+  dnnl::stream& s_;
+  std::vector<std::unique_ptr<char[]>> blocks_;
+};
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                      ffi::Span<const int64_t> y, int64_t sh, int64_t sw,
+                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Geometry{x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2],
+                  sh, sw, pt, pb, pl, pr};
+}
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                       ffi::Span<const int64_t> y, int64_t activation) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4)
+    return ffi::Error::InvalidArgument("x, w and y must have rank 4 (NHWC, HWIO, NHWC)");
+  if (x[3] != w[2] || y[3] != w[3] || x[0] != y[0])
+    return ffi::Error::InvalidArgument("x, w and y shapes do not match (NHWC, HWIO, NHWC)");
+  if (activation < kNone || activation > kTanh)
+    return ffi::Error::InvalidArgument("activation must be 0 (none), 1 (relu) or 2 (tanh), got " +
+                                       std::to_string(activation));
+  return ffi::Error::Success();
+}
+
+// One oneDNN call at a time: each already spreads over every core with
+// OpenMP, and two at once (XLA runs independent ops concurrently, e.g. two
+// micro-batches) would oversubscribe the cores and spin against each other.
+std::mutex& ExecutionMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+template <typename F>
+ffi::Error Guarded(F body) {
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what() +
+                                " (status " + std::to_string(e.status) + ")");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                   const float* shortcut, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                   int64_t activation) {
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y->dimensions(), activation);
+      err.failure())
+    return err;
+  auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+  bool residual = shortcut != nullptr;
+  return Guarded([&] {
+    const auto& plan = Cached<ForwardPlan>(
+        std::make_tuple(g.key(), residual, activation),
+        [&] { return MakeForwardPlan(g, residual, activation); });
+    dnnl::stream s(Engine());
+    CallMemory mem(s);
+    memory src = mem.input(plan.ports.src, x.untyped_data());
+    memory wei = mem.input(plan.ports.wei, w.untyped_data());
+    memory bia = mem.input(plan.ports.bia, b.untyped_data());
+    memory dst = mem.output(plan.ports.dst, y->untyped_data());
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bia},
+        {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.scratch_bytes)}};
+    if (residual)
+      args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                   mem.input(plan.shortcut, const_cast<float*>(shortcut))});
+    plan.prim.execute(s, args);
+    mem.finish(plan.ports.dst, dst, y->untyped_data());
+    s.wait();
+  });
+}
+
+ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
+  return Forward(x, w, b, nullptr, y, sh, sw, pt, pb, pl, pr, activation);
+}
+
+ffi::Error FwdResidualImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> s,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
+  if (s.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("the shortcut must have the output's shape");
+  return Forward(x, w, b, s.typed_data(), y, sh, sw, pt, pb, pl, pr, activation);
+}
+
+// g = dy * act'(pre-activation), from y = act(pre-activation): oneDNN's
+// elementwise backward "use_dst" algorithms, on the tensors as they are.
+struct ActivationPlan {
+  dnnl::eltwise_backward prim;
+  size_t scratch_bytes;
+  memory::desc md;
+};
+
+ActivationPlan MakeActivationPlan(const memory::dims& dims, int64_t activation) {
+  memory::desc md(dims, Dt::f32, Tag::nhwc);
+  auto alg = activation == kRelu ? dnnl::algorithm::eltwise_relu_use_dst_for_bwd
+                                 : dnnl::algorithm::eltwise_tanh_use_dst_for_bwd;
+  auto fwd = dnnl::eltwise_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, alg, md, md, 0.f, 0.f, Attr());
+  auto pd = dnnl::eltwise_backward::primitive_desc(Engine(), alg, md, md, md, 0.f, 0.f,
+                                                   fwd, Attr());
+  return ActivationPlan{dnnl::eltwise_backward(pd), pd.scratchpad_desc().get_size(), md};
+}
+
+void ActivationGradient(const Geometry& g, int64_t activation, void* dy, void* y, void* out,
+                        dnnl::stream& s, CallMemory& mem) {
+  if (activation == kNone) {
+    std::memcpy(out, dy, g.n * g.oh * g.ow * g.o * sizeof(float));
+    return;
+  }
+  const auto& plan = Cached<ActivationPlan>(
+      std::make_tuple(g.n, g.o, g.oh, g.ow, activation),
+      [&] { return MakeActivationPlan(g.dst_dims(), activation); });
+  plan.prim.execute(s, {{DNNL_ARG_DIFF_DST, memory(plan.md, Engine(), dy)},
+                        {DNNL_ARG_DST, memory(plan.md, Engine(), y)},
+                        {DNNL_ARG_DIFF_SRC, memory(plan.md, Engine(), out)},
+                        {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.scratch_bytes)}});
+}
+
+ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
+                   ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> g_out,
+                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                   ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y.dimensions(), activation);
+      err.failure())
+    return err;
+  auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
+  return Guarded([&] {
+    const auto& plan = Cached<BackwardPlan>(g.key(), [&] { return MakeBackwardPlan(g); });
+    dnnl::stream s(Engine());
+    CallMemory mem(s);
+    ActivationGradient(g, activation, dy.untyped_data(), y.untyped_data(),
+                       g_out->untyped_data(), s, mem);
+    const Ports& dp = plan.data_ports;
+    memory diff_src = mem.output(dp.src, dx->untyped_data());
+    plan.data.execute(
+        s, {{DNNL_ARG_DIFF_DST, mem.input(dp.dst, g_out->untyped_data())},
+            {DNNL_ARG_WEIGHTS, mem.input(dp.wei, w.untyped_data())},
+            {DNNL_ARG_DIFF_SRC, diff_src},
+            {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.data_scratch_bytes)}});
+    mem.finish(dp.src, diff_src, dx->untyped_data());
+    const Ports& wp = plan.weights_ports;
+    memory diff_wei = mem.output(wp.wei, dw->untyped_data());
+    memory diff_bia = mem.output(wp.bia, db->untyped_data());
+    plan.weights.execute(
+        s, {{DNNL_ARG_SRC, mem.input(wp.src, x.untyped_data())},
+            {DNNL_ARG_DIFF_DST, mem.input(wp.dst, g_out->untyped_data())},
+            {DNNL_ARG_DIFF_WEIGHTS, diff_wei},
+            {DNNL_ARG_DIFF_BIAS, diff_bia},
+            {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.weights_scratch_bytes)}});
+    mem.finish(wp.wei, diff_wei, dw->untyped_data());
+    mem.finish(wp.bia, diff_bia, db->untyped_data());
+    s.wait();
+  });
+}
+
+template <typename B>
+auto WithConvAttrs(B binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_bottom")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("pad_right")
+      .template Attr<int64_t>("activation");
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EtOnednnConvFwd, FwdImpl,
+    WithConvAttrs(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EtOnednnConvFwdResidual, FwdResidualImpl,
+    WithConvAttrs(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EtOnednnConvBwd, BwdImpl,
+    WithConvAttrs(ffi::Ffi::Bind()
+                      .Arg<F32>()
+                      .Arg<F32>()
+                      .Arg<F32>()
+                      .Arg<F32>()
+                      .Ret<F32>()
+                      .Ret<F32>()
+                      .Ret<F32>()
+                      .Ret<F32>()));
+
+// The oneDNN version this was linked against, for logs.
+extern "C" const char* EtOnednnVersion() {
+  static std::string v = [] {
+    const dnnl_version_t* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." +
+           std::to_string(ver->patch) + " (" + ver->hash + ")";
+  }();
+  return v.c_str();
+}

@@ -1,0 +1,286 @@
+"""2-D convolutions on CPUs through oneDNN, called from XLA with `jax.ffi`.
+
+XLA:CPU's convolution, and above all its two gradients, is the slow part of
+an E.T. training step on a CPU (docs/performance.md): oneDNN, the library
+TensorFlow and PyTorch use there, runs the same 3x3 convolution with both
+gradients about 9x faster. This module puts it behind `conv2d`, a
+`jax.custom_vjp` whose forward pass, input gradient and kernel gradient are
+three FFI calls; `lax.conv_general_dilated` stays the reference it is tested
+against (tests/test_onednn.py) and the path on every other backend.
+
+The handlers (et_flax/csrc/onednn_conv.cc) are compiled at first use with the
+system's C++ compiler against the `onednn-cpu-gomp` wheel (the library) and
+`onednn-devel-cpu-gomp` (its headers), both installed with et_flax on Linux
+x86-64, and jaxlib's FFI headers. The shared library is cached under
+$ET_FLAX_CACHE (default ~/.cache/et_flax), keyed by the source, jaxlib and
+compiler, so the build (a few seconds) happens once per machine.
+
+Only float32 NHWC activations with HWIO kernels, any stride and explicit or
+SAME/VALID padding, no dilation or feature groups.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax import lax
+
+SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
+LIBRARY_DIST = 'onednn-cpu-gomp'
+HEADERS_DIST = 'onednn-devel-cpu-gomp'
+_TARGETS = {
+    'et_onednn_conv_fwd': 'EtOnednnConvFwd',
+    'et_onednn_conv_fwd_residual': 'EtOnednnConvFwdResidual',
+    'et_onednn_conv_bwd': 'EtOnednnConvBwd',
+}
+# The handlers' activation codes.
+ACTIVATIONS = {'none': 0, 'relu': 1, 'tanh': 2}
+
+_lock = threading.Lock()
+_loaded: ctypes.CDLL | None = None
+
+
+class OneDNNUnavailableError(RuntimeError):
+  """The oneDNN convolution cannot be built or loaded on this machine."""
+
+
+def platform_supported() -> bool:
+  """Whether the oneDNN wheels exist for this platform (Linux x86-64)."""
+  return sys.platform == 'linux' and platform.machine() in ('x86_64', 'AMD64')
+
+
+def _dist_file(dist: str, suffix: str) -> pathlib.Path:
+  """The installed file of `dist` whose path ends with `suffix`."""
+  try:
+    files = importlib.metadata.files(dist) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise OneDNNUnavailableError(
+        f'the Python package {dist!r} is not installed; it is a dependency of '
+        f'et_flax on Linux x86-64 (pip install {dist}), or set '
+        "config.conv_impl='xla'") from None
+  for f in files:
+    if str(f).replace('\\', '/').endswith(suffix):
+      return pathlib.Path(importlib.metadata.distribution(dist).locate_file(f)).resolve()
+  raise OneDNNUnavailableError(
+      f'the package {dist!r} is installed but has no file ending in {suffix!r}')
+
+
+def _compiler() -> str:
+  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not cxx:
+    raise OneDNNUnavailableError(
+        'no C++ compiler found to build the oneDNN convolution (looked for $CXX, '
+        "g++ and c++); install one (e.g. apt-get install g++) or set "
+        "config.conv_impl='xla'")
+  return cxx
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('ET_FLAX_CACHE')
+                      or pathlib.Path.home() / '.cache' / 'et_flax')
+
+
+def _build_command(cxx: str, out: pathlib.Path) -> tuple[list[str], str]:
+  lib = _dist_file(LIBRARY_DIST, '/libdnnl.so.3')
+  header = _dist_file(HEADERS_DIST, 'include/oneapi/dnnl/dnnl.hpp')
+  include = header.parents[2]
+  cmd = [cxx, '-O2', '-std=c++17', '-fPIC', '-shared', '-w',
+         str(SOURCE), '-o', str(out),
+         f'-I{jax.ffi.include_dir()}', f'-I{include}',
+         str(lib), f'-Wl,-rpath,{lib.parent}']
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True,
+                           check=False).stdout.splitlines()[:1]
+  key = '\n'.join([SOURCE.read_text(), jaxlib.__version__, str(lib),
+                   str(lib.stat().st_size), *version, *cmd[:6]])
+  return cmd, hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def library_path() -> pathlib.Path:
+  """Builds the FFI library if it is not cached yet; returns its path."""
+  if not platform_supported():
+    raise OneDNNUnavailableError(
+        f'the oneDNN convolution needs Linux x86-64, this is {sys.platform} '
+        f"{platform.machine()}; set config.conv_impl='xla'")
+  cxx = _compiler()
+  directory = cache_dir()
+  directory.mkdir(parents=True, exist_ok=True)
+  cmd, key = _build_command(cxx, directory / 'unused')
+  target = directory / f'onednn_conv-{key}.so'
+  if target.exists():
+    return target
+  # One build per machine even when several processes start at once.
+  with open(directory / 'onednn_conv.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if target.exists():
+      return target
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+      out = pathlib.Path(tmp) / target.name
+      cmd, _ = _build_command(cxx, out)
+      result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if result.returncode != 0:
+        raise OneDNNUnavailableError(
+            f'building the oneDNN convolution failed (exit {result.returncode}):\n'
+            f'  {" ".join(cmd)}\n{result.stderr[-4000:]}\n'
+            "Set config.conv_impl='xla' to train without it.")
+      os.replace(out, target)
+  return target
+
+
+def load() -> ctypes.CDLL:
+  """Builds (once per machine) and registers the FFI targets (once per process)."""
+  global _loaded
+  with _lock:
+    if _loaded is None:
+      path = library_path()
+      try:
+        library = ctypes.CDLL(str(path))
+      except OSError as e:
+        raise OneDNNUnavailableError(f'cannot load {path}: {e}') from e
+      for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+      library.EtOnednnVersion.restype = ctypes.c_char_p
+      _loaded = library
+  return _loaded
+
+
+def version() -> str:
+  """oneDNN's version as linked, e.g. '3.2.0 (<git hash>)'."""
+  return load().EtOnednnVersion().decode()
+
+
+def _pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+          padding: Any) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides),
+                                     padding.upper()))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _attrs(strides, pads, activation) -> dict[str, np.int64]:
+  (pt, pb), (pl, pr) = pads
+  return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+              pad_top=np.int64(pt), pad_bottom=np.int64(pb),
+              pad_left=np.int64(pl), pad_right=np.int64(pr),
+              activation=np.int64(ACTIVATIONS[activation]))
+
+
+def _forward(x, kernel, bias, shortcut, strides, pads, activation):
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  oh = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+  ow = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+  target, args = (('et_onednn_conv_fwd', (x, kernel, bias)) if shortcut is None else
+                  ('et_onednn_conv_fwd_residual', (x, kernel, bias, shortcut)))
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n, oh, ow, o), jnp.float32),
+                          vmap_method='sequential')(
+                              *args, **_attrs(strides, pads, activation))
+
+
+def _backward(strides, pads, activation, residuals, dy):
+  x, kernel, y = residuals
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ffi.ffi_call(
+      'et_onednn_conv_bwd',
+      (f32(y.shape), f32(x.shape), f32(kernel.shape), f32(kernel.shape[-1:])),
+      vmap_method='sequential')(x, kernel, y, dy.astype(jnp.float32),
+                                **_attrs(strides, pads, activation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _layer(x, kernel, bias, strides, pads, activation):
+  return _forward(x, kernel, bias, None, strides, pads, activation)
+
+
+def _layer_fwd(x, kernel, bias, strides, pads, activation):
+  y = _forward(x, kernel, bias, None, strides, pads, activation)
+  return y, (x, kernel, y)
+
+
+def _layer_bwd(strides, pads, activation, residuals, dy):
+  _, dx, dk, db = _backward(strides, pads, activation, residuals, dy)
+  return dx, dk, db
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _residual_layer(x, kernel, bias, shortcut, strides, pads, activation):
+  return _forward(x, kernel, bias, shortcut, strides, pads, activation)
+
+
+def _residual_layer_fwd(x, kernel, bias, shortcut, strides, pads, activation):
+  y = _forward(x, kernel, bias, shortcut, strides, pads, activation)
+  return y, (x, kernel, y)
+
+
+def _residual_layer_bwd(strides, pads, activation, residuals, dy):
+  g, dx, dk, db = _backward(strides, pads, activation, residuals, dy)
+  return dx, dk, db, g
+
+
+_residual_layer.defvjp(_residual_layer_fwd, _residual_layer_bwd)
+
+
+def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+               shortcut: jax.Array | None = None, *, strides: Sequence[int] = (1, 1),
+               padding: Any = 'SAME', activation: str = 'none') -> jax.Array:
+  """`activation(conv(x, kernel) + bias [+ shortcut])` in one oneDNN call.
+
+  The same as `lax.conv_general_dilated(x, kernel, strides, padding,
+  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))` followed by the sums and the
+  activation, in float32, differentiable in every array argument. The
+  backward pass is one call too: the activation's gradient, then oneDNN's
+  input gradient and kernel-and-bias gradient.
+
+  Args:
+    x: (N, H, W, C) float32 activations.
+    kernel: (KH, KW, C, O) float32 kernel.
+    bias: (O,) float32.
+    shortcut: None, or a float32 array of the output's shape added before
+      the activation (a residual block's identity).
+    strides: (sh, sw).
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
+    activation: 'none', 'relu' or 'tanh'.
+  """
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f'conv_layer takes NHWC x and an HWIO kernel, got shapes {x.shape} '
+                     f'and {kernel.shape}')
+  if x.shape[3] != kernel.shape[2] or bias.shape != kernel.shape[3:]:
+    raise ValueError(f'shapes do not match: x {x.shape}, kernel {kernel.shape} (HWIO), '
+                     f'bias {bias.shape}')
+  arrays = (x, kernel, bias) + (() if shortcut is None else (shortcut,))
+  if any(a.dtype != jnp.float32 for a in arrays):
+    raise ValueError('the oneDNN convolution is float32 only, got '
+                     f'{[str(a.dtype) for a in arrays]}; use the XLA convolution '
+                     "(config.conv_impl='xla') for other dtypes")
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation must be one of {list(ACTIVATIONS)}, got {activation!r}')
+  strides = tuple(int(s) for s in strides)
+  pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+  load()
+  if shortcut is None:
+    return _layer(x, kernel, bias, strides, pads, activation)
+  out_shape = jax.eval_shape(lambda: _forward(x, kernel, bias, None, strides, pads,
+                                              activation)).shape
+  if shortcut.shape != out_shape:
+    raise ValueError(f'the shortcut has shape {shortcut.shape}, the output {out_shape}')
+  return _residual_layer(x, kernel, bias, shortcut, strides, pads, activation)
