@@ -19,17 +19,20 @@
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
-// Primitives are built once per shape and cached; calls run one at a time,
-// each on all cores (OpenMP).
+// Primitives are built once per shape and cached; calls run one at a time
+// on one thread of their own, each on all cores (OpenMP).
 
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -250,25 +253,62 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-// One oneDNN call at a time: each already spreads over every core with
-// OpenMP, and two at once (XLA runs independent ops concurrently, e.g. two
-// micro-batches) would oversubscribe the cores and spin against each other.
-std::mutex& ExecutionMutex() {
-  static std::mutex mu;
-  return mu;
-}
+// Every oneDNN call runs on this one thread, one call at a time. Each call
+// already spreads over all cores with OpenMP; running calls from whichever
+// XLA thread reaches them would give OpenMP a team of workers per calling
+// thread, and two calls at once (XLA runs independent ops concurrently)
+// would oversubscribe the cores.
+class Executor {
+ public:
+  static Executor& Get() {
+    static Executor* executor = new Executor();  // never destroyed: the thread outlives exit
+    return *executor;
+  }
+
+  void Run(const std::function<void()>& task) {
+    std::unique_lock<std::mutex> caller(call_mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    task_ = &task;
+    done_ = false;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return done_; });
+  }
+
+ private:
+  Executor() : thread_([this] { Loop(); }) { thread_.detach(); }
+
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return task_ != nullptr; });
+      (*task_)();
+      task_ = nullptr;
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_;
+  const std::function<void()>* task_ = nullptr;
+  bool done_ = false;
+  std::thread thread_;
+};
 
 template <typename F>
 ffi::Error Guarded(F body) {
-  std::lock_guard<std::mutex> lock(ExecutionMutex());
-  try {
-    body();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what() +
-                                " (status " + std::to_string(e.status) + ")");
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
-  }
+  std::string error;
+  Executor::Get().Run([&] {
+    try {
+      body();
+    } catch (const dnnl::error& e) {
+      error = std::string("oneDNN convolution failed: ") + e.what() + " (status " +
+              std::to_string(e.status) + ")";
+    } catch (const std::exception& e) {
+      error = std::string("oneDNN convolution failed: ") + e.what();
+    }
+  });
+  if (!error.empty()) return ffi::Error::Internal(error);
   return ffi::Error::Success();
 }
 
