@@ -63,6 +63,11 @@ def _backward(residuals, dy):
 custom_weight_gradient.defvjp(_forward, _backward)
 
 
+def onednn_conv(x, w):
+  from et_flax import onednn  # pylint: disable=import-outside-toplevel
+  return onednn.conv_layer(x, w, jnp.zeros(w.shape[-1], w.dtype))
+
+
 def timed(fn, *args):
   jax.block_until_ready(fn(*args))
   times = []
@@ -80,7 +85,8 @@ def main():
   print(f'{"variant":<24}{"3x3 ms":>10}{"1x1 ms":>10}')
   for name, fn in (('xla conv', xla_conv), ('im2col', im2col),
                    ('shifted matmuls', shifted_matmuls),
-                   ('custom weight gradient', custom_weight_gradient)):
+                   ('custom weight gradient', custom_weight_gradient),
+                   ('oneDNN (jax.ffi)', onednn_conv)):
     cells = []
     for k, w in kernels.items():
       grads = jax.jit(jax.grad(lambda w, x: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))

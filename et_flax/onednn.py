@@ -1,22 +1,25 @@
-"""2-D convolutions on CPUs through oneDNN, called from XLA with `jax.ffi`.
+"""Convolution layers on CPUs through oneDNN, called from XLA with `jax.ffi`.
 
 XLA:CPU's convolution, and above all its two gradients, is the slow part of
-an E.T. training step on a CPU (docs/performance.md): oneDNN, the library
-TensorFlow and PyTorch use there, runs the same 3x3 convolution with both
-gradients about 9x faster. This module puts it behind `conv2d`, a
-`jax.custom_vjp` whose forward pass, input gradient and kernel gradient are
-three FFI calls; `lax.conv_general_dilated` stays the reference it is tested
-against (tests/test_onednn.py) and the path on every other backend.
+an E.T. training step on a CPU (docs/performance.md). oneDNN, the library
+TensorFlow uses there, runs a 3x3, 16-channel convolution with both
+gradients about 8x faster. `conv_layer` computes
+`activation(conv(x, kernel) + bias [+ shortcut])` as one oneDNN call (the
+sums and the activation are post-ops of the convolution) under a
+`jax.custom_vjp` whose backward pass is one call too; `models.OneDNNConv`
+wraps it with `nn.Conv`'s parameters. `lax.conv_general_dilated` stays the
+reference it is tested against (tests/test_onednn.py) and the path on every
+other backend (`config.conv_impl`).
 
 The handlers (et_flax/csrc/onednn_conv.cc) are compiled at first use with the
 system's C++ compiler against the `onednn-cpu-gomp` wheel (the library) and
 `onednn-devel-cpu-gomp` (its headers), both installed with et_flax on Linux
 x86-64, and jaxlib's FFI headers. The shared library is cached under
-$ET_FLAX_CACHE (default ~/.cache/et_flax), keyed by the source, jaxlib and
-compiler, so the build (a few seconds) happens once per machine.
+$ET_FLAX_CACHE (default ~/.cache/et_flax), keyed by the source, the compiler,
+jaxlib and oneDNN, so the build (about 5 s) happens once per machine.
 
-Only float32 NHWC activations with HWIO kernels, any stride and explicit or
-SAME/VALID padding, no dilation or feature groups.
+Float32 only; NHWC activations, HWIO kernels, any stride, explicit or
+SAME/VALID padding; no dilation or feature groups.
 """
 
 from __future__ import annotations
@@ -83,12 +86,14 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path:
 
 
 def _compiler() -> str:
-  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  """$CXX if set, else g++ or c++ from PATH."""
+  wanted = os.environ.get('CXX')
+  cxx = shutil.which(wanted) if wanted else (shutil.which('g++') or shutil.which('c++'))
   if not cxx:
+    looked = f'$CXX={wanted!r}' if wanted else 'g++ and c++ on PATH'
     raise OneDNNUnavailableError(
-        'no C++ compiler found to build the oneDNN convolution (looked for $CXX, '
-        "g++ and c++); install one (e.g. apt-get install g++) or set "
-        "config.conv_impl='xla'")
+        f'no C++ compiler found to build the oneDNN convolution (looked for {looked}); '
+        "install one (e.g. apt-get install g++) or set config.conv_impl='xla'")
   return cxx
 
 
@@ -97,23 +102,31 @@ def cache_dir() -> pathlib.Path:
                       or pathlib.Path.home() / '.cache' / 'et_flax')
 
 
-def _build_command(cxx: str, out: pathlib.Path) -> tuple[list[str], str]:
+def _build_command(cxx: str, out: pathlib.Path) -> list[str]:
   lib = _dist_file(LIBRARY_DIST, '/libdnnl.so.3')
-  header = _dist_file(HEADERS_DIST, 'include/oneapi/dnnl/dnnl.hpp')
-  include = header.parents[2]
-  cmd = [cxx, '-O2', '-std=c++17', '-fPIC', '-shared', '-w',
-         str(SOURCE), '-o', str(out),
-         f'-I{jax.ffi.include_dir()}', f'-I{include}',
-         str(lib), f'-Wl,-rpath,{lib.parent}']
-  version = subprocess.run([cxx, '--version'], capture_output=True, text=True,
-                           check=False).stdout.splitlines()[:1]
-  key = '\n'.join([SOURCE.read_text(), jaxlib.__version__, str(lib),
-                   str(lib.stat().st_size), *version, *cmd[:6]])
-  return cmd, hashlib.sha256(key.encode()).hexdigest()[:16]
+  include = _dist_file(HEADERS_DIST, 'include/oneapi/dnnl/dnnl.hpp').parents[2]
+  return [cxx, '-O2', '-std=c++17', '-fPIC', '-shared', '-w', str(SOURCE), '-o', str(out),
+          f'-I{jax.ffi.include_dir()}', f'-I{include}', str(lib),
+          f'-Wl,-rpath,{lib.parent}']
+
+
+def _build_key(cxx: str) -> str:
+  """Changes with the source, the compiler, jaxlib or the oneDNN library."""
+  lib = _dist_file(LIBRARY_DIST, '/libdnnl.so.3')
+  compiler = subprocess.run([cxx, '--version'], capture_output=True, text=True,
+                            check=False).stdout.splitlines()[:1]
+  parts = [SOURCE.read_text(), *compiler, jaxlib.__version__, str(lib),
+           str(lib.stat().st_size), ' '.join(_build_command(cxx, pathlib.Path('out'))[:6])]
+  return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:16]
 
 
 def library_path() -> pathlib.Path:
-  """Builds the FFI library if it is not cached yet; returns its path."""
+  """Builds the FFI library unless it is cached; returns its path.
+
+  Raises:
+    OneDNNUnavailableError: not Linux x86-64, the oneDNN wheels missing, no
+      C++ compiler, or the build failed (its command and errors included).
+  """
   if not platform_supported():
     raise OneDNNUnavailableError(
         f'the oneDNN convolution needs Linux x86-64, this is {sys.platform} '
@@ -121,8 +134,7 @@ def library_path() -> pathlib.Path:
   cxx = _compiler()
   directory = cache_dir()
   directory.mkdir(parents=True, exist_ok=True)
-  cmd, key = _build_command(cxx, directory / 'unused')
-  target = directory / f'onednn_conv-{key}.so'
+  target = directory / f'onednn_conv-{_build_key(cxx)}.so'
   if target.exists():
     return target
   # One build per machine even when several processes start at once.
@@ -132,7 +144,7 @@ def library_path() -> pathlib.Path:
       return target
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
       out = pathlib.Path(tmp) / target.name
-      cmd, _ = _build_command(cxx, out)
+      cmd = _build_command(cxx, out)
       result = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if result.returncode != 0:
         raise OneDNNUnavailableError(

@@ -291,11 +291,14 @@ def conv_impl(config: ml_collections.ConfigDict) -> str:
   name = config.get('conv_impl', 'xla')
   if name not in CONV_IMPLS:
     raise ValueError(f'config.conv_impl must be one of {list(CONV_IMPLS)}, got {name!r}')
+  on_cpu = jax.default_backend() == 'cpu'
   if name == 'auto':
-    use = (jax.default_backend() == 'cpu' and jax.device_count() == 1
-           and onednn.platform_supported()
+    use = (on_cpu and jax.device_count() == 1 and onednn.platform_supported()
            and compute_dtype(config.get('compute_dtype', 'float32')) == jnp.float32)
     name = 'onednn' if use else 'xla'
+  elif name == 'onednn' and not on_cpu:
+    raise ValueError("config.conv_impl='onednn' runs on CPUs only, but JAX's backend is "
+                     f"{jax.default_backend()!r}; use 'auto' or 'xla'")
   return name
 
 
@@ -325,6 +328,8 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
                           or (micro and config.batch_size % micro)):
     raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
                      f'divide config.batch_size={config.batch_size}, got {micro!r}')
+  if conv_impl(config) == 'onednn':
+    onednn.load()  # builds it now, before any data is read, or says why it cannot
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % jax.device_count():
       raise ValueError(f'config.{field}={config[field]} must be divisible by the '
@@ -455,9 +460,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_chief:
     _write_history(history_path, history)
 
-  logging.info('Model %s: %d parameters in %d weighted layers', config.model.name,
+  logging.info('Model %s: %d parameters in %d weighted layers; %s convolutions, '
+               '%s compute, micro-batches of %s', config.model.name,
                models.count_params(state.params),
-               len(models.weighted_layers(state.params)))
+               len(models.weighted_layers(state.params)), conv_impl(config),
+               jnp.dtype(compute_dtype(config.get('compute_dtype', 'float32'))).name,
+               micro_batch_size(config) or config.batch_size)
   state = replicate(state, mesh)
   preprocessing = config.get('preprocessing', 'rescale')
   train_step_fn = jax.jit(functools.partial(

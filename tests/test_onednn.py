@@ -1,0 +1,207 @@
+"""The oneDNN convolution (et_flax/onednn.py) against XLA's, its switch and errors.
+
+Reference: `lax.conv_general_dilated` at precision HIGHEST plus the bias, the
+shortcut and the activation in jax.numpy, differentiated by JAX. Both sum
+the same float32 products in another order, so values agree to a few float32
+roundings of the largest magnitude involved: relative 1e-5 of the output's
+(or gradient's) largest entry is ~80 roundings of headroom.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from conftest import tiny_config
+from et_flax import input_pipeline
+from et_flax import models
+from et_flax import onednn
+from et_flax import optim
+from et_flax import train
+
+pytestmark = pytest.mark.skipif(not onednn.platform_supported(),
+                                reason='the oneDNN wheels are Linux x86-64 only')
+
+ACTIVATIONS = {'none': lambda v: v, 'relu': jax.nn.relu, 'tanh': jnp.tanh}
+
+
+def reference_layer(x, kernel, bias, shortcut, strides, padding, activation):
+  y = lax.conv_general_dilated(x, kernel, strides, padding,
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                               precision=lax.Precision.HIGHEST) + bias
+  if shortcut is not None:
+    y = y + shortcut
+  return ACTIVATIONS[activation](y)
+
+
+def assert_close(actual, expected, rtol=1e-5):
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * max(scale, 1e-30))
+
+
+CASES = [
+    # batch, height, width, in, out, kernel, strides, padding, activation, shortcut
+    (2, 8, 8, 16, 16, 3, (1, 1), 'SAME', 'relu', True),    # E.T.'s block y, last conv
+    (2, 8, 8, 16, 16, 1, (1, 1), 'SAME', 'relu', False),   # block x
+    (3, 8, 8, 3, 16, 3, (1, 1), 'SAME', 'tanh', False),    # the stem, tanh variant
+    (2, 9, 7, 32, 48, 3, (2, 2), 'SAME', 'none', False),   # reordered layouts, stride 2
+    (2, 8, 8, 16, 16, 1, (1, 1), 'SAME', 'tanh', True),
+    (2, 10, 10, 8, 4, 5, (1, 1), 'VALID', 'relu', False),
+    (2, 11, 11, 16, 32, 7, (2, 2), ((3, 3), (3, 3)), 'none', False),  # ResNet50's stem
+    (1, 6, 6, 64, 64, 3, (1, 1), 'SAME', 'relu', True),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[
+    f'{c[5]}x{c[5]}-{c[3]}to{c[4]}-s{c[6][0]}-{c[8]}{"-res" if c[9] else ""}' for c in CASES])
+def test_jit_conv_layer_equals_xla(case):
+  n, h, w, cin, cout, k, strides, padding, activation, residual = case
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
+  out_shape = reference_layer(x, kernel, bias, None, strides, padding, 'none').shape
+  shortcut = (jnp.asarray(rng.normal(size=out_shape), jnp.float32) if residual else None)
+  ours = functools.partial(onednn.conv_layer, strides=strides, padding=padding,
+                           activation=activation)
+  theirs = functools.partial(reference_layer, strides=strides, padding=padding,
+                             activation=activation)
+  args = (x, kernel, bias, shortcut)
+  y = jax.jit(ours)(*args)
+  assert y.shape == out_shape and y.dtype == jnp.float32
+  assert_close(y, theirs(*args))
+  dy = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  grads = jax.jit(lambda *a: jax.vjp(ours, *a)[1](dy))(*args)
+  expected = jax.vjp(theirs, *args)[1](dy)
+  assert len(grads) == 4 and (grads[3] is None) == (not residual)
+  for name, g, e in zip(('x', 'kernel', 'bias', 'shortcut'), grads, expected):
+    if e is not None:
+      assert g.shape == e.shape, name
+      assert_close(g, e)
+
+
+def test_jit_conv_layer_is_deterministic():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(4, 16, 16, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32) * 0.1
+  bias = jnp.zeros(16)
+  loss = jax.jit(jax.grad(lambda x, k, b: jnp.sum(
+      onednn.conv_layer(x, k, b, activation='relu') ** 2), argnums=(0, 1, 2)))
+  first, second = loss(x, kernel, bias), loss(x, kernel, bias)
+  jax.tree.map(np.testing.assert_array_equal, first, second)
+
+
+def test_jit_et_model_equals_the_xla_model():
+  """Same parameters, same logits and gradients, for plain and tanh E.T."""
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.uniform(size=(4, 8, 8, 3)), jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 3])
+  for config in ({'name': 'et', 'num_modules': 1},
+                 {'name': 'et', 'num_modules': 1, 'activation': 'tanh',
+                  'kernel_sizes': [1, 3, 5]},
+                 {'name': 'et', 'num_modules': 1, 'block_type': 'three_branch'}):
+    xla = models.create_model(config, 10, 8)
+    ours = models.create_model(config, 10, 8, conv_impl='onednn')
+    params = xla.init(jax.random.key(0), images)
+    assert (jax.tree.map(jnp.shape, params)
+            == jax.tree.map(jnp.shape, ours.init(jax.random.key(0), images)))
+
+    def loss(model, params):
+      logits = model.apply(params, images)
+      return optim.categorical_crossentropy(logits, labels).mean(), logits
+
+    (l_xla, logits_xla), g_xla = jax.value_and_grad(
+        functools.partial(loss, xla), has_aux=True)(params)
+    (l_ours, logits_ours), g_ours = jax.jit(jax.value_and_grad(
+        functools.partial(loss, ours), has_aux=True))(params)
+    assert_close(logits_ours, logits_xla)
+    assert float(l_ours) == pytest.approx(float(l_xla), rel=1e-5)
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4), g_ours, g_xla)
+
+
+def test_jit_vgg16_equals_the_xla_model():
+  images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
+  xla = models.create_model({'name': 'vgg16'}, 5, 32)
+  ours = models.create_model({'name': 'vgg16'}, 5, 32, conv_impl='onednn')
+  params = xla.init(jax.random.key(0), images)
+  assert_close(jax.jit(ours.apply)(params, images), xla.apply(params, images), rtol=1e-4)
+
+
+def test_jit_training_steps_match_the_xla_steps(digits_data_dir):
+  info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
+  split = input_pipeline.load_split(info, 'train')
+  batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
+  tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 3e-3})
+  results = {}
+  for impl in ('xla', 'onednn'):
+    model = models.create_model({'name': 'et', 'num_modules': 1}, 10, 8, conv_impl=impl)
+    state = train.create_train_state(jax.random.key(0), model, 8, tx)
+    step = jax.jit(functools.partial(train.train_step, micro_batches=4,
+                                     loss_fn=optim.categorical_crossentropy))
+    losses = []
+    for _ in range(5):
+      state, metrics = step(state, batch, jax.random.key(1))
+      losses.append(float(metrics.compute()['loss']))
+    results[impl] = losses, state.params
+  # Float32 rounding only, compounded over 5 Adam steps.
+  np.testing.assert_allclose(results['onednn'][0], results['xla'][0], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(results['onednn'][1]), jax.tree.leaves(results['xla'][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_conv_impl_choice(monkeypatch):
+  from configs import default
+  config = default.get_config()
+  assert config.conv_impl == 'auto'
+  assert train.conv_impl(config) == 'onednn'  # one CPU device, float32, Linux x86-64
+  config.compute_dtype = 'bfloat16'
+  assert train.conv_impl(config) == 'xla'
+  config.conv_impl = 'onednn'
+  with pytest.raises(ValueError, match='computes in float32 only'):
+    train.build_model(config, 10, 8)
+  config.conv_impl = 'fast'
+  with pytest.raises(ValueError, match=r"conv_impl must be one of \['auto', 'xla', 'onednn'\]"):
+    train.conv_impl(config)
+  config.conv_impl = 'onednn'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match="runs on CPUs only, but JAX's backend is 'gpu'"):
+    train.conv_impl(config)
+
+
+def test_bad_inputs_are_refused():
+  x, kernel, bias = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones(8)
+  with pytest.raises(ValueError, match='float32 only'):
+    onednn.conv_layer(x.astype(jnp.bfloat16), kernel, bias)
+  with pytest.raises(ValueError, match='shapes do not match'):
+    onednn.conv_layer(x, jnp.ones((3, 3, 4, 8)), bias)
+  with pytest.raises(ValueError, match="activation must be one of"):
+    onednn.conv_layer(x, kernel, bias, activation='gelu')
+  with pytest.raises(ValueError, match=r'the shortcut has shape \(1, 4, 4, 3\), the output'):
+    onednn.conv_layer(x, kernel, bias, jnp.ones((1, 4, 4, 3)))
+
+
+def test_a_failed_build_says_why_and_caches_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv('ET_FLAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(onednn.OneDNNUnavailableError, match="no-such-compiler.*conv_impl='xla'"):
+    onednn.library_path()
+  broken = tmp_path / 'broken-cxx'
+  broken.write_text('#!/bin/sh\necho "cc1plus: fatal error: out of cheese" >&2\nexit 3\n')
+  broken.chmod(0o755)
+  monkeypatch.setenv('CXX', str(broken))
+  with pytest.raises(onednn.OneDNNUnavailableError,
+                     match=r"(?s)failed \(exit 3\).*out of cheese.*conv_impl='xla'"):
+    onednn.library_path()
+  assert not list(tmp_path.glob('*.so'))
+
+
+def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv('ET_FLAX_CACHE', str(tmp_path))
+  path = onednn.library_path()
+  assert path.parent == tmp_path and path.suffix == '.so'
+  built = path.stat().st_mtime_ns
+  assert onednn.library_path() == path and path.stat().st_mtime_ns == built
+  assert onednn.version().startswith('3.')
