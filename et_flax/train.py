@@ -234,7 +234,11 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # ---------------------------------------------------------------------------
 # The loop.
 
-AUTO_CPU_MICRO_BATCH = 16
+# Per image, CPUs train fastest on parts of the batch whose activations stay
+# in cache (docs/performance.md has the sweeps): 'auto' picks the largest part
+# whose widest activation tensor fits this budget, but no fewer images than
+# the floor (smaller parts only add per-call overhead and compile time).
+AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
 
 
 def _micro_setting(config: ml_collections.ConfigDict) -> Any:
@@ -244,20 +248,35 @@ def _micro_setting(config: ml_collections.ConfigDict) -> Any:
   return int(micro) if isinstance(micro, str) and micro.isdigit() else micro
 
 
+def _activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
+  """Float32 bytes of the model's widest activation tensor, per image."""
+  channels = 64 if config.model.name == 'vgg16' else 16 * config.model.get('width', 1)
+  return config.data.image_size ** 2 * channels * 4
+
+
 def micro_batch_size(config: ml_collections.ConfigDict) -> int:
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
-  'auto' is 16 on CPUs for models without batch norm (where the parts give
-  the very same update), else whole batches.
+  'auto', on CPUs and for models without batch norm (where the parts give the
+  very same update): the largest divisor of the batch whose activations fit
+  AUTO_CPU_MICRO_BUDGET, at least its floor; 4 images for plain E.T. at
+  64x64 with the oneDNN convolutions, 8 with XLA's, whole batches at 16x16.
+  Elsewhere whole batches.
   """
   micro = _micro_setting(config)
-  if micro == 'auto':
-    has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
-    fits = (config.batch_size > AUTO_CPU_MICRO_BATCH
-            and config.batch_size % AUTO_CPU_MICRO_BATCH == 0)
-    use = jax.default_backend() == 'cpu' and not has_batch_norm and fits
-    return AUTO_CPU_MICRO_BATCH if use else 0
-  return micro
+  if micro != 'auto':
+    return micro
+  has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
+  if jax.default_backend() != 'cpu' or has_batch_norm:
+    return 0
+  budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl(config)]
+  per_image = _activation_bytes_per_image(config)
+  batch = config.batch_size
+  fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
+  size = max(fitting[-1] if fitting else 1, min(floor, batch))
+  while batch % size:  # the floor must divide the batch too
+    size += 1
+  return 0 if size >= batch else size
 
 
 def micro_batches(config: ml_collections.ConfigDict) -> int:
@@ -460,12 +479,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_chief:
     _write_history(history_path, history)
 
+  micro = micro_batch_size(config)
   logging.info('Model %s: %d parameters in %d weighted layers; %s convolutions, '
-               '%s compute, micro-batches of %s', config.model.name,
-               models.count_params(state.params),
+               '%s compute, %s', config.model.name, models.count_params(state.params),
                len(models.weighted_layers(state.params)), conv_impl(config),
                jnp.dtype(compute_dtype(config.get('compute_dtype', 'float32'))).name,
-               micro_batch_size(config) or config.batch_size)
+               f'gradients accumulated over parts of {micro}' if micro else 'whole batches')
   state = replicate(state, mesh)
   preprocessing = config.get('preprocessing', 'rescale')
   train_step_fn = jax.jit(functools.partial(

@@ -122,7 +122,22 @@ def test_micro_batch_size_must_divide_the_batch(digits_data_dir, tmp_path):
 def test_micro_batch_size_auto_and_command_line_values():
   from configs import default
   config = default.get_config()
-  assert train.micro_batch_size(config) == 16  # 'auto' on this CPU, plain E.T.
+  assert train.micro_batch_size(config) == 4  # 'auto' on this CPU, oneDNN convs
+  config.conv_impl = 'xla'
+  assert train.micro_batch_size(config) == 8
+  config.conv_impl = 'auto'
+  config.model.width = 4  # 1 MiB per image: the floor
+  assert train.micro_batch_size(config) == 4
+  config.model.width = 1
+  config.data.image_size = 16  # 32 images fit in 1 MiB: whole batches of 32
+  config.batch_size = 32
+  assert train.micro_batch_size(config) == 0
+  config.batch_size = 96  # 64 images fit in 1 MiB; the largest divisor below is 48
+  assert train.micro_batch_size(config) == 48
+  config.data.image_size = 64
+  config.batch_size = 6  # the floor, 4, does not divide 6: the next size that does is 6
+  assert train.micro_batch_size(config) == 0
+  config.batch_size = 128
   config.model.batch_norm = True
   assert train.micro_batch_size(config) == 0  # parts would be normalised apart
   config.micro_batch_size = '32'  # as --config.micro_batch_size=32 arrives
