@@ -16,6 +16,7 @@ on the pixels.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import pathlib
@@ -201,6 +202,10 @@ def _peak_memory() -> dict[str, Any]:
 
 def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
         keras: bool, pipeline_images: int, epoch_images: int = 0) -> dict[str, Any]:
+  # The micro-batch choice ('auto') and its check depend on both sizes.
+  config = copy.deepcopy(config)
+  config.batch_size, config.data.image_size = batch_size, image_size
+  train.check_micro_batch_size(config)
   num_classes = config.data.classes if isinstance(config.data.classes, int) else len(
       config.data.classes)
   num_classes = num_classes or 200

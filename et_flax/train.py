@@ -279,6 +279,14 @@ def micro_batch_size(config: ml_collections.ConfigDict) -> int:
   return 0 if size >= batch else size
 
 
+def check_micro_batch_size(config: ml_collections.ConfigDict) -> None:
+  micro = _micro_setting(config)
+  if micro != 'auto' and (not isinstance(micro, int) or micro < 0
+                          or (micro and config.batch_size % micro)):
+    raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
+                     f'divide config.batch_size={config.batch_size}, got {micro!r}')
+
+
 def micro_batches(config: ml_collections.ConfigDict) -> int:
   micro = micro_batch_size(config)
   return config.batch_size // micro if micro else 1
@@ -342,11 +350,7 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
   if not isinstance(frozen, int) or frozen < 0:
     raise ValueError('config.freeze_backbone_epochs must be an integer >= 0, got '
                      f'{frozen!r}')
-  micro = _micro_setting(config)
-  if micro != 'auto' and (not isinstance(micro, int) or micro < 0
-                          or (micro and config.batch_size % micro)):
-    raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
-                     f'divide config.batch_size={config.batch_size}, got {micro!r}')
+  check_micro_batch_size(config)
   if conv_impl(config) == 'onednn':
     onednn.load()  # builds it now, before any data is read, or says why it cannot
   for field in ('batch_size', 'eval_batch_size'):
