@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from et_flax import augment
 from et_flax import input_pipeline
+from et_flax import onednn
 from et_flax import optim
 from et_flax import pipeline_benchmark
 from et_flax import train
@@ -218,6 +219,8 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
                                                                  'float32')).__name__),
              'micro_batch_size': train.micro_batch_size(config),
              'conv_impl': train.conv_impl(config)}
+  if results['conv_impl'] == 'onednn':
+    results['onednn_version'] = onednn.version()
   results.update({k: v for k, v in timing.items()
                   if k not in ('state', 'step', 'batch', 'num_classes')})
   if epoch_images:

@@ -133,7 +133,12 @@ def library_path() -> pathlib.Path:
         f"{platform.machine()}; set config.conv_impl='xla'")
   cxx = _compiler()
   directory = cache_dir()
-  directory.mkdir(parents=True, exist_ok=True)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OneDNNUnavailableError(
+        f'cannot create {directory} to build the oneDNN convolution in ({e}); point '
+        "$ET_FLAX_CACHE at a writable folder or set config.conv_impl='xla'") from e
   target = directory / f'onednn_conv-{_build_key(cxx)}.so'
   if target.exists():
     return target

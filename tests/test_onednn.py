@@ -196,6 +196,12 @@ def test_a_failed_build_says_why_and_caches_nothing(tmp_path, monkeypatch):
                      match=r"(?s)failed \(exit 3\).*out of cheese.*conv_impl='xla'"):
     onednn.library_path()
   assert not list(tmp_path.glob('*.so'))
+  monkeypatch.delenv('CXX')
+  blocker = tmp_path / 'a-file'
+  blocker.write_text('')
+  monkeypatch.setenv('ET_FLAX_CACHE', str(blocker / 'cache'))
+  with pytest.raises(onednn.OneDNNUnavailableError, match=r'cannot create .*a-file/cache'):
+    onednn.library_path()
 
 
 def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):

@@ -22,7 +22,6 @@
 // Primitives are built once per shape and cached; calls run one at a time
 // on one thread of their own, each on all cores (OpenMP).
 
-#include <cmath>
 #include <cstdint>
 #include <condition_variable>
 #include <cstring>
