@@ -7,10 +7,19 @@ stats, optimizer state with the plateau state, step, RNG) and `meta` (JSON:
 epoch, config, history, best accuracy). Orbax writes a checkpoint to a
 temporary folder and renames it when complete, so a run killed during a save
 resumes from the previous one.
+
+Every array is saved as a global array, by all processes of a multi-process
+run together, and restored with shardings built for the devices at hand: a
+checkpoint written by any number of devices and processes resumes, evaluates
+and warm-starts on any other number (one CPU device included). Saves take the
+workdir's checkpoint lock exclusively and reads take it shared
+(`workdir_lock.checkpoint_access`), so `evaluate` during training never reads
+a checkpoint that is being deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from collections.abc import Mapping
@@ -20,6 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from et_flax import workdir_lock
 
 LATEST = 'checkpoints'
 BEST = 'checkpoints_best'
@@ -61,45 +72,72 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
           if key not in ignore and saved.get(key, missing) != current.get(key, missing)]
 
 
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+  # Named handlers let a manager read a checkpoint's metadata (shapes and
+  # dtypes) before restoring it.
+  return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
 def _manager(directory: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      directory.absolute(),
+      directory.absolute(), item_handlers=_item_handlers(),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
           enable_async_checkpointing=False))
 
 
 def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-      read_only=True, enable_async_checkpointing=False))
+  return ocp.CheckpointManager(
+      directory.absolute(), item_handlers=_item_handlers(),
+      options=ocp.CheckpointManagerOptions(read_only=True,
+                                           enable_async_checkpointing=False))
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Shapes and dtypes of `tree`'s arrays, to be restored with `sharding`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+def _local_sharding() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 class RunCheckpoints:
-  """The latest and the best checkpoints of one workdir, indexed by epoch."""
+  """The latest and the best checkpoints of one workdir, indexed by epoch.
+
+  In a multi-process run every process makes one and calls `save` and
+  `restore` together, as Orbax expects.
+  """
 
   def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3):
-    workdir = pathlib.Path(workdir)
-    self.latest = _manager(workdir / LATEST, max_to_keep)
-    self.best = _manager(workdir / BEST, 1)
+    self.workdir = pathlib.Path(workdir)
+    self._is_writer = jax.process_index() == 0
+    self.latest = _manager(self.workdir / LATEST, max_to_keep)
+    self.best = _manager(self.workdir / BEST, 1)
 
   def latest_epoch(self) -> int | None:
     return self.latest.latest_step()
 
   def save(self, epoch: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            *, best: bool) -> None:
+    """Saves `state` (global arrays) and `meta` as `epoch`, and as best if `best`."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(dict(meta)))
-    if best and epoch not in self.best.all_steps():
-      self.best.save(epoch, args=args)
-      self.best.wait_until_finished()
-    # A run resumed from an older checkpoint redoes epochs bit for bit, so a
-    # step that exists already holds the same values.
-    if epoch not in self.latest.all_steps():
-      self.latest.save(epoch, args=args)
-      self.latest.wait_until_finished()
+    with (workdir_lock.checkpoint_access(self.workdir, exclusive=True)
+          if self._is_writer else contextlib.nullcontext()):
+      if best and epoch not in self.best.all_steps():
+        self.best.save(epoch, args=args)
+        self.best.wait_until_finished()
+      # A run resumed from an older checkpoint redoes epochs bit for bit, so a
+      # step that exists already holds the same values.
+      if epoch not in self.latest.all_steps():
+        self.latest.save(epoch, args=args)
+        self.latest.wait_until_finished()
 
   def restore(self, epoch: int, abstract_state: Mapping[str, Any]
               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state of `epoch`, with the shapes, dtypes and shardings of `abstract_state`."""
     restored = self.latest.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
@@ -114,22 +152,26 @@ def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   directory = pathlib.Path(workdir) / LATEST
   if not directory.is_dir():
     return None
-  manager = _read_only_manager(directory)
-  try:
-    epoch = manager.latest_step()
-    if epoch is None:
-      return None
-    return manager.restore(epoch, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  finally:
-    manager.close()
+  with workdir_lock.checkpoint_access(workdir, exclusive=False):
+    manager = _read_only_manager(directory)
+    try:
+      epoch = manager.latest_step()
+      if epoch is None:
+        return None
+      return manager.restore(epoch, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    finally:
+      manager.close()
 
 
-def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest'
+def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
+                    sharding: jax.sharding.Sharding | None = None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Params, batch stats and meta of a run's checkpoint.
 
   `which` is 'latest', 'best' or an epoch number (of the latest checkpoints).
+  The arrays are restored with `sharding` (default: this process's first
+  device), whatever topology wrote them.
   """
   workdir = pathlib.Path(workdir).expanduser()
   which = str(which)
@@ -139,25 +181,28 @@ def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest'
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: {workdir} holds no '
                             f'{which} checkpoint')
-  manager = _read_only_manager(directory)
-  try:
-    epoch = manager.latest_step() if which in ('latest', 'best') else int(which)
-    if epoch is None or epoch not in manager.all_steps():
-      raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has '
-                              f'{sorted(manager.all_steps())})')
-    restored = manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
+  with workdir_lock.checkpoint_access(workdir, exclusive=False):
+    manager = _read_only_manager(directory)
+    try:
+      epoch = manager.latest_step() if which in ('latest', 'best') else int(which)
+      if epoch is None or epoch not in manager.all_steps():
+        raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has '
+                                f'{sorted(manager.all_steps())})')
+      abstract = abstract_like(manager.item_metadata(epoch)['state'],
+                               sharding or _local_sharding())
+      restored = manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    finally:
+      manager.close()
   state = restored['state']
   return ({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
           restored['meta'])
 
 
-def load_variables(workdir: str | pathlib.Path, which: str | int = 'latest'
-                   ) -> dict[str, Any]:
+def load_variables(workdir: str | pathlib.Path, which: str | int = 'latest',
+                   sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
   """Params and batch stats of another run's checkpoint (for warm starts)."""
-  return load_checkpoint(workdir, which)[0]
+  return load_checkpoint(workdir, which, sharding)[0]
 
 
 def check_same_shapes(loaded: Mapping[str, Any], expected: Mapping[str, Any],

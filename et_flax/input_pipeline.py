@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -57,13 +57,39 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One decoded split: uint8 images [N, H, W, 3], int32 labels (-1: none)."""
+  """Decoded images of a split: uint8 [n, H, W, 3], int32 labels (-1: none).
+
+  A whole split, or (on one host of several) a share of it: then `indices`
+  are the held examples' positions in the whole split, in increasing order,
+  and `split_size` is the whole split's size.
+  """
   images: np.ndarray
   labels: np.ndarray
   file_names: tuple[str, ...]
+  indices: np.ndarray | None = None  # None: the whole split, in order
+  split_size: int | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  @property
+  def total(self) -> int:
+    """The number of examples of the whole split."""
+    return len(self.labels) if self.split_size is None else self.split_size
+
+  @property
+  def example_indices(self) -> np.ndarray:
+    """Positions of the held examples in the whole split."""
+    return np.arange(len(self.labels)) if self.indices is None else self.indices
+
+  def positions(self, examples: np.ndarray) -> np.ndarray:
+    """Where examples (positions in the whole split) are held in this share."""
+    held = self.example_indices
+    found = np.minimum(np.searchsorted(held, examples), len(held) - 1)
+    if not np.array_equal(held[found], examples):
+      missing = sorted(set(np.ravel(examples)) - set(held))[:5]
+      raise AssertionError(f'Examples {missing} are not in this host\'s share')
+    return found
 
 
 def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
@@ -207,14 +233,32 @@ def _decoder(info: DatasetInfo, split: str):
   return decode, keep
 
 
-def load_split(info: DatasetInfo, split: str) -> Split:
-  """Decodes every image of `split` (of the selected classes) into memory."""
+def load_split(info: DatasetInfo, split: str,
+               share: Callable[[int], np.ndarray] | None = None) -> Split:
+  """Decodes every image of `split` (of the selected classes) into memory.
+
+  `share`, given the split's size, returns the positions (increasing) of the
+  examples this host needs: only those are decoded (`train_share`,
+  `eval_share`). None decodes the whole split.
+  """
   if split not in tiny_imagenet.SPLITS:
     raise ValueError(f'Unknown split {split!r}; valid splits: {list(tiny_imagenet.SPLITS)}')
   decode, keep = _decoder(info, split)
-  dataset = (info.builder.as_dataset(split=split, shuffle_files=False,
+  records = (info.builder.as_dataset(split=split, shuffle_files=False,
                                      decoders={'image': tfds.decode.SkipDecoding()})
-             .filter(keep)
+             .filter(keep))
+  split_size = indices = None
+  if share is not None:
+    # A pass over the labels alone (no image decoded) gives the split's size.
+    split_size = int(records.reduce(np.int64(0), lambda count, _: count + 1))
+    indices = np.asarray(share(split_size), np.int64)
+    wanted = np.zeros(split_size, bool)
+    wanted[indices] = True
+    wanted = tf.constant(wanted)
+    records = (records.enumerate()
+               .filter(lambda i, example: tf.gather(wanted, i))
+               .map(lambda i, example: example))
+  dataset = (records
              .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
              .batch(_DECODE_BATCH))
   images, labels, file_names = [], [], []
@@ -222,11 +266,14 @@ def load_split(info: DatasetInfo, split: str) -> Split:
     images.append(batch['image'])
     labels.append(batch['label'])
     file_names += [f.decode() for f in batch['file_name']]
-  if not images:
+  if not images and (share is None or not split_size):
     raise ValueError(f'The {split} split of {info.builder.data_dir} holds no images '
                      'of the selected classes')
+  if not images:  # a host whose rows of the last batch are all padding
+    size = info.image_size
+    images, labels = [np.zeros((0, size, size, 3), np.uint8)], [np.zeros(0, np.int32)]
   return Split(images=np.concatenate(images), labels=np.concatenate(labels),
-               file_names=tuple(file_names))
+               file_names=tuple(file_names), indices=indices, split_size=split_size)
 
 
 def _gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor,
@@ -235,48 +282,85 @@ def _gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor,
   return batch
 
 
-def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int,
-                process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """A host's example indices for `epoch`, in batch order (full batches only).
+def train_lanes(num_examples: int, batch_size: int, seed: int) -> np.ndarray:
+  """[ceil(N / B), B] example positions: column j lists the examples of lane j.
 
-  One permutation per (seed, epoch), whoever asks: each host takes every
-  `process_count`-th index of it.
+  Lane j is the set of examples that take row j of every batch (-1 pads the
+  last row). The lanes are a fixed random partition drawn from `seed`.
   """
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  order = order[process_index::process_count]
-  return order[:(num_examples // batch_size) * (batch_size // process_count)]
+  rows = -(-num_examples // batch_size)
+  lanes = np.full(rows * batch_size, -1, np.int64)
+  lanes[:num_examples] = np.random.default_rng([seed]).permutation(num_examples)
+  return lanes.reshape(rows, batch_size)
+
+
+def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """The examples of `epoch`'s batches: [steps, batch_size] positions.
+
+  Each epoch draws, from (seed, epoch), a fresh order of every lane
+  (`train_lanes`); batch i takes the i-th example of each lane, so the lanes
+  shuffle independently and only full batches are kept (the examples left
+  over change from epoch to epoch). An example always sits in its lane's row
+  of the batch, which is what lets each host of a multi-host run read only
+  the lanes of the rows it feeds: the batches are the same whatever the
+  number of hosts, so a run resumes exactly on any topology.
+  """
+  lanes = train_lanes(num_examples, batch_size, seed)
+  keys = np.random.default_rng([seed, epoch]).random(lanes.shape)
+  keys[lanes < 0] = np.inf  # padding sorts last: every lane has `steps` examples
+  shuffled = np.take_along_axis(lanes, np.argsort(keys, axis=0, kind='stable'), axis=0)
+  return shuffled[:num_examples // batch_size]
+
+
+def train_share(batch_size: int, seed: int, rows: slice) -> Callable[[int], np.ndarray]:
+  """For `load_split`: the examples of the lanes that feed `rows` of each batch."""
+  def share(num_examples: int) -> np.ndarray:
+    lanes = train_lanes(num_examples, batch_size, seed)[:, rows]
+    return np.sort(lanes[lanes >= 0])
+  return share
+
+
+def eval_share(batch_size: int, rows: slice) -> Callable[[int], np.ndarray]:
+  """For `load_split`: the examples at `rows` of each padded eval batch."""
+  def share(num_examples: int) -> np.ndarray:
+    positions = np.arange(num_examples)
+    row = positions % batch_size
+    return positions[(row >= rows.start) & (row < rows.stop)]
+  return share
+
+
+def _check_rows(rows: slice | None, batch_size: int) -> slice:
+  rows = slice(0, batch_size) if rows is None else rows
+  if not 0 <= rows.start < rows.stop <= batch_size:
+    raise ValueError(f'rows {rows} do not lie in a batch of {batch_size}')
+  return rows
 
 
 class TrainInput:
-  """Training batches of one split, one deterministic permutation per epoch.
+  """Training batches of one split, one deterministic order per epoch.
 
-  With several hosts each takes every `process_count`-th example of the
-  epoch's permutation, so hosts read disjoint data; `batch_size` is global.
+  `batch_size` is global; a host of several feeds `rows` of each batch and
+  holds (in `split`) at least the examples of those rows' lanes.
   """
 
-  def __init__(self, split: Split, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    if batch_size % process_count:
-      raise ValueError(f'batch_size {batch_size} is not divisible by the '
-                       f'{process_count} hosts')
-    self.host_batch_size = batch_size // process_count
-    self.num_examples = len(split)
+  def __init__(self, split: Split, batch_size: int, seed: int, rows: slice | None = None):
+    self.rows = _check_rows(rows, batch_size)
+    self.batch_size = batch_size
+    self.num_examples = split.total
     self.steps_per_epoch = self.num_examples // batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f'batch_size {batch_size} is larger than the {len(split)} '
+      raise ValueError(f'batch_size {batch_size} is larger than the {split.total} '
                        'training images: no full batch to train on')
     self.seed = seed
-    self.process_index = process_index
-    self.process_count = process_count
+    self._split = split
     self._images = tf.constant(split.images)
     self._labels = tf.constant(split.labels)
 
   def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """The host's batches of `epoch`: {'image': uint8, 'label': int32}."""
-    order = epoch_order(self.num_examples, self.host_batch_size * self.process_count,
-                        self.seed, epoch, self.process_index, self.process_count)
-    dataset = (tf.data.Dataset.from_tensor_slices(order)
-               .batch(self.host_batch_size, drop_remainder=True)
+    """This host's rows of `epoch`'s batches: {'image': uint8, 'label': int32}."""
+    order = epoch_order(self.num_examples, self.batch_size, self.seed, epoch)
+    local = self._split.positions(order[:, self.rows])
+    dataset = (tf.data.Dataset.from_tensor_slices(local)
                .map(lambda i: _gather(self._images, self._labels, i, {}),
                     num_parallel_calls=tf.data.AUTOTUNE)
                .prefetch(tf.data.AUTOTUNE))
@@ -287,7 +371,7 @@ class DeviceTrainInput:
   """The whole uint8 training split on the accelerator, batched there.
 
   The images go to device memory once; each epoch sends only the epoch's
-  order (the same permutation as `TrainInput`, so the batches are the same),
+  order (the same as `TrainInput`'s, so the batches are the same),
   and each step gathers its batch on device: no host round trip per step.
   `sharding` is where batches go (the data axis of the mesh); the split
   itself is replicated on every device. One host only.
@@ -295,6 +379,8 @@ class DeviceTrainInput:
 
   def __init__(self, split: Split, batch_size: int, seed: int,
                sharding: jax.sharding.NamedSharding):
+    if split.indices is not None:
+      raise ValueError('DeviceTrainInput needs the whole split, not a host\'s share')
     self.steps_per_epoch = len(split) // batch_size
     if self.steps_per_epoch == 0:
       raise ValueError(f'batch_size {batch_size} is larger than the {len(split)} '
@@ -312,7 +398,6 @@ class DeviceTrainInput:
 
   def epoch(self, epoch: int) -> Iterator[dict[str, jax.Array]]:
     order = epoch_order(self.num_examples, self.batch_size, self.seed, epoch)
-    order = order.reshape(self.steps_per_epoch, self.batch_size)
     order = jax.device_put(order.astype(np.int32))
     for step in range(self.steps_per_epoch):
       yield self._gather(self._images, self._labels, order, step)
@@ -325,16 +410,28 @@ def fits_on_device(split: Split, share: float = 0.5) -> bool:
   return bool(limit) and split.images.nbytes + split.labels.nbytes < share * limit
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Every image once, in order; the last batch padded, `mask` False there."""
-  num_batches = -(-len(split) // batch_size)
-  padded = num_batches * batch_size
-  indices = np.zeros(padded, np.int64)
-  indices[:len(split)] = np.arange(len(split))
-  mask = np.arange(padded) < len(split)
-  images, labels = tf.constant(split.images), tf.constant(split.labels)
+def eval_batches(split: Split, batch_size: int, rows: slice | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Every image once, in order; the last batch padded, `mask` False there.
+
+  `batch_size` is global; a host of several feeds `rows` of each batch and
+  holds (in `split`) the examples there (`eval_share`), so the hosts
+  together see every image once.
+  """
+  rows = _check_rows(rows, batch_size)
+  num_batches = -(-split.total // batch_size)
+  positions = (np.arange(num_batches)[:, None] * batch_size
+               + np.arange(rows.start, rows.stop)[None, :]).ravel()
+  mask = positions < split.total
+  indices = np.zeros(len(positions), np.int64)
+  indices[mask] = split.positions(positions[mask])
+  images, labels = split.images, split.labels
+  if not len(split):  # every row of this host is padding: gather a blank
+    images = np.zeros((1, *images.shape[1:]), images.dtype)
+    labels = np.zeros(1, labels.dtype)
+  images, labels = tf.constant(images), tf.constant(labels)
   dataset = (tf.data.Dataset.from_tensor_slices((indices, mask))
-             .batch(batch_size)
+             .batch(rows.stop - rows.start)
              .map(lambda i, m: _gather(images, labels, i, {'mask': m}))
              .prefetch(tf.data.AUTOTUNE))
   return dataset.as_numpy_iterator()

@@ -4,14 +4,17 @@
 
 Any config field can be overridden on the command line, e.g.
 `--config.num_epochs=5 --config.data.data_dir=/data/tiny-imagenet-200`.
+Several processes (hosts) train one run when started with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or with
+`--config.distributed=True` on a cluster JAX detects (et_flax/distributed.py).
 """
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
+from et_flax import distributed
 from et_flax import train
 
 FLAGS = flags.FLAGS
@@ -22,14 +25,30 @@ config_flags.DEFINE_config_file('config', None, 'A config file with get_config()
                                 lock_config=True)
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir whose saved config differs from --config.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-process run: HOST:PORT of process 0, the same for all.')
+flags.DEFINE_integer('num_processes', None, 'Multi-process run: how many processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-process run: this process, 0 to N-1.')
+flags.DEFINE_integer('heartbeat_timeout_seconds',
+                     distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+                     'Multi-process run: a process silent this long is lost, and '
+                     'the others stop.')
+flags.DEFINE_integer('initialization_timeout_seconds', 300,
+                     'Multi-process run: how long to wait for every process to join.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.config.get('distributed'):
-    jax.distributed.initialize()
+  try:
+    launch = distributed.check_launch(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        bool(FLAGS.config.get('distributed')), FLAGS.heartbeat_timeout_seconds,
+        FLAGS.initialization_timeout_seconds)
+    distributed.initialize(launch)
+  except distributed.LaunchError as error:
+    raise app.UsageError(str(error)) from error
   logging.info('Config:\n%s', FLAGS.config)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                            allow_config_change=FLAGS.allow_config_change)

@@ -4,6 +4,7 @@
 annotations as classes.)
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -23,16 +24,19 @@ from clu import metric_writers
 from clu import metrics
 from clu import periodic_actions
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from et_flax import augment
 from et_flax import checkpoints
+from et_flax import distributed
 from et_flax import input_pipeline
 from et_flax import keras_import
 from et_flax import models
 from et_flax import onednn
 from et_flax import optim
+from et_flax import workdir_lock
 
 TOP_K = 5
 HISTORY_FILE = 'history.jsonl'
@@ -219,12 +223,21 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
-                ) -> dict[str, jax.Array]:
-  """This host's part of a batch -> global arrays split over 'data'."""
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+  """This host's rows of a batch of `batch_size` -> global arrays split over 'data'.
+
+  `batch_size` (the global batch) may be left out on a single host.
+  """
   sharding = NamedSharding(mesh, P('data'))
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+  return {k: jax.make_array_from_process_local_data(
+              sharding, v, None if batch_size is None else (batch_size, *v.shape[1:]))
           for k, v in batch.items() if k != 'file_name'}
+
+
+def batch_rows(mesh: jax.sharding.Mesh, batch_size: int) -> slice:
+  """The rows of each global batch that this host feeds."""
+  return distributed.host_rows(NamedSharding(mesh, P('data')), batch_size)
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -361,16 +374,41 @@ def _check_run_fields(config: ml_collections.ConfigDict) -> None:
 
 def evaluate(state: TrainState, split: input_pipeline.Split, batch_size: int,
              eval_step_fn, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Mean loss, top-1 and top-5 over every image of `split`."""
+  """Mean loss, top-1 and top-5 over every image of `split`.
+
+  With several hosts, each feeds its rows of every batch (`split` holding
+  its share, `input_pipeline.eval_share`); the metrics are global.
+  """
   total = None
-  for batch in input_pipeline.eval_batches(split, batch_size):
-    batch_metrics = eval_step_fn(state, shard_batch(batch, mesh))
+  rows = batch_rows(mesh, batch_size)
+  for batch in input_pipeline.eval_batches(split, batch_size, rows):
+    batch_metrics = eval_step_fn(state, shard_batch(batch, mesh, batch_size))
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {k: float(v) for k, v in total.compute().items()}
 
 
-def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+@contextlib.contextmanager
+def hold_workdir(workdir: pathlib.Path):
+  """Holds the workdir's run lock (process 0 for all), or raises WorkdirBusyError."""
+  lock = workdir_lock.RunLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except (workdir_lock.WorkdirBusyError, OSError) as caught:
+      error = caught
+  if jax.process_count() > 1:
+    # Every process stops together, with process 0's reason.
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if refused and error is None:
+      error = workdir_lock.WorkdirBusyError(
+          f'{workdir} could not be locked by process 0 (its log says why)')
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def _state_dict(state: TrainState, rng: jax.Array) -> dict[str, Any]:
@@ -391,19 +429,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   A workdir with checkpoints resumes from the latest: the same batches,
   randomness, optimizer and plateau state and history as an uninterrupted
-  run. A config that differs from the saved one in anything but run length,
-  logging or data location is refused unless `allow_config_change`. Every
-  part of the config is checked before any image is decoded or any step
-  taken. Returns the last epoch's metrics.
+  run, on any number of devices and hosts. A config that differs from the
+  saved one in anything but run length, logging or data location is refused
+  unless `allow_config_change`. Every part of the config is checked before
+  any image is decoded or any step taken. The run holds the workdir's lock
+  throughout: a second run there is refused at once. Returns the last
+  epoch's metrics.
   """
   _check_run_fields(config)
+  with hold_workdir(pathlib.Path(workdir)):
+    return _train_and_evaluate(config, pathlib.Path(workdir), allow_config_change)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        allow_config_change: bool) -> dict[str, float]:
   info = input_pipeline.get_dataset_info(config.data)
   model = build_model(config, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
   optim.create_optimizer(config.optimizer)  # checks the fields
   augment_config = augment.config_from(config.augment)
 
-  workdir = pathlib.Path(workdir)
   saved_meta = checkpoints.latest_meta(workdir)
   latest = None if saved_meta is None else saved_meta['epoch']
   if saved_meta is not None:
@@ -418,6 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Starting weights of a new run, loaded before any decoding so that a wrong
   # or unreadable file fails fast: Keras weights (pretrained backbones) or
   # another run's checkpoint (warm start).
+  mesh = make_mesh()
+  replicated = NamedSharding(mesh, P())
   rng = jax.random.key(config.seed)
   init_rng, rng = jax.random.split(rng)
   variables = None
@@ -427,7 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         keep_head=True)
   elif latest is None and config.get('init_from'):
     variables = checkpoints.load_variables(config.init_from,
-                                           config.get('init_from_checkpoint', 'latest'))
+                                           config.get('init_from_checkpoint', 'latest'),
+                                           replicated)
     checkpoints.check_same_shapes(variables, init_variables(init_rng, model,
                                                             info.image_size),
                                   f'The checkpoint in {config.init_from}')
@@ -438,29 +486,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     input_pipeline.save_class_mapping(info, workdir)
   run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
 
-  logging.info('Decoding %s at %dx%d', info.builder.data_dir, info.image_size,
-               info.image_size)
-  train_split = input_pipeline.load_split(info, 'train')
-  val_split = input_pipeline.load_split(info, 'val')
-  mesh = make_mesh()
   device_resident = config.data.get('device_resident', 'auto')
+  if device_resident is True and jax.process_count() > 1:
+    raise ValueError('data.device_resident=True works on one host only')
+  # Each host decodes only the examples of the rows it feeds.
+  train_rows = batch_rows(mesh, config.batch_size)
+  val_rows = batch_rows(mesh, config.eval_batch_size)
+  whole = jax.process_count() == 1
+  logging.info('Decoding %s at %dx%d%s', info.builder.data_dir, info.image_size,
+               info.image_size, '' if whole else
+               f' (this host: rows {train_rows.start}-{train_rows.stop - 1} of each batch)')
+  train_split = input_pipeline.load_split(
+      info, 'train',
+      None if whole else input_pipeline.train_share(config.batch_size, config.seed,
+                                                    train_rows))
+  val_split = input_pipeline.load_split(
+      info, 'val',
+      None if whole else input_pipeline.eval_share(config.eval_batch_size, val_rows))
   if device_resident == 'auto':
     device_resident = (jax.default_backend() != 'cpu' and jax.process_count() == 1
                        and input_pipeline.fits_on_device(train_split))
   if device_resident:
-    if jax.process_count() > 1:
-      raise ValueError('data.device_resident=True works on one host only')
     train_input = input_pipeline.DeviceTrainInput(
         train_split, config.batch_size, config.seed, NamedSharding(mesh, P('data')))
   else:
-    train_input = input_pipeline.TrainInput(
-        train_split, config.batch_size, config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    train_input = input_pipeline.TrainInput(train_split, config.batch_size, config.seed,
+                                            train_rows)
   steps_per_epoch = train_input.steps_per_epoch
-  logging.info('%d train and %d val images, %d classes, %d steps per epoch; '
-               'training batches built on %s', len(train_split), len(val_split),
-               info.num_classes, steps_per_epoch,
-               'the device' if device_resident else 'the host (tf.data)')
+  logging.info('%d train and %d val images (%d and %d on this host), %d classes, %d '
+               'steps per epoch; training batches built on %s', train_split.total,
+               val_split.total, len(train_split), len(val_split), info.num_classes,
+               steps_per_epoch, 'the device' if device_resident else 'the host (tf.data)')
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
   state = create_train_state(init_rng, model, info.image_size, tx, variables)
@@ -468,7 +524,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_epoch = 1
   best_top1 = -1.0
   if latest is not None:
-    abstract = jax.tree.map(_abstract, _state_dict(state, rng))
+    # Shardings for this mesh: a checkpoint of any topology restores here.
+    abstract = checkpoints.abstract_like(_state_dict(state, rng), replicated)
     restored, meta = run_checkpoints.restore(latest, abstract)
     state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
                           opt_state=restored['opt_state'], step=restored['step'])
@@ -489,7 +546,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                len(models.weighted_layers(state.params)), conv_impl(config),
                jnp.dtype(compute_dtype(config.get('compute_dtype', 'float32'))).name,
                f'gradients accumulated over parts of {micro}' if micro else 'whole batches')
+  # Global arrays, as a multi-host checkpoint needs them.
   state = replicate(state, mesh)
+  rng = jax.random.wrap_key_data(replicate(np.asarray(jax.random.key_data(rng)), mesh))
   preprocessing = config.get('preprocessing', 'rescale')
   train_step_fn = jax.jit(functools.partial(
       train_step, loss_fn=loss_fn, augment_config=augment_config,
@@ -521,7 +580,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if batch is None:
         break
       if not device_resident:
-        batch = shard_batch(batch, mesh)
+        batch = shard_batch(batch, mesh, config.batch_size)
       state, step_metrics = train_step_fn(state, batch, rng)
       train_metrics = (step_metrics if train_metrics is None
                        else train_metrics.merge(step_metrics))

@@ -248,14 +248,61 @@ def test_train_epochs_are_deterministic_permutations():
     np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batch['label'])
 
 
-def test_two_hosts_read_disjoint_examples():
-  split = counting_split(12)
-  hosts = [input_pipeline.TrainInput(split, batch_size=4, seed=0, process_index=i,
-                                     process_count=2) for i in range(2)]
-  seen = [np.concatenate([b['label'] for b in h.epoch(3)]) for h in hosts]
-  assert all(len(s) == 12 // 4 * 2 for s in seen)
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(np.concatenate(seen)) == list(range(12))
+def _share(split, examples):
+  indices = np.asarray(examples)
+  return input_pipeline.Split(images=split.images[indices], labels=split.labels[indices],
+                              file_names=tuple(split.file_names[i] for i in indices),
+                              indices=indices, split_size=len(split))
+
+
+@pytest.mark.parametrize('num_hosts', [2, 4])
+def test_hosts_read_disjoint_shares_and_feed_the_one_host_batches(num_hosts):
+  """Hosts hold disjoint lanes; their rows of each batch make the one-host batch."""
+  split, batch_size = counting_split(23), 8
+  whole = input_pipeline.TrainInput(split, batch_size=batch_size, seed=0)
+  rows = [slice(h * batch_size // num_hosts, (h + 1) * batch_size // num_hosts)
+          for h in range(num_hosts)]
+  shares = [input_pipeline.train_share(batch_size, 0, r)(len(split)) for r in rows]
+  assert sum(len(s) for s in shares) == len(split)
+  assert sorted(np.concatenate(shares)) == list(range(len(split)))
+  hosts = [input_pipeline.TrainInput(_share(split, s), batch_size=batch_size, seed=0, rows=r)
+           for s, r in zip(shares, rows)]
+  assert all(h.steps_per_epoch == whole.steps_per_epoch == 2 for h in hosts)
+  for epoch in (1, 2, 3):
+    for one, parts in zip(whole.epoch(epoch), zip(*[h.epoch(epoch) for h in hosts])):
+      np.testing.assert_array_equal(np.concatenate([p['label'] for p in parts]),
+                                    one['label'])
+      np.testing.assert_array_equal(np.concatenate([p['image'] for p in parts]),
+                                    one['image'])
+
+
+def test_lanes_shuffle_every_epoch_and_keep_each_example_in_its_row():
+  order = [input_pipeline.epoch_order(100, 10, seed=1, epoch=e) for e in range(1, 4)]
+  assert all(o.shape == (10, 10) for o in order)
+  assert all(sorted(o.ravel()) == list(range(100)) for o in order)  # no remainder here
+  assert not np.array_equal(order[0], order[1])
+  for column in range(10):  # a lane's examples stay in their row of the batch
+    assert set(order[0][:, column]) == set(order[2][:, column])
+  batches = [set(b) for b in order[0]] + [set(b) for b in order[1]]
+  assert len({frozenset(b) for b in batches}) == len(batches)
+
+
+@pytest.mark.parametrize('num_hosts', [2, 3])
+def test_hosts_evaluate_disjoint_shares_of_every_batch(num_hosts):
+  split, batch_size = counting_split(11), 6
+  rows = [slice(h * batch_size // num_hosts, (h + 1) * batch_size // num_hosts)
+          for h in range(num_hosts)]
+  shares = [_share(split, input_pipeline.eval_share(batch_size, r)(len(split)))
+            for r in rows]
+  assert sorted(np.concatenate([s.labels for s in shares])) == list(range(11))
+  one = list(input_pipeline.eval_batches(split, batch_size))
+  hosts = [list(input_pipeline.eval_batches(s, batch_size, r)) for s, r in zip(shares, rows)]
+  assert all(len(h) == len(one) == 2 for h in hosts)
+  for b, whole in enumerate(one):
+    mask = np.concatenate([h[b]['mask'] for h in hosts])
+    np.testing.assert_array_equal(mask, whole['mask'])
+    labels = np.concatenate([h[b]['label'] for h in hosts])
+    np.testing.assert_array_equal(labels[mask], whole['label'][whole['mask']])
 
 
 def test_batch_larger_than_split_is_a_clear_error():
