@@ -24,11 +24,15 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
+
+from et_flax import filelock
 
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
                'eight', 'nine')
@@ -37,6 +41,7 @@ VAL_FRACTION = 0.15
 SPLIT_SEED = 0
 JPEG_QUALITY = 95
 _MARKER = 'et_flax_digits.json'
+_TMP_PREFIX = '.digits_tmp_'
 
 
 def wnid(digit: int) -> str:
@@ -67,7 +72,9 @@ def write_digits_tree(data_dir: str | os.PathLike, image_size: int) -> pathlib.P
 
   An existing complete tree for the same size is reused. The tree is built in
   a temporary folder and moved into place, so an interrupted write never
-  leaves a half-written tree behind.
+  leaves a half-written tree behind. Processes that find the tree missing at
+  once (the hosts of a run, two runs) write it in turn under the lock
+  `<data_dir>/.digits_<size>px.lock`: the first writes it, the others reuse it.
   """
   if not isinstance(image_size, int) or image_size < 1:
     raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
@@ -76,55 +83,72 @@ def write_digits_tree(data_dir: str | os.PathLike, image_size: int) -> pathlib.P
   marker = {'image_size': image_size, 'split_seed': SPLIT_SEED,
             'test_fraction': TEST_FRACTION, 'val_fraction': VAL_FRACTION,
             'jpeg_quality': JPEG_QUALITY}
+  # A complete tree needs no lock (its folder may be read-only).
   if (root / _MARKER).exists():
-    found = json.loads((root / _MARKER).read_text())
-    if found != marker:
-      raise ValueError(f'{root} holds digits written with {found}, expected '
-                       f'{marker}; remove it to rewrite it')
-    return root
-  if root.exists():
-    raise FileExistsError(f'{root} exists but is not a complete digits tree (no '
-                          f'{_MARKER}); remove it or choose another data.data_dir')
+    return _checked_tree(root, marker)
+  with filelock.exclusive(data_dir / f'.{root.name}.lock', f'the digits tree {root}'):
+    if (root / _MARKER).exists():  # written by another process while we waited
+      return _checked_tree(root, marker)
+    if root.exists():
+      raise FileExistsError(f'{root} exists but is not a complete digits tree (no '
+                            f'{_MARKER}); remove it or choose another data.data_dir')
+    # Under the lock no other process writes this size: a temporary folder of
+    # it is left over by a killed writer.
+    for stale in data_dir.glob(f'{_TMP_PREFIX}{image_size}px_*'):
+      logging.info('Removing %s, left over by an interrupted write of the digits', stale)
+      shutil.rmtree(stale)
+    logging.info('Writing the digits at %dpx to %s (once)', image_size, root)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'{_TMP_PREFIX}{image_size}px_',
+                                        dir=data_dir))
+    try:
+      _write_tree(tmp, image_size)
+      (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
+      os.replace(tmp, root)
+    finally:
+      if tmp.exists():
+        shutil.rmtree(tmp)
+  return root
 
-  data_dir.mkdir(parents=True, exist_ok=True)
+
+def _checked_tree(root: pathlib.Path, marker: dict[str, Any]) -> pathlib.Path:
+  found = json.loads((root / _MARKER).read_text())
+  if found != marker:
+    raise ValueError(f'{root} holds digits written with {found}, expected '
+                     f'{marker}; remove it to rewrite it')
+  return root
+
+
+def _write_tree(tmp: pathlib.Path, image_size: int) -> None:
+  """Writes the digits tree (all but its marker) into the folder `tmp`."""
   digits = sk_datasets.load_digits()
   splits = split_indices()
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix='.digits_tmp_', dir=data_dir))
-  try:
-    wnids = [wnid(d) for d in range(10)]
-    (tmp / 'wnids.txt').write_text(''.join(f'{w}\n' for w in wnids))
-    (tmp / 'words.txt').write_text(''.join(
-        f'{wnid(d)}\t{DIGIT_NAMES[d]}, digit {d}\n' for d in range(10)))
-    box = f'0\t0\t{image_size - 1}\t{image_size - 1}'
+  wnids = [wnid(d) for d in range(10)]
+  (tmp / 'wnids.txt').write_text(''.join(f'{w}\n' for w in wnids))
+  (tmp / 'words.txt').write_text(''.join(
+      f'{wnid(d)}\t{DIGIT_NAMES[d]}, digit {d}\n' for d in range(10)))
+  box = f'0\t0\t{image_size - 1}\t{image_size - 1}'
 
-    per_class: dict[int, list[str]] = {d: [] for d in range(10)}
-    for index in splits['train']:
-      digit = int(digits.target[index])
-      name = f'{wnid(digit)}_{len(per_class[digit])}.JPEG'
-      folder = tmp / 'train' / wnid(digit) / 'images'
-      folder.mkdir(parents=True, exist_ok=True)
+  per_class: dict[int, list[str]] = {d: [] for d in range(10)}
+  for index in splits['train']:
+    digit = int(digits.target[index])
+    name = f'{wnid(digit)}_{len(per_class[digit])}.JPEG'
+    folder = tmp / 'train' / wnid(digit) / 'images'
+    folder.mkdir(parents=True, exist_ok=True)
+    _to_rgb(digits.images[index], image_size).save(
+        folder / name, 'JPEG', quality=JPEG_QUALITY)
+    per_class[digit].append(name)
+  for digit, names in per_class.items():
+    (tmp / 'train' / wnid(digit) / f'{wnid(digit)}_boxes.txt').write_text(
+        ''.join(f'{n}\t{box}\n' for n in names))
+
+  for split in ('val', 'test'):
+    folder = tmp / split / 'images'
+    folder.mkdir(parents=True)
+    lines = []
+    for i, index in enumerate(splits[split]):
+      name = f'{split}_{i}.JPEG'
       _to_rgb(digits.images[index], image_size).save(
           folder / name, 'JPEG', quality=JPEG_QUALITY)
-      per_class[digit].append(name)
-    for digit, names in per_class.items():
-      (tmp / 'train' / wnid(digit) / f'{wnid(digit)}_boxes.txt').write_text(
-          ''.join(f'{n}\t{box}\n' for n in names))
-
-    for split in ('val', 'test'):
-      folder = tmp / split / 'images'
-      folder.mkdir(parents=True)
-      lines = []
-      for i, index in enumerate(splits[split]):
-        name = f'{split}_{i}.JPEG'
-        _to_rgb(digits.images[index], image_size).save(
-            folder / name, 'JPEG', quality=JPEG_QUALITY)
-        lines.append(f'{name}\t{wnid(int(digits.target[index]))}\t{box}\n')
-      if split == 'val':
-        (tmp / 'val' / 'val_annotations.txt').write_text(''.join(lines))
-
-    (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
-    os.replace(tmp, root)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
-  return root
+      lines.append(f'{name}\t{wnid(int(digits.target[index]))}\t{box}\n')
+    if split == 'val':
+      (tmp / 'val' / 'val_annotations.txt').write_text(''.join(lines))

@@ -13,6 +13,7 @@ padded to full size and carry a mask, so every image counts exactly once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -23,9 +24,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from et_flax import digits
+from et_flax import preparation
 from et_flax import tiny_imagenet
 
 DATASETS = ('digits', 'tiny_imagenet')
@@ -121,51 +122,62 @@ def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
 
 
 def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder for `config.data` (preparing it once)."""
+  """The prepared tfds builder for `config.data` (preparing it once).
+
+  The source's fingerprint is stored with the prepared dataset. The digits
+  and trees not in the official layout are prepared under a config named by
+  the fingerprint's key, so that each tree, and each change of one, is
+  prepared apart; the official layout keeps its name, and one prepared from
+  another source is refused (`preparation.prepare`).
+  """
   name = data_config.get('name')
   data_dir = str(data_config.get('data_dir') or '')
-  manual_dir = None
+  manual_dir = extracted_dir = source = extract_dir = None
   if name == 'digits':
     if not data_dir:
       raise ValueError('data.data_dir must name a folder to write the digits to')
-    root = digits.write_digits_tree(data_dir, data_config['image_size'])
-    builder = tiny_imagenet.TinyImagenet(
-        extracted_dir=root,
-        config=tiny_imagenet.digits_builder_config(data_config['image_size']),
-        data_dir=data_config.get('tfds_dir') or str(pathlib.Path(data_dir).expanduser() / 'tfds'))
+    extracted_dir = digits.write_digits_tree(data_dir, data_config['image_size'])
+    source = tiny_imagenet.tree_fingerprint(extracted_dir)
+    config = tiny_imagenet.digits_builder_config(data_config['image_size'], source.key)
+    tfds_dir = data_config.get('tfds_dir') or str(pathlib.Path(data_dir).expanduser() / 'tfds')
   elif name == 'tiny_imagenet':
-    extracted_dir = None
     if data_dir:
-      source = pathlib.Path(data_dir).expanduser()
-      if (source / 'wnids.txt').exists():
-        extracted_dir = source
-      elif (source / tiny_imagenet.ZIP_NAME).exists():
-        manual_dir = source
+      path = pathlib.Path(data_dir).expanduser()
+      if (path / 'wnids.txt').exists():
+        extracted_dir = path
+        source = tiny_imagenet.tree_fingerprint(path)
+      elif (path / tiny_imagenet.ZIP_NAME).exists():
+        manual_dir = path
+        source = tiny_imagenet.zip_fingerprint(path / tiny_imagenet.ZIP_NAME)
       else:
         raise FileNotFoundError(
-            f'data.data_dir {source} holds neither wnids.txt (the extracted '
+            f'data.data_dir {path} holds neither wnids.txt (the extracted '
             f'{tiny_imagenet.TREE_NAME}/ folder) nor {tiny_imagenet.ZIP_NAME}')
     config = tiny_imagenet.TinyImagenet.BUILDER_CONFIGS[0]
     if extracted_dir is not None:
       # A tree in the layout with other classes or image sizes (a test tree,
       # a user's own subset) is prepared under a config of its own.
-      num_classes = len(tiny_imagenet.read_wnids(extracted_dir))
+      num_classes = len(source.wnids)
       size = tiny_imagenet.stored_image_size(extracted_dir)
       if (num_classes, size) != (config.num_classes, config.image_size):
         config = tiny_imagenet.TinyImagenetConfig(
-            name=f'layout_{num_classes}_classes_{size}px', num_classes=num_classes,
-            image_size=size)
-    builder = tiny_imagenet.TinyImagenet(
-        extracted_dir=extracted_dir, allow_download=bool(data_config.get('download')),
-        config=config, data_dir=data_config.get('tfds_dir') or DEFAULT_TFDS_DIR)
+            name=f'layout_{num_classes}_classes_{size}px_{source.key}',
+            num_classes=num_classes, image_size=size)
+    tfds_dir = data_config.get('tfds_dir') or DEFAULT_TFDS_DIR
   else:
     raise ValueError(f'Unknown dataset {name!r} in config.data.name; valid names: '
                      f'{list(DATASETS)}')
-  if not builder.is_prepared():
-    logging.info('Preparing %s in %s (once)', builder.name, builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
-  return builder
+  if manual_dir is not None:
+    # tfds names an extraction by the zip's file name alone, and would reuse
+    # one of another zip of that name: one folder per zip content.
+    extract_dir = (pathlib.Path(tfds_dir).expanduser() / 'downloads' / 'extracted'
+                   / f'tiny_imagenet_{source.key}')
+  make_builder = functools.partial(
+      tiny_imagenet.TinyImagenet, extracted_dir=extracted_dir,
+      allow_download=name == 'tiny_imagenet' and bool(data_config.get('download')),
+      source=source, config=config, data_dir=tfds_dir)
+  return preparation.prepare(make_builder, source, tfds.download.DownloadConfig(
+      manual_dir=manual_dir, extract_dir=extract_dir, try_download_gcs=False))
 
 
 def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:

@@ -14,14 +14,22 @@ Keras' `flow_from_directory` gave the report's models. The embedded digits
 dataset (`et_flax.digits`) is written in this layout too.
 
 `TinyImagenet` is a tensorflow-datasets builder over such a tree (tfds has
-none for Tiny ImageNet).
+none for Tiny ImageNet). `SourceFingerprint` identifies the content of a tree
+or of the zip without decoding an image; the builder stores it with the
+prepared dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -120,6 +128,150 @@ def list_split(root: pathlib.Path, split: str, wnids: tuple[str, ...]) -> SplitF
 
 
 # ---------------------------------------------------------------------------
+# Fingerprints of a source: what a prepared dataset was prepared from.
+
+FINGERPRINT_KEY = 'source_fingerprint'  # in the prepared dataset's info.metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFingerprint:
+  """What identifies a source's content, read without decoding any image.
+
+  For an extracted tree and for the zip alike: the wnids, the size in bytes
+  of every image under train/, val/ and test/ (by path in the tree), and
+  the CRC32s of val_annotations.txt and words.txt. A zip also gives every
+  image's CRC32 (from its central directory), compared with another zip's.
+  """
+  path: str  # where it was read: for messages only, never compared
+  kind: str  # 'tree' or 'zip'
+  wnids: tuple[str, ...]
+  image_bytes: Mapping[str, int]
+  val_annotations_crc32: int
+  words_crc32: int
+  image_crc32s_digest: str = ''  # zip only: a digest of every image's CRC32
+
+  @property
+  def key(self) -> str:
+    """A short hash of the content: 8 hex digits."""
+    content = json.dumps([list(self.wnids), sorted(self.image_bytes.items()),
+                          self.val_annotations_crc32, self.words_crc32,
+                          self.image_crc32s_digest])
+    return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+  def split_sizes(self) -> dict[str, int]:
+    """The number of images under each split's folder."""
+    return {split: sum(path.startswith(f'{split}/') for path in self.image_bytes)
+            for split in SPLITS}
+
+  def to_json(self) -> dict[str, Any]:
+    return {'path': self.path, 'kind': self.kind, 'wnids': list(self.wnids),
+            'image_bytes': dict(sorted(self.image_bytes.items())),
+            'val_annotations_crc32': self.val_annotations_crc32,
+            'words_crc32': self.words_crc32,
+            'image_crc32s_digest': self.image_crc32s_digest}
+
+  @classmethod
+  def from_json(cls, value: Mapping[str, Any]) -> SourceFingerprint:
+    return cls(path=value['path'], kind=value['kind'], wnids=tuple(value['wnids']),
+               image_bytes=dict(value['image_bytes']),
+               val_annotations_crc32=value['val_annotations_crc32'],
+               words_crc32=value['words_crc32'],
+               image_crc32s_digest=value['image_crc32s_digest'])
+
+  def differences(self, other: SourceFingerprint) -> list[str]:
+    """How `other` differs from this, in words; empty: the same content.
+
+    Added means in `other` only, removed in this one only.
+    """
+    found = []
+    if self.wnids != other.wnids:
+      new = sorted(set(other.wnids) - set(self.wnids))
+      gone = sorted(set(self.wnids) - set(other.wnids))
+      found.append(f'wnids: {len(new)} added (first {new[:3]}), {len(gone)} removed '
+                   f'(first {gone[:3]})')
+    added = sorted(set(other.image_bytes) - set(self.image_bytes))
+    removed = sorted(set(self.image_bytes) - set(other.image_bytes))
+    resized = sorted(p for p in set(self.image_bytes) & set(other.image_bytes)
+                     if self.image_bytes[p] != other.image_bytes[p])
+    if added or removed or resized:
+      first = (added + removed + resized)[0]
+      found.append(f'image files: {len(added)} added, {len(removed)} removed, '
+                   f'{len(resized)} resized (first: {first})')
+    if self.val_annotations_crc32 != other.val_annotations_crc32:
+      found.append('val/val_annotations.txt differs')
+    if self.words_crc32 != other.words_crc32:
+      found.append('words.txt differs')
+    # Only a digest of the CRC32s is kept: it can name a change of contents
+    # only where the files' names and sizes have not already told one.
+    if (self.kind == other.kind == 'zip' and not (added or removed or resized)
+        and self.image_crc32s_digest != other.image_crc32s_digest):
+      found.append("the images' contents differ (their CRC32s in the zip)")
+    return found
+
+
+def _crc32(path: pathlib.Path) -> int:
+  with path.open('rb') as file:
+    crc = 0
+    while chunk := file.read(1 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _scan_images(folder: str, relative: str, found: dict[str, int]) -> None:
+  with os.scandir(folder) as entries:
+    for entry in entries:
+      if entry.is_dir():
+        _scan_images(entry.path, f'{relative}/{entry.name}', found)
+      elif entry.name.endswith(IMAGE_SUFFIX):
+        found[f'{relative}/{entry.name}'] = entry.stat().st_size
+
+
+def tree_fingerprint(root: pathlib.Path) -> SourceFingerprint:
+  """The fingerprint of an extracted tree: one stat per image, nothing decoded."""
+  root = pathlib.Path(root).expanduser()
+  wnids = read_wnids(root)
+  image_bytes: dict[str, int] = {}
+  for split in SPLITS:
+    _scan_images(os.fspath(_require(root / split, root)), split, image_bytes)
+  return SourceFingerprint(
+      path=str(root.resolve()), kind='tree', wnids=wnids, image_bytes=image_bytes,
+      val_annotations_crc32=_crc32(_require(root / 'val' / 'val_annotations.txt', root)),
+      words_crc32=_crc32(_require(root / 'words.txt', root)))
+
+
+def zip_fingerprint(path: pathlib.Path) -> SourceFingerprint:
+  """The fingerprint of `tiny-imagenet-200.zip`, from its central directory.
+
+  Only wnids.txt is decompressed; the sizes and CRC32s of the other members
+  are read from the zip's directory.
+  """
+  path = pathlib.Path(path).expanduser()
+  prefix = f'{TREE_NAME}/'
+  try:
+    with zipfile.ZipFile(path) as archive:
+      members = {info.filename[len(prefix):]: info for info in archive.infolist()
+                 if info.filename.startswith(prefix) and not info.is_dir()}
+      missing = [m for m in ('wnids.txt', 'words.txt', 'val/val_annotations.txt')
+                 if m not in members]
+      if missing:
+        raise ValueError(f'{path} has no {[prefix + m for m in missing]}: expected the '
+                         f'zip of the {TREE_NAME}/ folder in the Tiny ImageNet layout')
+      wnids_text = archive.read(members['wnids.txt']).decode()
+  except zipfile.BadZipFile as error:
+    raise ValueError(f'{path} is not a readable zip: {error}') from error
+  images = {name: info for name, info in members.items()
+            if name.split('/')[0] in SPLITS and name.endswith(IMAGE_SUFFIX)}
+  crcs = json.dumps(sorted((name, info.CRC) for name, info in images.items()))
+  return SourceFingerprint(
+      path=str(path.resolve()), kind='zip',
+      wnids=tuple(sorted(w.strip() for w in wnids_text.splitlines() if w.strip())),
+      image_bytes={name: info.file_size for name, info in images.items()},
+      val_annotations_crc32=members['val/val_annotations.txt'].CRC,
+      words_crc32=members['words.txt'].CRC,
+      image_crc32s_digest=hashlib.sha256(crcs.encode()).hexdigest())
+
+
+# ---------------------------------------------------------------------------
 # The tensorflow-datasets builder.
 
 URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
@@ -134,9 +286,9 @@ class TinyImagenetConfig(tfds.core.BuilderConfig):
   image_size: int = 64
 
 
-def digits_builder_config(image_size: int) -> TinyImagenetConfig:
-  """The config under which the embedded digits tree is prepared."""
-  return TinyImagenetConfig(name=f'digits_{image_size}px', num_classes=10,
+def digits_builder_config(image_size: int, key: str) -> TinyImagenetConfig:
+  """The config under which the digits tree with fingerprint `key` is prepared."""
+  return TinyImagenetConfig(name=f'digits_{image_size}px_{key}', num_classes=10,
                             image_size=image_size,
                             description='scikit-learn digits in the Tiny ImageNet layout')
 
@@ -175,7 +327,10 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
   `extracted_dir`; `tiny-imagenet-200.zip` in the download config's
   `manual_dir`; the official URL, only when `allow_download` is True.
   Labels index the sorted wnids; the test split has label -1 and wnid ''.
-  The human-readable class names are in `info.metadata['class_names']`.
+  The human-readable class names are in `info.metadata['class_names']`;
+  the fingerprint of the source (`source`, or the tree read when none is
+  given) in `info.metadata['source_fingerprint']`, written with the rest of
+  the prepared dataset.
   """
 
   VERSION = tfds.core.Version('1.0.0')
@@ -188,9 +343,11 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
   """
 
   def __init__(self, *, extracted_dir: str | os.PathLike | None = None,
-               allow_download: bool = False, **kwargs):
+               allow_download: bool = False, source: SourceFingerprint | None = None,
+               **kwargs):
     self._extracted_dir = pathlib.Path(extracted_dir).expanduser() if extracted_dir else None
     self._allow_download = allow_download
+    self._source = source
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -240,6 +397,9 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     self.info.features['label'].names = list(wnids)
     self.info.metadata['wnids'] = list(wnids)
     self.info.metadata['class_names'] = list(read_class_names(root, wnids))
+    # A downloaded zip is fingerprinted as the tree it extracts to.
+    source = self._source or tree_fingerprint(root)
+    self.info.metadata[FINGERPRINT_KEY] = source.to_json()
     return {split: self._generate_examples(list_split(root, split, wnids))
             for split in SPLITS}
 

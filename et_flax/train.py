@@ -267,22 +267,24 @@ def _activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
   return config.data.image_size ** 2 * channels * 4
 
 
-def micro_batch_size(config: ml_collections.ConfigDict) -> int:
+def micro_batch_size(config: ml_collections.ConfigDict, backend: str | None = None) -> int:
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
   'auto', on CPUs and for models without batch norm (where the parts give the
   very same update): the largest divisor of the batch whose activations fit
   AUTO_CPU_MICRO_BUDGET, at least its floor; 4 images for plain E.T. at
   64x64 with the oneDNN convolutions, 8 with XLA's, whole batches at 16x16.
-  Elsewhere whole batches.
+  Elsewhere whole batches. `backend` (default: JAX's) is the platform the
+  step will run on.
   """
   micro = _micro_setting(config)
   if micro != 'auto':
     return micro
+  backend = backend or jax.default_backend()
   has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
-  if jax.default_backend() != 'cpu' or has_batch_norm:
+  if backend != 'cpu' or has_batch_norm:
     return 0
-  budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl(config)]
+  budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl(config, backend)]
   per_image = _activation_bytes_per_image(config)
   batch = config.batch_size
   fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
@@ -300,18 +302,18 @@ def check_micro_batch_size(config: ml_collections.ConfigDict) -> None:
                      f'divide config.batch_size={config.batch_size}, got {micro!r}')
 
 
-def micro_batches(config: ml_collections.ConfigDict) -> int:
-  micro = micro_batch_size(config)
+def micro_batches(config: ml_collections.ConfigDict, backend: str | None = None) -> int:
+  micro = micro_batch_size(config, backend)
   return config.batch_size // micro if micro else 1
 
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def compute_dtype(name: str) -> Any:
+def compute_dtype(name: str, backend: str | None = None) -> Any:
   """'auto' is bfloat16 on GPUs and TPUs, float32 on CPUs."""
   if name == 'auto':
-    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+    name = 'float32' if (backend or jax.default_backend()) == 'cpu' else 'bfloat16'
   if name not in COMPUTE_DTYPES:
     raise ValueError(f'config.compute_dtype must be one of '
                      f'{["auto", *COMPUTE_DTYPES]}, got {name!r}')
@@ -321,7 +323,7 @@ def compute_dtype(name: str) -> Any:
 CONV_IMPLS = ('auto', *models.CONV_IMPLS)
 
 
-def conv_impl(config: ml_collections.ConfigDict) -> str:
+def conv_impl(config: ml_collections.ConfigDict, backend: str | None = None) -> str:
   """config.conv_impl with 'auto' resolved to 'onednn' or 'xla'.
 
   'auto' is 'onednn' when the step computes in float32 on a single CPU device
@@ -331,23 +333,29 @@ def conv_impl(config: ml_collections.ConfigDict) -> str:
   name = config.get('conv_impl', 'xla')
   if name not in CONV_IMPLS:
     raise ValueError(f'config.conv_impl must be one of {list(CONV_IMPLS)}, got {name!r}')
-  on_cpu = jax.default_backend() == 'cpu'
+  backend = backend or jax.default_backend()
+  on_cpu = backend == 'cpu'
   if name == 'auto':
     use = (on_cpu and jax.device_count() == 1 and onednn.platform_supported()
-           and compute_dtype(config.get('compute_dtype', 'float32')) == jnp.float32)
+           and compute_dtype(config.get('compute_dtype', 'float32'), backend) == jnp.float32)
     name = 'onednn' if use else 'xla'
   elif name == 'onednn' and not on_cpu:
     raise ValueError("config.conv_impl='onednn' runs on CPUs only, but JAX's backend is "
-                     f"{jax.default_backend()!r}; use 'auto' or 'xla'")
+                     f"{backend!r}; use 'auto' or 'xla'")
   return name
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                image_size: int | None = None) -> flax.linen.Module:
-  """`config.model` with the run's compute dtype and convolution implementation."""
-  return models.create_model(config.model, num_classes, image_size,
-                             dtype=compute_dtype(config.get('compute_dtype', 'float32')),
-                             conv_impl=conv_impl(config))
+                image_size: int | None = None, backend: str | None = None
+                ) -> flax.linen.Module:
+  """`config.model` with the run's compute dtype and convolution implementation.
+
+  `backend` (default: JAX's) is the platform the model will run on.
+  """
+  return models.create_model(
+      config.model, num_classes, image_size,
+      dtype=compute_dtype(config.get('compute_dtype', 'float32'), backend),
+      conv_impl=conv_impl(config, backend))
 
 
 def _check_run_fields(config: ml_collections.ConfigDict) -> None:

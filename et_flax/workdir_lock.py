@@ -65,12 +65,17 @@ class RunLock:
     self._fd = fd
 
   def release(self) -> None:
-    """Drops the lock; a workdir this lock created and nothing filled is removed."""
+    """Drops the lock; a run that wrote nothing leaves nothing behind.
+
+    The lock file of a workdir that holds nothing else is removed, and so is
+    the workdir if this lock created it.
+    """
     if self._fd is None:
       return
-    if self._created_workdir and [p.name for p in self.workdir.iterdir()] == [RUN_LOCK_FILE]:
+    if [p.name for p in self.workdir.iterdir()] == [RUN_LOCK_FILE]:
       self.path.unlink()
-      self.workdir.rmdir()
+      if self._created_workdir:
+        self.workdir.rmdir()
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
