@@ -8,6 +8,7 @@ workdirs move between one and two processes in both directions.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -149,12 +150,11 @@ def test_jit_two_processes_train_as_one(runs):
 def test_two_processes_read_disjoint_halves_and_write_once(runs):
   held = []
   for log in runs['logs']:
-    counts = [line for line in log.splitlines() if 'on this host' in line]
+    counts = re.findall(r'(\d+) train and (\d+) val images \((\d+) and (\d+) on this host\)',
+                        log)
     assert len(counts) == 1, log[-3000:]
-    # '1347 train and 270 val images (675 and 142 on this host), ...'
-    numbers = counts[0].split('] ', 1)[1].split()
-    held.append((int(numbers[4][1:]), int(numbers[6])))
-    total = (int(numbers[0]), int(numbers[3]))
+    total = (int(counts[0][0]), int(counts[0][1]))
+    held.append((int(counts[0][2]), int(counts[0][3])))
   assert total == (1347, 270)
   assert sum(h[0] for h in held) == total[0] and sum(h[1] for h in held) == total[1]
   assert 0 < held[0][0] < total[0]

@@ -1,0 +1,87 @@
+"""One run per workdir, and readers that never trip over the running one."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from et_flax import checkpoints
+from et_flax import evaluate
+from et_flax import train
+from et_flax import workdir_lock
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_a_held_workdir_names_its_holder(tmp_path):
+  workdir = tmp_path / 'run'
+  with workdir_lock.RunLock(workdir):
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=f'{workdir} is in use by another run \\(PID {os.getpid()} on'):
+      workdir_lock.RunLock(workdir).acquire()
+  # Released, and a run that wrote nothing leaves nothing behind.
+  assert not workdir.exists()
+  with workdir_lock.RunLock(workdir):
+    (workdir / 'history.jsonl').write_text('')
+  assert sorted(p.name for p in workdir.iterdir()) == ['.run.lock', 'history.jsonl']
+  with workdir_lock.RunLock(workdir):  # free again
+    pass
+
+
+def _main(workdir, data_dir, num_epochs):
+  return [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.data.image_size=8', '--config.model.num_modules=1',
+          '--config.batch_size=64', f'--config.num_epochs={num_epochs}',
+          # A save and a deletion every epoch: the readers' worst case.
+          '--config.checkpoint_every_epochs=1', '--config.max_to_keep=1']
+
+
+def test_a_busy_workdir_refuses_a_second_run_and_serves_readers(digits_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  log = tmp_path / 'training.log'  # a file: a pipe nobody reads would fill and block it
+  with log.open('w') as log_file:
+    training = subprocess.Popen(_main(workdir, digits_data_dir, 300), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log_file)
+  try:
+    history = workdir / train.HISTORY_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline and training.poll() is None:
+      if history.exists() and history.read_text().count('\n') >= 2:
+        break
+      time.sleep(0.05)
+    assert training.poll() is None, log.read_text()[-3000:]
+
+    started = time.time()
+    second = subprocess.run(_main(workdir, digits_data_dir, 300), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert f'{workdir} is in use by another run (PID {training.pid} on host' in second.stderr
+    assert 'Decoding' not in second.stderr  # refused before any work
+    assert time.time() - started < 60
+
+    # Readers while the run saves and deletes a checkpoint every epoch.
+    epochs_seen = set()
+    deadline = time.time() + 20
+    reads = 0
+    while time.time() < deadline and training.poll() is None:
+      for which in ('latest', 'best'):
+        _, meta = checkpoints.load_checkpoint(workdir, which)
+        epochs_seen.add(meta['epoch'])
+        reads += 1
+      if reads % 10 == 0:
+        report = evaluate.evaluate_run(workdir, 'best', figures=False)
+        assert report['num_images'] == 270
+    assert training.poll() is None, log.read_text()[-3000:]
+    assert reads >= 20 and len(epochs_seen) >= 3, (reads, epochs_seen)
+  finally:
+    training.send_signal(signal.SIGKILL)
+    training.wait(timeout=60)
+  # The OS dropped the killed run's lock: the workdir is free.
+  with workdir_lock.RunLock(workdir):
+    pass
