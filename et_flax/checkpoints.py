@@ -34,6 +34,9 @@ from et_flax import workdir_lock
 
 LATEST = 'checkpoints'
 BEST = 'checkpoints_best'
+# The one checkpoint of a run stopped by SIGINT or SIGTERM within an epoch,
+# indexed by optimizer step; removed by the next regular save.
+INTERRUPTED = 'checkpoints_interrupted'
 
 # Config fields a resumed run may change: run length, logging, data location.
 RESUMABLE_CHANGES = frozenset({
@@ -115,9 +118,29 @@ class RunCheckpoints:
     self._is_writer = jax.process_index() == 0
     self.latest = _manager(self.workdir / LATEST, max_to_keep)
     self.best = _manager(self.workdir / BEST, 1)
+    self._interrupted: ocp.CheckpointManager | None = None
+
+  def _interrupted_manager(self) -> ocp.CheckpointManager:
+    # Made on first use: a run that is never interrupted has no such folder.
+    if self._interrupted is None:
+      self._interrupted = _manager(self.workdir / INTERRUPTED, 1)
+    return self._interrupted
 
   def latest_epoch(self) -> int | None:
     return self.latest.latest_step()
+
+  def check_fits(self, meta: Mapping[str, Any], abstract_state: Mapping[str, Any]) -> None:
+    """Refuses, naming them, saved arrays whose shapes `abstract_state` changes.
+
+    For the checkpoint `meta` describes, as `restore` chooses it; called
+    before `restore`, whose own error is hundreds of lines from inside Orbax.
+    """
+    if 'interrupted' in meta:
+      manager, step = self._interrupted_manager(), meta['interrupted']['global_step']
+    else:
+      manager, step = self.latest, meta['epoch']
+    check_resumable_shapes(manager.item_metadata(step)['state'], abstract_state,
+                           pathlib.Path(manager.directory) / str(step), self.workdir)
 
   def save(self, epoch: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            *, best: bool) -> None:
@@ -134,34 +157,76 @@ class RunCheckpoints:
       if epoch not in self.latest.all_steps():
         self.latest.save(epoch, args=args)
         self.latest.wait_until_finished()
+      if (self.workdir / INTERRUPTED).is_dir():  # now older than this one
+        interrupted = self._interrupted_manager()
+        for step in interrupted.all_steps():
+          interrupted.delete(step)
 
-  def restore(self, epoch: int, abstract_state: Mapping[str, Any]
+  def save_interrupted(self, step: int, state: Mapping[str, Any],
+                       meta: Mapping[str, Any]) -> None:
+    """Saves a run stopped within an epoch, as optimizer step `step`."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(dict(meta)))
+    with (workdir_lock.checkpoint_access(self.workdir, exclusive=True)
+          if self._is_writer else contextlib.nullcontext()):
+      manager = self._interrupted_manager()
+      if step not in manager.all_steps():
+        manager.save(step, args=args)
+        manager.wait_until_finished()
+
+  def restore(self, meta: Mapping[str, Any], abstract_state: Mapping[str, Any]
               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state of `epoch`, with the shapes, dtypes and shardings of `abstract_state`."""
-    restored = self.latest.restore(epoch, args=ocp.args.Composite(
+    """The state of the checkpoint `meta` describes (see `latest_meta`).
+
+    Restored with the shapes, dtypes and shardings of `abstract_state`.
+    """
+    if 'interrupted' in meta:
+      manager, step = self._interrupted_manager(), meta['interrupted']['global_step']
+    else:
+      manager, step = self.latest, meta['epoch']
+    restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
 
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+    if self._interrupted is not None:
+      self._interrupted.close()
+
+
+def _newest_meta(directory: pathlib.Path) -> dict[str, Any] | None:
+  if not directory.is_dir():
+    return None
+  manager = _read_only_manager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  finally:
+    manager.close()
+
+
+def _global_step(meta: Mapping[str, Any]) -> int:
+  if 'interrupted' in meta:
+    return meta['interrupted']['global_step']
+  return meta['history'][-1]['step'] if meta['history'] else 0
 
 
 def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
-  """The meta of a workdir's latest checkpoint, or None; creates nothing."""
-  directory = pathlib.Path(workdir) / LATEST
-  if not directory.is_dir():
-    return None
+  """The meta of the checkpoint a run resumes from, or None; creates nothing.
+
+  That is the latest epoch's, or the interrupted one's if it is further on
+  (then it has an 'interrupted' entry: the epoch under way, the steps done
+  in it and its partial metrics).
+  """
+  workdir = pathlib.Path(workdir)
   with workdir_lock.checkpoint_access(workdir, exclusive=False):
-    manager = _read_only_manager(directory)
-    try:
-      epoch = manager.latest_step()
-      if epoch is None:
-        return None
-      return manager.restore(epoch, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))['meta']
-    finally:
-      manager.close()
+    metas = [meta for meta in (_newest_meta(workdir / LATEST),
+                               _newest_meta(workdir / INTERRUPTED)) if meta is not None]
+  return max(metas, key=_global_step, default=None)
 
 
 def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
@@ -220,3 +285,46 @@ def check_same_shapes(loaded: Mapping[str, Any], expected: Mapping[str, Any],
   if missing or extra or mismatched:
     raise ValueError(f'{source} does not fit this model: missing {missing}, '
                      f'unexpected {extra}, shapes differing {mismatched}')
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  # Orbax's metadata holds dicts where the live state may hold named tuples or
+  # lists: the key names alone compare alike.
+  def name(key: Any) -> str:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'/'.join(name(k) for k in path): tuple(np.shape(v))
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_resumable_shapes(saved: Any, expected: Any, source: str | pathlib.Path,
+                           workdir: str | pathlib.Path, limit: int = 12) -> None:
+  """A ValueError listing 'path: saved shape -> new shape' where they differ.
+
+  `saved` is a checkpoint's state metadata (or arrays), `expected` the state
+  a resumed run would restore it into. The model's params and batch stats
+  are listed when they differ, else the rest (an optimizer's state).
+  """
+  saved, expected = _shapes_by_path(saved), _shapes_by_path(expected)
+  missing = '(absent)'
+  differences = {path: f'{path}: {saved.get(path, missing)} -> {expected.get(path, missing)}'
+                 for path in sorted(saved.keys() | expected.keys())
+                 if saved.get(path) != expected.get(path)}
+  if not differences:
+    return
+  model = [line for path, line in differences.items()
+           if path.startswith(('params/', 'batch_stats/'))]
+  shown = model or list(differences.values())
+  if len(shown) > limit:
+    shown = shown[:limit] + [f'... and {len(shown) - limit} more']
+  if model:
+    advice = ('The model changed shape, so this run cannot resume, even with '
+              '--allow_config_change: train this config in another workdir.')
+  else:
+    advice = ("The optimizer's state changed shape, so this run cannot resume, even "
+              'with --allow_config_change: use another workdir, warm-started from '
+              f"this run's params with --config.init_from={workdir}.")
+  raise ValueError(f'{source} does not fit this config; arrays whose shapes differ '
+                   '(saved -> now):\n  ' + '\n  '.join(shown) + '\n' + advice)

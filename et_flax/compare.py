@@ -21,6 +21,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from et_flax import console
 from et_flax import evaluate
 
 # The report's table 5.1: (model, classes, pretrained) -> (row, top-1, top-5).
@@ -106,4 +107,4 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_string('output', 'comparison', 'Writes <output>.md and <output>.csv.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or an epoch number.")
-  app.run(main)
+  console.run(main)

@@ -32,6 +32,7 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
+from et_flax import console
 from et_flax import filelock
 
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
@@ -97,7 +98,7 @@ def write_digits_tree(data_dir: str | os.PathLike, image_size: int) -> pathlib.P
     for stale in data_dir.glob(f'{_TMP_PREFIX}{image_size}px_*'):
       logging.info('Removing %s, left over by an interrupted write of the digits', stale)
       shutil.rmtree(stale)
-    logging.info('Writing the digits at %dpx to %s (once)', image_size, root)
+    console.info('Writing the digits at %dpx to %s (once)', image_size, root)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'{_TMP_PREFIX}{image_size}px_',
                                         dir=data_dir))
     try:

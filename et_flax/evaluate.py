@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,12 +23,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
-from absl import logging
 
 from et_flax import analysis
 from et_flax import checkpoints
+from et_flax import console
 from et_flax import input_pipeline
 from et_flax import optim
 from et_flax import train
@@ -116,10 +115,37 @@ def read_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class ReportNotWrittenError(OSError):
+  """The report was computed, but one of its files could not be written.
+
+  `report` holds the computed report.
+  """
+
+  def __init__(self, message: str, report: dict[str, Any]):
+    super().__init__(message)
+    self.report = report
+
+
+def print_summary(report: Mapping[str, Any]) -> None:
+  """The report's headline numbers and most confused pairs, on stdout."""
+  print(f'{report["workdir"]} ({report["model"]}, {report["num_classes"]} classes), '
+        f'{report["checkpoint"]} checkpoint (epoch {report["epoch"]}), '
+        f'{report["split"]} split, {report["num_images"]} images:')
+  print(f'  top-1 {report["top1_accuracy"]:.4f}  top-5 {report["top5_accuracy"]:.4f}  '
+        f'loss {report["loss"]:.4f}')
+  for pair in report['most_confused'][:5]:
+    print(f'  confused: {analysis.short_name(pair["true"])} -> '
+          f'{analysis.short_name(pair["predicted"])} ({pair["count"]})')
+
+
 def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
                  split: str = 'val', data_dir: str | None = None,
-                 figures: bool = True) -> dict[str, Any]:
-  """Evaluates and writes the JSON report (and figures) into the workdir."""
+                 figures: bool = True, show_summary: bool = False) -> dict[str, Any]:
+  """Evaluates and writes the JSON report (and figures) into the workdir.
+
+  With `show_summary` the summary is printed first, so that a workdir that
+  cannot be written (ReportNotWrittenError, naming the file) still shows it.
+  """
   if split not in LABELED_SPLITS:
     raise ValueError(f'Cannot evaluate split {split!r}: valid splits are '
                      f'{list(LABELED_SPLITS)} (the test split has no labels; use '
@@ -135,21 +161,42 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
             'num_classes': run.info.num_classes,
             **classification_report(logits, data.labels, run.info.wnids,
                                     run.info.class_names, run.config.loss)}
+  if show_summary:
+    print_summary(report)
   path = workdir / f'eval_{split}_{run.checkpoint}.json'
-  path.write_text(json.dumps(report, indent=1))
+  try:
+    path.write_text(json.dumps(report, indent=1))
+  except OSError as error:
+    raise ReportNotWrittenError(
+        f'cannot write {path}: {error.strerror or error}; the metrics were computed but '
+        'not saved (make the workdir writable, or evaluate a copy of it)', report
+    ) from error
   if figures:
-    drawn = [analysis.training_curves(history, workdir / 'curves.png'),
-             analysis.confusion_figure(np.asarray(report['confusion_matrix']),
-                                       run.info.class_names,
-                                       workdir / f'confusion_{split}.png')]
-    predictions = logits.argmax(axis=1)
-    if (predictions != data.labels).any():
-      drawn.append(analysis.misclassified_gallery(
-          data.images, data.labels, predictions, run.info.class_names,
-          workdir / f'misclassified_{split}.png'))
-    for figure in drawn:  # saved: keep them out of a notebook's output
-      plt.close(figure)
+    try:
+      _draw_figures(workdir, split, history, report, logits, data, run)
+    except OSError as error:
+      raise ReportNotWrittenError(
+          f'cannot write {error.filename or "a figure in " + str(workdir)}: '
+          f'{error.strerror or error}; {path.name} was written, the figures were not',
+          report) from error
   return report
+
+
+def _draw_figures(workdir: pathlib.Path, split: str, history: list[dict[str, Any]],
+                  report: Mapping[str, Any], logits: np.ndarray,
+                  data: input_pipeline.Split, run: Run) -> None:
+  """curves.png, confusion_<split>.png and misclassified_<split>.png."""
+  drawn = [analysis.training_curves(history, workdir / 'curves.png'),
+           analysis.confusion_figure(np.asarray(report['confusion_matrix']),
+                                     run.info.class_names,
+                                     workdir / f'confusion_{split}.png')]
+  predictions = logits.argmax(axis=1)
+  if (predictions != data.labels).any():
+    drawn.append(analysis.misclassified_gallery(
+        data.images, data.labels, predictions, run.info.class_names,
+        workdir / f'misclassified_{split}.png'))
+  for figure in drawn:  # saved: keep them out of a notebook's output
+    plt.close(figure)
 
 
 FLAGS = flags.FLAGS
@@ -157,17 +204,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  report = evaluate_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.data_dir,
-                        FLAGS.figures)
-  print(f'{report["workdir"]} ({report["model"]}, {report["num_classes"]} classes), '
-        f'{report["checkpoint"]} checkpoint (epoch {report["epoch"]}), '
-        f'{report["split"]} split, {report["num_images"]} images:')
-  print(f'  top-1 {report["top1_accuracy"]:.4f}  top-5 {report["top5_accuracy"]:.4f}  '
-        f'loss {report["loss"]:.4f}')
-  for pair in report['most_confused'][:5]:
-    print(f'  confused: {analysis.short_name(pair["true"])} -> '
-          f'{analysis.short_name(pair["predicted"])} ({pair["count"]})')
-  logging.info('Wrote eval_%s_%s.json and figures to %s', report['split'],
+  try:
+    # Printed before the files are written: a read-only workdir still shows it.
+    report = evaluate_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.data_dir,
+                          FLAGS.figures, show_summary=True)
+  except ReportNotWrittenError as error:
+    raise SystemExit(f'error: {error}') from None
+  console.info('Wrote eval_%s_%s.json and figures to %s', report['split'],
                report['checkpoint'], report['workdir'])
 
 
@@ -178,4 +221,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('data_dir', None, 'Override config.data.data_dir.')
   flags.DEFINE_bool('figures', True, 'Also draw curves, confusion matrix, gallery.')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  console.run(main)

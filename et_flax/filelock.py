@@ -15,7 +15,7 @@ import os
 import pathlib
 from collections.abc import Iterator
 
-from absl import logging
+from et_flax import console
 
 
 @contextlib.contextmanager
@@ -43,7 +43,7 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      logging.info('Waiting for another process to finish preparing %s (lock %s)',
+      console.info('Waiting for another process to finish preparing %s (lock %s)',
                    what, path)
       fcntl.flock(fd, fcntl.LOCK_EX)
     yield

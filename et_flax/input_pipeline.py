@@ -99,8 +99,13 @@ def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
   0 (or None) keeps every class. A count n takes n wnids evenly spaced over
   the sorted wnids (the i-th is wnids[i * len(wnids) // n]), which spreads a
   subset across WordNet rather than taking one branch of it. A list of wnids
-  takes exactly those.
+  takes exactly those. From the command line a string arrives: digits are a
+  count ('5'), anything else comma-separated wnids ('n01443537,n01629819').
   """
+  if isinstance(classes, str):
+    text = classes.strip()
+    classes = (int(text) if text.isdigit() else
+               [wnid.strip() for wnid in text.split(',') if wnid.strip()])
   if classes is None or (isinstance(classes, int) and not isinstance(classes, bool)
                          and classes == 0):
     return wnids
@@ -117,8 +122,8 @@ def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
     if len(set(classes)) != len(classes) or not classes:
       raise ValueError(f'data.classes must list distinct wnids, got {list(classes)}')
     return tuple(sorted(classes))
-  raise ValueError('data.classes must be 0 (all), a class count or a list of wnids, '
-                   f'got {classes!r}')
+  raise ValueError('data.classes must be 0 (all), a class count or a list of wnids '
+                   f'(on the command line: n01443537,n01629819), got {classes!r}')
 
 
 def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:

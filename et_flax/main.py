@@ -7,14 +7,21 @@ Any config field can be overridden on the command line, e.g.
 Several processes (hosts) train one run when started with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or with
 `--config.distributed=True` on a cluster JAX detects (et_flax/distributed.py).
+The console shows a header, a progress bar and one line per epoch; the
+libraries' logs go to <workdir>/log.txt (--verbose shows them too).
 """
 
+import sys
+
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from et_flax import console
 from et_flax import distributed
+from et_flax import interrupts
 from et_flax import train
 
 FLAGS = flags.FLAGS
@@ -41,18 +48,23 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # A LaunchError (a ValueError) is shown on one line by console.run.
+  launch = distributed.check_launch(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      bool(FLAGS.config.get('distributed')), FLAGS.heartbeat_timeout_seconds,
+      FLAGS.initialization_timeout_seconds)
+  distributed.initialize(launch)
+  if launch.auto_detect:  # this process's log file, now that its index is known
+    console.setup_logging(FLAGS.workdir, FLAGS.verbose, jax.process_index())
+  logging.info('Config:\n%s', FLAGS.config)  # to the log file
   try:
-    launch = distributed.check_launch(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-        bool(FLAGS.config.get('distributed')), FLAGS.heartbeat_timeout_seconds,
-        FLAGS.initialization_timeout_seconds)
-    distributed.initialize(launch)
-  except distributed.LaunchError as error:
-    raise app.UsageError(str(error)) from error
-  logging.info('Config:\n%s', FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                           allow_config_change=FLAGS.allow_config_change)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                             allow_config_change=FLAGS.allow_config_change)
+  except interrupts.TrainingInterrupted as stopped:
+    # SIGINT/SIGTERM: saved and stopped; the shell's usual exit codes.
+    print(stopped, file=sys.stderr, flush=True)
+    sys.exit(stopped.exit_code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  console.run(main)

@@ -16,7 +16,9 @@ system's C++ compiler against the `onednn-cpu-gomp` wheel (the library) and
 `onednn-devel-cpu-gomp` (its headers), both installed with et_flax on Linux
 x86-64, and jaxlib's FFI headers. The shared library is cached under
 $ET_FLAX_CACHE (default ~/.cache/et_flax), keyed by the source, the compiler,
-jaxlib and oneDNN, so the build (about 5 s) happens once per machine.
+jaxlib and oneDNN, so the build (about 5 s) happens once per machine. Where
+it cannot be built or loaded, `config.conv_impl='auto'` falls back to XLA's
+convolution with a warning (`available`); 'onednn' fails with the reason.
 
 Float32 only; NHWC activations, HWIO kernels, any stride, explicit or
 SAME/VALID padding; no dilation or feature groups.
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from absl import logging
 from jax import lax
 
 SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
@@ -176,6 +179,44 @@ def load() -> ctypes.CDLL:
       library.EtOnednnVersion.restype = ctypes.c_char_p
       _loaded = library
   return _loaded
+
+
+def _one_line(reason: str) -> str:
+  """The gist of an OneDNNUnavailableError's message, on one line."""
+  lines = [line.strip() for line in reason.splitlines() if line.strip()]
+  if not lines:
+    return 'no reason given'
+  # The fallback warning says how to get the fast path: drop the error's own advice.
+  gist = (lines[0].removesuffix(" or set config.conv_impl='xla'")
+          .removesuffix('; install one (e.g. apt-get install g++)'))
+  if gist.endswith(':') and len(lines) > 1:
+    # A failed build: its command and compiler output follow; the first error
+    # line says most.
+    output = [line for line in lines[2:] if not line.startswith('Set config.conv_impl')]
+    errors = [line for line in output if 'error' in line.lower()]
+    if errors or output:
+      gist += ' ' + (errors or output[-1:])[0]
+  return gist
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+  """Whether the oneDNN convolution builds and loads here; if not, why.
+
+  Tried once per process: `config.conv_impl='auto'` asks this wherever it is
+  resolved, so that every place agrees, a failed build is not retried, and
+  the warning that 'auto' falls back to XLA's convolutions is logged once.
+  """
+  try:
+    load()
+  except OneDNNUnavailableError as error:
+    logging.warning(
+        "conv_impl='auto' uses XLA's convolutions: oneDNN's, several times faster "
+        "on CPUs, are unavailable (%s). For them install a C++ compiler (e.g. "
+        'apt-get install g++) or see docs/performance.md; '
+        "--config.conv_impl=xla silences this.", _one_line(str(error)))
+    return False, str(error)
+  return True, ''
 
 
 def version() -> str:

@@ -14,9 +14,9 @@ import csv
 import pathlib
 
 import numpy as np
-from absl import app
 from absl import flags
 
+from et_flax import console
 from et_flax import evaluate
 from et_flax import input_pipeline
 from et_flax import tiny_imagenet
@@ -81,4 +81,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('top5', False, 'Add a column with the five best wnids.')
   flags.DEFINE_string('data_dir', None, 'Override config.data.data_dir.')
   flags.mark_flags_as_required(['workdir', 'output'])
-  app.run(main)
+  console.run(main)

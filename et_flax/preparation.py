@@ -18,6 +18,7 @@ from collections.abc import Callable
 import tensorflow_datasets as tfds
 from absl import logging
 
+from et_flax import console
 from et_flax import filelock
 from et_flax import tiny_imagenet
 
@@ -58,11 +59,12 @@ def prepare(make_builder: Callable[[], Builder], source: Fingerprint | None,
           shutil.rmtree(stale)
         previous = _prepared_before(builder, source)
         if previous is None:
-          logging.info('Preparing %s in %s (once)', label, builder.data_dir)
+          console.info('Preparing %s in %s (once)', label, builder.data_dir)
         else:
-          logging.info('%s changed since it was prepared in %s: preparing it anew in %s',
+          console.info('%s changed since it was prepared in %s: preparing it anew in %s',
                        source.path, previous, builder.data_dir)
-        builder.download_and_prepare(download_config=download_config)
+        with console.library_output():  # tfds prints its own notes
+          builder.download_and_prepare(download_config=download_config)
         return builder
   if source is not None:
     check_source(builder, source)

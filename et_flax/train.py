@@ -6,9 +6,11 @@ annotations as classes.)
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import pathlib
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +32,10 @@ from jax.sharding import PartitionSpec as P
 
 from et_flax import augment
 from et_flax import checkpoints
+from et_flax import console
 from et_flax import distributed
 from et_flax import input_pipeline
+from et_flax import interrupts
 from et_flax import keras_import
 from et_flax import models
 from et_flax import onednn
@@ -327,8 +331,10 @@ def conv_impl(config: ml_collections.ConfigDict, backend: str | None = None) -> 
   """config.conv_impl with 'auto' resolved to 'onednn' or 'xla'.
 
   'auto' is 'onednn' when the step computes in float32 on a single CPU device
-  of a Linux x86-64 machine (where the oneDNN wheels install with et_flax),
-  'xla' everywhere else (GPUs, TPUs, several devices, bfloat16).
+  of a Linux x86-64 machine (where the oneDNN wheels install with et_flax)
+  and the oneDNN convolution builds there (`onednn.available`: tried once per
+  process, a warning saying why when not), 'xla' everywhere else (GPUs, TPUs,
+  several devices, bfloat16, no C++ compiler).
   """
   name = config.get('conv_impl', 'xla')
   if name not in CONV_IMPLS:
@@ -337,7 +343,8 @@ def conv_impl(config: ml_collections.ConfigDict, backend: str | None = None) -> 
   on_cpu = backend == 'cpu'
   if name == 'auto':
     use = (on_cpu and jax.device_count() == 1 and onednn.platform_supported()
-           and compute_dtype(config.get('compute_dtype', 'float32'), backend) == jnp.float32)
+           and compute_dtype(config.get('compute_dtype', 'float32'), backend) == jnp.float32
+           and onednn.available()[0])
     name = 'onednn' if use else 'xla'
   elif name == 'onednn' and not on_cpu:
     raise ValueError("config.conv_impl='onednn' runs on CPUs only, but JAX's backend is "
@@ -425,10 +432,54 @@ def _state_dict(state: TrainState, rng: jax.Array) -> dict[str, Any]:
           'rng': jax.random.key_data(rng)}
 
 
+def _metrics_to_json(train_metrics: Metrics | None) -> list[float] | None:
+  """An epoch's running metrics, exactly: float32 and int32 values are exact as
+  JSON numbers."""
+  if train_metrics is None:
+    return None
+  return [np.asarray(leaf).item() for leaf in jax.tree.leaves(train_metrics)]
+
+
+def _metrics_from_json(saved: list[float] | None, mesh: jax.sharding.Mesh
+                       ) -> Metrics | None:
+  if saved is None:
+    return None
+  template = Metrics.empty()
+  leaves = [np.asarray(value, np.asarray(like).dtype)
+            for value, like in zip(saved, jax.tree.leaves(template), strict=True)]
+  return replicate(jax.tree.unflatten(jax.tree.structure(template), leaves), mesh)
+
+
 def _write_history(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
   tmp = path.with_suffix('.tmp')
   tmp.write_text(''.join(json.dumps(entry) + '\n' for entry in history))
   os.replace(tmp, path)
+
+
+def _last_good_checkpoint(workdir: pathlib.Path, epoch: int | None) -> str:
+  """Where a run stopped on a non-finite loss resumes from, truthfully."""
+  if epoch is None:
+    return 'No checkpoint of a finished epoch was written yet'
+  return (f'The last good checkpoint, of epoch {epoch}, stays in '
+          f'{workdir / checkpoints.LATEST / str(epoch)}')
+
+
+def finished_run_summary(workdir: pathlib.Path, meta: Mapping[str, Any],
+                         num_epochs: int) -> dict[str, float]:
+  """Says that a rerun has nothing left to train, and how to go on.
+
+  Returns the last epoch's summary, as a run that trained it would.
+  """
+  history = meta['history']
+  best = max(history, key=lambda entry: entry['val_top1_accuracy'], default=None)
+  console.info(
+      '%s is complete: %d epochs trained (config.num_epochs=%d)%s. Checkpoints: %s '
+      '(latest) and %s (best). To train on, rerun with a larger --config.num_epochs '
+      '(e.g. --config.num_epochs=%d).', workdir, meta['epoch'], num_epochs,
+      '' if best is None else (f'; best val top-1 {best["val_top1_accuracy"]:.4f} '
+                               f'at epoch {best["epoch"]}'),
+      workdir / checkpoints.LATEST, workdir / checkpoints.BEST, 2 * meta['epoch'])
+  return history[-1] if history else {}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -445,12 +496,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   epoch's metrics.
   """
   _check_run_fields(config)
-  with hold_workdir(pathlib.Path(workdir)):
-    return _train_and_evaluate(config, pathlib.Path(workdir), allow_config_change)
+  with hold_workdir(pathlib.Path(workdir)), interrupts.StopRequests() as stop:
+    return _train_and_evaluate(config, pathlib.Path(workdir), allow_config_change, stop)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        allow_config_change: bool) -> dict[str, float]:
+                        allow_config_change: bool,
+                        stop: interrupts.StopRequests) -> dict[str, float]:
   info = input_pipeline.get_dataset_info(config.data)
   model = build_model(config, info.num_classes, info.image_size)
   loss_fn = optim.get_loss(config.loss)
@@ -467,6 +519,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           f'{workdir} holds a run with another config; refusing to resume it. '
           'Differences (saved -> now):\n  ' + '\n  '.join(differences) +
           '\nUse another workdir, or pass --allow_config_change to resume anyway.')
+  if latest is not None and latest >= config.num_epochs:
+    return finished_run_summary(workdir, saved_meta, config.num_epochs)
 
   # Starting weights of a new run, loaded before any decoding so that a wrong
   # or unreadable file fails fast: Keras weights (pretrained backbones) or
@@ -487,7 +541,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     checkpoints.check_same_shapes(variables, init_variables(init_rng, model,
                                                             info.image_size),
                                   f'The checkpoint in {config.init_from}')
-    logging.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
+    console.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
 
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -501,7 +555,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   train_rows = batch_rows(mesh, config.batch_size)
   val_rows = batch_rows(mesh, config.eval_batch_size)
   whole = jax.process_count() == 1
-  logging.info('Decoding %s at %dx%d%s', info.builder.data_dir, info.image_size,
+  console.info('Decoding %s at %dx%d%s', info.builder.data_dir, info.image_size,
                info.image_size, '' if whole else
                f' (this host: rows {train_rows.start}-{train_rows.stop - 1} of each batch)')
   train_split = input_pipeline.load_split(
@@ -521,7 +575,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     train_input = input_pipeline.TrainInput(train_split, config.batch_size, config.seed,
                                             train_rows)
   steps_per_epoch = train_input.steps_per_epoch
-  logging.info('%d train and %d val images (%d and %d on this host), %d classes, %d '
+  console.info('%d train and %d val images (%d and %d on this host), %d classes, %d '
                'steps per epoch; training batches built on %s', train_split.total,
                val_split.total, len(train_split), len(val_split), info.num_classes,
                steps_per_epoch, 'the device' if device_resident else 'the host (tf.data)')
@@ -534,14 +588,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if latest is not None:
     # Shardings for this mesh: a checkpoint of any topology restores here.
     abstract = checkpoints.abstract_like(_state_dict(state, rng), replicated)
-    restored, meta = run_checkpoints.restore(latest, abstract)
+    # A shape change (allowed through --allow_config_change) cannot restore.
+    run_checkpoints.check_fits(saved_meta, abstract)
+    restored, meta = run_checkpoints.restore(saved_meta, abstract)
     state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
                           opt_state=restored['opt_state'], step=restored['step'])
     rng = jax.random.wrap_key_data(restored['rng'])
     history, best_top1 = meta['history'], meta['best_val_top1_accuracy']
     start_epoch = meta['epoch'] + 1
-    logging.info('Resuming %s from epoch %d (step %d)', workdir, meta['epoch'],
+    console.info('Resuming %s from epoch %d (step %d)', workdir, meta['epoch'],
                  int(state.step))
+  # A run stopped by a signal within an epoch goes on from the step it saved.
+  within = None if saved_meta is None else saved_meta.get('interrupted')
   # The history file is rewritten from the checkpoint: epochs after it that a
   # killed run had logged are dropped, and will be logged again when redone.
   history_path = workdir / HISTORY_FILE
@@ -549,7 +607,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     _write_history(history_path, history)
 
   micro = micro_batch_size(config)
-  logging.info('Model %s: %d parameters in %d weighted layers; %s convolutions, '
+  console.info('Devices: %d x %s%s', jax.device_count(), jax.devices()[0].device_kind,
+               '' if jax.process_count() == 1 else
+               f' in {jax.process_count()} processes ({jax.local_device_count()} here)')
+  console.info('Model %s: %d parameters in %d weighted layers; %s convolutions, '
                '%s compute, %s', config.model.name, models.count_params(state.params),
                len(models.weighted_layers(state.params)), conv_impl(config),
                jnp.dtype(compute_dtype(config.get('compute_dtype', 'float32'))).name,
@@ -574,6 +635,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       every_secs=60)
 
   summary: dict[str, float] = history[-1] if history else {}
+  saved_epoch = start_epoch - 1 if within is None else None
+  stop.training = True
   for epoch in range(start_epoch, config.num_epochs + 1):
     start = time.perf_counter()
     learning_rate = float(optim.current_learning_rate(
@@ -581,7 +644,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     train_metrics = None
     wait_seconds = 0.0
     batches = train_input.epoch(epoch)
+    step_in_epoch = 0
+    if within is not None and epoch == within['epoch']:
+      step_in_epoch, learning_rate = within['steps_done'], within['learning_rate']
+      batches = itertools.islice(batches, step_in_epoch, None)
+      train_metrics = _metrics_from_json(within['train_metrics'], mesh)
+      logging.info('Resuming epoch %d after its step %d', epoch, step_in_epoch)
     while True:
+      signum = stop.requested(step_in_epoch)
+      if signum is not None:
+        if saved_epoch != epoch - 1 or step_in_epoch:
+          meta = {'epoch': epoch - 1, 'config': checkpoints.config_to_dict(config),
+                  'history': history, 'best_val_top1_accuracy': best_top1,
+                  'interrupted': {
+                      'global_step': int(state.step), 'epoch': epoch,
+                      'steps_done': step_in_epoch, 'learning_rate': learning_rate,
+                      'train_metrics': _metrics_to_json(train_metrics)}}
+          run_checkpoints.save_interrupted(int(state.step), _state_dict(state, rng), meta)
+          saved = f'saved in {workdir / checkpoints.INTERRUPTED}'
+        elif saved_epoch:
+          saved = f'epoch {saved_epoch} is saved in {workdir / checkpoints.LATEST}'
+        else:
+          saved = 'nothing to save yet'
+        writer.flush()
+        run_checkpoints.close()
+        raise interrupts.TrainingInterrupted(
+            signum, f'Stopped by {signal.Signals(signum).name} after step {step_in_epoch} '
+            f'of epoch {epoch}: {saved}. Run the same command to resume.')
       wait_start = time.perf_counter()
       batch = next(batches, None)
       wait_seconds += time.perf_counter() - wait_start
@@ -592,13 +681,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       state, step_metrics = train_step_fn(state, batch, rng)
       train_metrics = (step_metrics if train_metrics is None
                        else train_metrics.merge(step_metrics))
+      step_in_epoch += 1
       report_progress(int(state.step))
     train_summary = {k: float(v) for k, v in train_metrics.compute().items()}
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
       raise FloatingPointError(
           f'Training loss is {train_summary["loss"]} in epoch {epoch}: stopping. '
-          f'The last good checkpoint stays in {workdir / checkpoints.LATEST} '
+          f'{_last_good_checkpoint(workdir, run_checkpoints.latest_epoch())} '
           '(lower optimizer.learning_rate or check the data)')
     val_summary = evaluate(state, val_split, config.eval_batch_size, eval_step_fn, mesh)
     summary = {'epoch': epoch, 'step': int(state.step),
@@ -615,7 +705,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       writer.write_scalars(epoch, {k: v for k, v in summary.items() if k != 'epoch'})
       with history_path.open('a') as history_file:
         history_file.write(json.dumps(summary) + '\n')
-    logging.info(
+    console.info(
         'epoch %d/%d: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f '
         'top5 %.4f | lr %.3g | %.1f s, %.0f img/s', epoch, config.num_epochs,
         summary['train_loss'], summary['train_top1_accuracy'], summary['val_loss'],
@@ -625,7 +715,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       meta = {'epoch': epoch, 'config': checkpoints.config_to_dict(config),
               'history': history, 'best_val_top1_accuracy': best_top1}
       run_checkpoints.save(epoch, _state_dict(state, rng), meta, best=is_best)
+      saved_epoch = epoch
   writer.flush()
   run_checkpoints.close()
+  if history:
+    best = max(history, key=lambda entry: entry['val_top1_accuracy'])
+    log = console.log_path()
+    console.info('Best epoch %d: val top-1 %.4f, kept in %s/. Results in %s: %s/, %s, TensorBoard '
+                 'events%s', best['epoch'], best['val_top1_accuracy'], checkpoints.BEST,
+                 workdir, checkpoints.LATEST, HISTORY_FILE,
+                 f', {log.name}' if log is not None and log.parent == workdir else '')
   return summary
 

@@ -250,3 +250,64 @@ def test_jit_four_devices_equal_one_through_mesh_and_pmap():
   # (per-device partial sums, then an all-reduce), after 3 Adam steps.
   for name in ('mesh', 'pmap'):
     assert diffs[name] < 1e-5, diffs
+
+
+def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
+  """Signals at random moments: each run exits within 10 s, loses no finished
+  epoch, and the resumed run equals an uninterrupted one."""
+  num_epochs = 6
+  # Batches of 16: 84 steps an epoch, so that signals land within epochs too;
+  # checkpoints only every 3 epochs, so that stopping must save on its own.
+  args = _main_args(tmp_path / 'reference', digits_data_dir, num_epochs)
+  args = [a for a in args if not a.startswith('--config.batch_size')] + [
+      '--config.batch_size=16', '--config.checkpoint_every_epochs=3']
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+  workdir = tmp_path / 'interrupted'
+  args = [a.replace(str(tmp_path / 'reference'), str(workdir)) for a in args]
+  rng = np.random.default_rng(1)
+  stops = 0
+  for signum in (signal.SIGINT, signal.SIGTERM) * 3:
+    log = tmp_path / 'run.log'
+    with log.open('w') as log_file:
+      process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=log_file)
+    try:
+      history_path = workdir / train.HISTORY_FILE
+      deadline = time.time() + 300
+      # Wait for the loop to be under way (an epoch line: compiled), then
+      # signal at a random moment of the next epoch, its evaluation or save.
+      while time.time() < deadline and process.poll() is None:
+        if f'/{num_epochs}: train loss' in log.read_text():
+          break
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0.0, 1.5))
+      finished = (len(history_path.read_text().splitlines())
+                  if history_path.exists() else 0)
+      if process.poll() is not None:
+        break  # the run completed
+      process.send_signal(signum)
+      signalled = time.time()
+      code = process.wait(timeout=60)
+      assert time.time() - signalled < 10, 'took more than 10 s to stop'
+    finally:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+    if code == 0:
+      break  # the signal came after the last epoch's save
+    assert code == 128 + signum, log.read_text()[-3000:]
+    assert f'Stopped by {signal.Signals(signum).name} after step' in log.read_text()
+    stops += 1
+    meta = checkpoints.latest_meta(workdir)
+    assert meta is not None and meta['epoch'] >= finished  # no finished epoch lost
+  assert stops >= 3
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  step_a, state_a = _final_state(tmp_path / 'reference')
+  step_b, state_b = _final_state(workdir)
+  assert step_a == step_b == num_epochs
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert _history(tmp_path / 'reference') == _history(workdir)
+  assert not (workdir / checkpoints.INTERRUPTED).exists() or not list(
+      (workdir / checkpoints.INTERRUPTED).iterdir())
