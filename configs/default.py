@@ -41,8 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
       download=False,        # fetch the zip from the course site if no source
       image_size=64,
       # 0 = all classes; n = n classes evenly spaced over the sorted wnids;
-      # or a list of wnids. Saved to <workdir>/classes.json.
-      classes=0,
+      # or a list of wnids. Saved to <workdir>/classes.json. Typed `object`
+      # so that the command line may give a count, 'n01443537,n01629819' or
+      # "['n01443537', 'n01629819']" (an int field would parse only ints).
+      classes=ml_collections.FieldReference(0, field_type=object),
       # Keep the uint8 training split on the accelerator and batch it there:
       # 'auto' does when it takes under half of a GPU's memory.
       device_resident='auto',

@@ -234,8 +234,8 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
   for handler in _installed:
     root.addHandler(handler)
   logging.getLogger('et_flax').info(
-      'Started %s (PID %d): %s', datetime.datetime.now().isoformat(timespec='seconds'),
-      os.getpid(), ' '.join(sys.argv))
+      'et_flax started %s (PID %d): %s',
+      datetime.datetime.now().isoformat(timespec='seconds'), os.getpid(), ' '.join(sys.argv))
 
 
 class _LogWriter(io.TextIOBase):
@@ -303,14 +303,13 @@ def user_error_message(error: BaseException) -> str | None:
   """What to print for an error the user can fix; None for an internal error.
 
   User errors: what et_flax raises with a message for the user (ValueError,
-  a busy workdir, oneDNN unavailable where it was asked for, a NaN stop), and
-  any OSError (a missing or unwritable file, a full disk), also one found
-  among the causes of another error (as orbax raises them).
+  including a bad launch; a busy workdir; a NaN stop), and any OSError (a
+  missing or unwritable file, a full disk), also one found among the causes
+  of another error (as orbax raises them). A ValueError raised inside a
+  library is an internal error; so is a oneDNN build failure
+  (OneDNNUnavailableError), whose traceback says more.
   """
-  from et_flax import onednn  # pylint: disable=import-outside-toplevel
-
-  mine = (ValueError, FloatingPointError, workdir_lock.WorkdirBusyError,
-          onednn.OneDNNUnavailableError)
+  mine = (ValueError, FloatingPointError, workdir_lock.WorkdirBusyError)
   if isinstance(error, mine) and _raised_in_et_flax(error):
     return _message(error)
   for cause in _chain(error):

@@ -575,10 +575,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     train_input = input_pipeline.TrainInput(train_split, config.batch_size, config.seed,
                                             train_rows)
   steps_per_epoch = train_input.steps_per_epoch
-  console.info('%d train and %d val images (%d and %d on this host), %d classes, %d '
-               'steps per epoch; training batches built on %s', train_split.total,
-               val_split.total, len(train_split), len(val_split), info.num_classes,
-               steps_per_epoch, 'the device' if device_resident else 'the host (tf.data)')
+  console.info('%d train and %d val images%s, %d classes, %d steps per epoch; training '
+               'batches built on %s', train_split.total, val_split.total,
+               '' if whole else f' ({len(train_split)} and {len(val_split)} on this host)',
+               info.num_classes, steps_per_epoch,
+               'the device' if device_resident else 'the host (tf.data)')
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
   state = create_train_state(init_rng, model, info.image_size, tx, variables)
@@ -650,9 +651,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       batches = itertools.islice(batches, step_in_epoch, None)
       train_metrics = _metrics_from_json(within['train_metrics'], mesh)
       logging.info('Resuming epoch %d after its step %d', epoch, step_in_epoch)
+    progress = console.EpochProgress(epoch, config.num_epochs, steps_per_epoch,
+                                     config.batch_size, initial_step=step_in_epoch,
+                                     mode=None if is_chief else 'off')
     while True:
       signum = stop.requested(step_in_epoch)
       if signum is not None:
+        progress.close()
         if saved_epoch != epoch - 1 or step_in_epoch:
           meta = {'epoch': epoch - 1, 'config': checkpoints.config_to_dict(config),
                   'history': history, 'best_val_top1_accuracy': best_top1,
@@ -682,7 +687,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       train_metrics = (step_metrics if train_metrics is None
                        else train_metrics.merge(step_metrics))
       step_in_epoch += 1
+      progress.update(step_in_epoch, loss=lambda: train_metrics.compute()['loss'])
       report_progress(int(state.step))
+    progress.close()
     train_summary = {k: float(v) for k, v in train_metrics.compute().items()}
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
@@ -721,9 +728,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if history:
     best = max(history, key=lambda entry: entry['val_top1_accuracy'])
     log = console.log_path()
-    console.info('Best epoch %d: val top-1 %.4f, kept in %s/. Results in %s: %s/, %s, TensorBoard '
-                 'events%s', best['epoch'], best['val_top1_accuracy'], checkpoints.BEST,
-                 workdir, checkpoints.LATEST, HISTORY_FILE,
+    console.info('Best epoch %d: val top-1 %.4f, kept in %s/. Results in %s: %s/, %s, '
+                 'TensorBoard events%s', best['epoch'], best['val_top1_accuracy'],
+                 checkpoints.BEST, workdir, checkpoints.LATEST, HISTORY_FILE,
                  f', {log.name}' if log is not None and log.parent == workdir else '')
   return summary
 

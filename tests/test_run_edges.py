@@ -78,7 +78,6 @@ def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path):
       _tiny_main(tmp_path / 'explicit', digits_data_dir, '--config.conv_impl=onednn'),
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert explicit.returncode != 0
-  assert 'OneDNNUnavailableError' in explicit.stderr
   assert "no C++ compiler found to build the oneDNN convolution (looked for " \
          "$CXX='/nonexistent/g++')" in explicit.stderr
   assert not (tmp_path / 'explicit' / train.HISTORY_FILE).exists()
