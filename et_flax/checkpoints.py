@@ -174,16 +174,20 @@ class RunCheckpoints:
         manager.save(step, args=args)
         manager.wait_until_finished()
 
-  def restore(self, meta: Mapping[str, Any], abstract_state: Mapping[str, Any]
+  def restore(self, which: int | Mapping[str, Any], abstract_state: Mapping[str, Any]
               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state of the checkpoint `meta` describes (see `latest_meta`).
+    """The state of an epoch's checkpoint, or of the one a meta describes.
 
-    Restored with the shapes, dtypes and shardings of `abstract_state`.
+    `which` is an epoch, or a meta from `latest_meta` (which may describe the
+    interrupted checkpoint). Restored with the shapes, dtypes and shardings
+    of `abstract_state`.
     """
-    if 'interrupted' in meta:
-      manager, step = self._interrupted_manager(), meta['interrupted']['global_step']
+    if isinstance(which, int):
+      manager, step = self.latest, which
+    elif 'interrupted' in which:
+      manager, step = self._interrupted_manager(), which['interrupted']['global_step']
     else:
-      manager, step = self.latest, meta['epoch']
+      manager, step = self.latest, which['epoch']
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
