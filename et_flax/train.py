@@ -650,7 +650,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       step_in_epoch, learning_rate = within['steps_done'], within['learning_rate']
       batches = itertools.islice(batches, step_in_epoch, None)
       train_metrics = _metrics_from_json(within['train_metrics'], mesh)
-      logging.info('Resuming epoch %d after its step %d', epoch, step_in_epoch)
+      console.info('Resuming epoch %d after its step %d', epoch, step_in_epoch)
     progress = console.EpochProgress(epoch, config.num_epochs, steps_per_epoch,
                                      config.batch_size, initial_step=step_in_epoch,
                                      mode=None if is_chief else 'off')
