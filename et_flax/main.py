@@ -11,18 +11,25 @@ The console shows a header, a progress bar and one line per epoch; the
 libraries' logs go to <workdir>/log.txt (--verbose shows them too).
 """
 
+import importlib.util
 import sys
 
-import jax
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+# TensorFlow comes with the `tf` extra (or the environment's own): say so
+# before the imports that need it.
+if importlib.util.find_spec('tensorflow') is None:
+  sys.exit("error: TensorFlow is not installed; et_flax reads its data with tf.data. "
+           "Install it with `pip install -e '.[tf]'` (the CPU build) or `pip install tensorflow`.")
 
-from et_flax import console
-from et_flax import distributed
-from et_flax import interrupts
-from et_flax import train
+import jax  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from et_flax import console  # noqa: E402
+from et_flax import distributed  # noqa: E402
+from et_flax import interrupts  # noqa: E402
+from et_flax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None,

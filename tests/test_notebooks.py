@@ -1,25 +1,40 @@
-"""Each notebook runs top to bottom (on tiny settings) without an error."""
+"""Each notebook runs top to bottom (on tiny settings) against the tree under test.
+
+Each test checks that the notebook imported this tree's et_flax, and a number
+the notebook printed against the same number computed here.
+"""
 
 import pathlib
+import re
 
 import nbformat
 from nbclient import NotebookClient
 
 from conftest import make_tiny_imagenet_tree
 from conftest import tiny_config
+from et_flax import evaluate
 from et_flax import train
 
-NOTEBOOKS = pathlib.Path(__file__).parent.parent / 'notebooks'
+ROOT = pathlib.Path(__file__).parent.parent
+NOTEBOOKS = ROOT / 'notebooks'
 
 
-def _execute(name):
+def _execute(name, monkeypatch):
+  monkeypatch.setenv('ET_FLAX_REPO', str(ROOT))
   path = NOTEBOOKS / name
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(path.parent)}}).execute()
   outputs = [o for cell in notebook.cells for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.get('output_type') == 'error']
+  text = _text(outputs)
+  assert f'et_flax from {ROOT / "et_flax"}\n' in text
   return outputs
+
+
+def _text(outputs):
+  return ''.join(''.join(o.get('text', '')) for o in outputs) + ''.join(
+      ''.join(o.get('data', {}).get('text/plain', '')) for o in outputs)
 
 
 def test_every_notebook_is_tested():
@@ -32,9 +47,12 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '8')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
   monkeypatch.setenv('HOME', str(tmp_path))  # the digits cache goes under ~
-  outputs = _execute('quickstart.ipynb')
+  outputs = _execute('quickstart.ipynb', monkeypatch)
   assert list((tmp_path / 'workdir').glob('events.out.tfevents.*'))
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 2
+  report = evaluate.evaluate_run(str(tmp_path / 'workdir'), 'best', 'val', figures=False)
+  assert (f"best checkpoint (epoch 1): top-1 {report['top1_accuracy']:.4f}, "
+          f"top-5 {report['top5_accuracy']:.4f}") in _text(outputs)
 
 
 def test_reproduce_report_notebook(tmp_path, monkeypatch):
@@ -46,14 +64,22 @@ def test_reproduce_report_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_EPOCHS', '1')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '16')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_BATCH_SIZE', '8')
-  outputs = _execute('reproduce_report.ipynb')
+  outputs = _execute('reproduce_report.ipynb', monkeypatch)
   assert (tmp_path / 'workdir' / 'comparison.md').exists()
-  assert any('text/markdown' in o.get('data', {}) for o in outputs)
+  markdown = ''.join(''.join(o['data']['text/markdown']) for o in outputs
+                     if 'text/markdown' in o.get('data', {}))
+  report = evaluate.evaluate_run(str(tmp_path / 'workdir'), 'best', 'val', figures=False)
+  assert (f"| workdir | et | 3 | 1 | {report['top1_accuracy']:.3f} | "
+          f"{report['top5_accuracy']:.3f} |") in markdown
 
 
 def test_analysis_notebook(digits_data_dir, tmp_path, monkeypatch):
   workdir = tmp_path / 'workdir'
   train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(workdir))
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(workdir))
-  outputs = _execute('analysis.ipynb')
+  outputs = _execute('analysis.ipynb', monkeypatch)
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 3
+  report = evaluate.evaluate_run(str(workdir), 'best', 'val', figures=False)
+  printed = re.search(r'epoch (\d+): top-1 ([0-9.]+), top-5 ([0-9.]+)', _text(outputs))
+  assert printed.groups() == (str(report['epoch']), f"{report['top1_accuracy']:.4f}",
+                              f"{report['top5_accuracy']:.4f}")
