@@ -83,7 +83,7 @@ def test_jit_conv_layer_equals_xla(case):
       assert_close(g, e)
 
 
-def test_jit_conv_layer_is_deterministic():
+def test_conv_layer_is_deterministic():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(4, 16, 16, 16)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32) * 0.1
@@ -94,7 +94,7 @@ def test_jit_conv_layer_is_deterministic():
   jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
-def test_jit_et_model_equals_the_xla_model():
+def test_et_model_equals_the_xla_model():
   """Same parameters, same logits and gradients, for plain and tanh E.T."""
   rng = np.random.default_rng(2)
   images = jnp.asarray(rng.uniform(size=(4, 8, 8, 3)), jnp.float32)
@@ -122,7 +122,7 @@ def test_jit_et_model_equals_the_xla_model():
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4), g_ours, g_xla)
 
 
-def test_jit_vgg16_equals_the_xla_model():
+def test_vgg16_equals_the_xla_model():
   images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
   xla = models.create_model({'name': 'vgg16'}, 5, 32)
   ours = models.create_model({'name': 'vgg16'}, 5, 32, conv_impl='onednn')
@@ -130,7 +130,7 @@ def test_jit_vgg16_equals_the_xla_model():
   assert_close(jax.jit(ours.apply)(params, images), xla.apply(params, images), rtol=1e-4)
 
 
-def test_jit_training_steps_match_the_xla_steps(digits_data_dir):
+def test_training_steps_match_the_xla_steps(digits_data_dir):
   info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
   split = input_pipeline.load_split(info, 'train')
   batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
@@ -152,13 +152,27 @@ def test_jit_training_steps_match_the_xla_steps(digits_data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def _a_cpu_with_onednn(monkeypatch, devices=1):
+  """The machine 'auto' sees, whatever this one is."""
+  monkeypatch.setattr(jax, 'device_count', lambda: devices)
+  monkeypatch.setattr(onednn, 'platform_supported', lambda: True)
+  monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
+
+
 def test_conv_impl_choice(monkeypatch):
   from configs import default
   config = default.get_config()
   assert config.conv_impl == 'auto'
-  assert train.conv_impl(config) == 'onednn'  # one CPU device, float32, Linux x86-64
+  _a_cpu_with_onednn(monkeypatch)
+  assert train.conv_impl(config, 'cpu') == 'onednn'  # one CPU device, float32
+  assert train.conv_impl(config, 'gpu') == 'xla'
+  monkeypatch.setattr(onednn, 'available', lambda: (False, 'no compiler'))
+  assert train.conv_impl(config, 'cpu') == 'xla'
+  _a_cpu_with_onednn(monkeypatch, devices=2)
+  assert train.conv_impl(config, 'cpu') == 'xla'
+  _a_cpu_with_onednn(monkeypatch)
   config.compute_dtype = 'bfloat16'
-  assert train.conv_impl(config) == 'xla'
+  assert train.conv_impl(config, 'cpu') == 'xla'
   config.conv_impl = 'onednn'
   with pytest.raises(ValueError, match='computes in float32 only'):
     train.build_model(config, 10, 8)

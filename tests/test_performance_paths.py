@@ -13,6 +13,7 @@ from conftest import tiny_config
 from et_flax import checkpoints
 from et_flax import input_pipeline
 from et_flax import models
+from et_flax import onednn
 from et_flax import optim
 from et_flax import train
 
@@ -51,7 +52,7 @@ def test_device_resident_training_equals_host_training(digits_data_dir, tmp_path
                results[False, 'params'])
 
 
-def test_jit_bfloat16_steps_stay_close_to_float32(digits_data_dir):
+def test_bfloat16_steps_stay_close_to_float32(digits_data_dir):
   info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
   split = input_pipeline.load_split(info, 'train')
   batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
@@ -77,7 +78,9 @@ def test_jit_bfloat16_steps_stay_close_to_float32(digits_data_dir):
 
 
 def test_compute_dtype_choice():
-  assert train.compute_dtype('auto') == jnp.float32  # on this CPU
+  assert train.compute_dtype('auto', 'cpu') == jnp.float32
+  assert train.compute_dtype('auto', 'gpu') == jnp.bfloat16
+  assert train.compute_dtype('float32', 'gpu') == jnp.float32
   assert train.compute_dtype('bfloat16') == jnp.bfloat16
   with pytest.raises(ValueError, match="compute_dtype must be one of"):
     train.compute_dtype('float16')
@@ -92,7 +95,7 @@ def test_no_recompiles_after_the_first_step(digits_data_dir, tmp_path, monkeypat
   chex.clear_trace_counter()
 
 
-def test_jit_micro_batches_give_the_batch_update(digits_data_dir):
+def test_micro_batches_give_the_batch_update(digits_data_dir):
   info = input_pipeline.get_dataset_info(tiny_config(digits_data_dir).data)
   split = input_pipeline.load_split(info, 'train')
   batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
@@ -119,10 +122,16 @@ def test_micro_batch_size_must_divide_the_batch(digits_data_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_micro_batch_size_auto_and_command_line_values():
+def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   from configs import default
   config = default.get_config()
-  assert train.micro_batch_size(config) == 4  # 'auto' on this CPU, oneDNN convs
+  # The machine 'auto' sees: one CPU device where oneDNN builds, whatever this one is.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  monkeypatch.setattr(onednn, 'platform_supported', lambda: True)
+  monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
+  assert train.micro_batch_size(config) == 4  # oneDNN convolutions
+  assert train.micro_batch_size(config, 'gpu') == 0  # whole batches on GPUs
   config.conv_impl = 'xla'
   assert train.micro_batch_size(config) == 8
   config.conv_impl = 'auto'

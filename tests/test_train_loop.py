@@ -50,36 +50,62 @@ def _history(workdir):
           for line in lines]
 
 
+def _saves_in_progress(workdir):
+  """Orbax writes a checkpoint under a temporary name and renames it when done."""
+  return list((pathlib.Path(workdir) / checkpoints.LATEST).glob('*.orbax-checkpoint-tmp*'))
+
+
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, tmp_path):
-  """SIGKILL at random points (mid-epoch, mid-save, at start-up), then resume."""
+  """SIGKILL during a checkpoint save and within an epoch's steps, then resume."""
   num_epochs = 6
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
   reference = tmp_path / 'reference'
   subprocess.run(_main_args(reference, digits_data_dir, num_epochs), cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
+  epoch_seconds = min(e['epoch_seconds'] for e in map(
+      json.loads, (reference / train.HISTORY_FILE).read_text().splitlines()))
 
   interrupted = tmp_path / 'interrupted'
-  rng = np.random.default_rng(0)
-  kills = 0
-  for target_lines in (1, 2, 4):
-    process = subprocess.Popen(_main_args(interrupted, digits_data_dir, num_epochs),
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    history_path = interrupted / train.HISTORY_FILE
+  history_path = interrupted / train.HISTORY_FILE
+
+  def epochs_done():
+    return len(history_path.read_text().splitlines()) if history_path.exists() else 0
+
+  def start():
+    return subprocess.Popen(_main_args(interrupted, digits_data_dir, num_epochs), cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  landed = []
+  # During a save: kill the moment a temporary checkpoint folder appears. The
+  # folder left behind proves the kill came before the save finished (a save
+  # that wins the race is simply tried again at the next epoch).
+  for _ in range(3):
+    process = start()
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-      if (history_path.exists()
-          and len(history_path.read_text().splitlines()) >= target_lines):
-        break
-      time.sleep(0.02)
-    # An epoch here takes well under a second: a random delay of up to
-    # 0.6 s lands in the next epoch's steps, its evaluation or its save.
-    time.sleep(rng.uniform(0.0, 0.6))
-    if process.poll() is None:
-      process.send_signal(signal.SIGKILL)
-      kills += 1
-    process.wait()
-  assert kills >= 2
+    while time.time() < deadline and process.poll() is None and not _saves_in_progress(
+        interrupted):
+      time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    if _saves_in_progress(interrupted):
+      landed.append('save')
+      break
+  # Within an epoch: once epoch k is in the history and its checkpoint is
+  # saved, wait a quarter of an epoch (the steps come first, the short
+  # evaluation last) and kill; the history must not have reached k + 1 then.
+  process = start()
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None and not (
+      epochs_done() >= 1 and (interrupted / checkpoints.LATEST / str(epochs_done())).exists()
+      and not _saves_in_progress(interrupted)):
+    time.sleep(0.001)
+  done = epochs_done()
+  time.sleep(epoch_seconds / 4)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  if epochs_done() == done and done < num_epochs and not _saves_in_progress(interrupted):
+    landed.append('steps')
+  assert landed == ['save', 'steps'], landed
   subprocess.run(_main_args(interrupted, digits_data_dir, num_epochs), cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
 
@@ -238,7 +264,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_jit_four_devices_equal_one_through_mesh_and_pmap():
+def test_four_devices_equal_one_through_mesh_and_pmap():
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'TF_CPP_MIN_LOG_LEVEL': '2'}
   result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,
