@@ -1,7 +1,8 @@
-"""Every experiment config builds; dropout_200 trains and resumes on a tree."""
+"""Every experiment config builds and matches the README's table; dropout_200 trains and resumes."""
 
 import importlib
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -68,3 +69,63 @@ def test_dropout_200_trains_and_resumes_on_a_tiny_imagenet_tree(tmp_path):
   assert 'Resuming' in second.stderr and 'epoch 3/3' in second.stderr
   assert 'epoch 1/3' not in second.stderr
   assert len((workdir / 'history.jsonl').read_text().splitlines()) == 3
+
+
+def _readme_table():
+  """{config name: (experiment text, report text)} from the README's config table."""
+  lines = (REPO / 'README.md').read_text().split('| config | experiment |', 1)[1]
+  rows = {}
+  for line in lines.splitlines()[2:]:
+    if not line.startswith('|'):
+      break
+    names, experiment, report = (cell.strip() for cell in line.strip('|').split('|'))
+    for name in names.split(','):
+      rows[name.strip().strip('`')] = (experiment, report)
+  return rows
+
+
+def test_the_readme_table_lists_every_config_once_and_says_what_it_sets():
+  from et_flax import compare
+
+  table = _readme_table()
+  assert sorted(table) == CONFIGS
+  problems = []
+
+  def check(holds, name):
+    if not holds:
+      problems.append(f'{name}: {table[name][0]}')
+
+  for name, (experiment, report) in table.items():
+    config = importlib.import_module(f'configs.{name}').get_config()
+    says = experiment.lower()
+    model = config.model
+    check(('vgg16' in says) == (model.name == 'vgg16'), name)
+    check(('resnet50' in says) == (model.name == 'resnet50'), name)
+    check(('dropout' in says) == (model.get('dropout_rate', 0) > 0
+                                  or model.get('block_dropout_rate', 0) > 0), name)
+    check(('tanh' in says) == (model.get('activation') == 'tanh'), name)
+    check(('hinge' in says) == (config.loss == 'categorical_hinge'), name)
+    check(('8 modules' in says) == (model.get('num_modules') == 8), name)
+    check(('stride-2' in says) == model.get('stem_pool', False), name)
+    check(('k=2' in says) == (model.get('width') == 2), name)
+    check(('k=4' in says) == (model.get('width') == 4), name)
+    check(('heavy' in says) == (config.augment.preset == 'heavy'), name)
+    check(('5 augmentations' in says) == (config.augment.preset == 'five'), name)
+    check(('the 8 augmentations' in says) == (config.augment.preset == 'eight'), name)
+    for optimizer in ('adam', 'sgd', 'rmsprop'):
+      if optimizer in says:
+        check(config.optimizer.name == optimizer, name)
+    for epochs in re.findall(r'(\d+) epochs', says):
+      if 'at ' not in says.split(epochs)[0][-4:]:  # "at 50 epochs" is a result
+        check(config.num_epochs == int(epochs), name)
+    classes = re.search(r'(\d+) classes', says)
+    if classes:
+      check((config.data.classes or 200) == int(classes.group(1)), name)
+    # The report's numbers are compare.py's, for the rows it compares.
+    if model.name != 'et' or name in ('dropout_augment5_20', 'dropout_200'):
+      pretrained = 'pretrained' in name
+      classes = config.data.classes or 200
+      model_top1, model_top5 = compare.REPORT_RESULTS[(model.name, classes, pretrained)][1:]
+      pairs = [tuple(map(float, p.split(' / '))) for p in report.split(', ')]
+      assert (model_top1, model_top5) in pairs, (name, report)
+  assert not problems, '\n'.join(problems)
