@@ -10,6 +10,8 @@ import pytest
 from et_flax import augment
 
 keras_image = pytest.importorskip('keras.src.legacy.preprocessing.image')
+scipy_ndimage = pytest.importorskip('scipy.ndimage')
+scipy_stats = pytest.importorskip('scipy.stats')
 
 SIZE = 12
 
@@ -141,11 +143,90 @@ def test_jit_crop_matrix_equals_a_numpy_crop_and_resize():
   np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
+def test_jit_crop_then_affine_equals_numpy_crop_then_keras_affine():
+  """The `heavy` composition `crop_matrix @ affine`, on a non-square image.
+
+  One resampling through `crop_matrix(...) @ keras_affine_matrix(...)` is
+  the crop (NumPy: half-pixel centres, bilinear) resized to the full image
+  and then Keras's `apply_affine_transform` on that, as if the crop ran in
+  the input pipeline before ImageDataGenerator. The image is linear in
+  (row, col) and the zoom-in keeps every sample inside the image, so
+  bilinear sampling is exact and two resamplings equal one: the reference
+  is exact up to float64 rounding, ours up to float32 rounding of values
+  up to ~250 (measured 2.5e-5; the bound 1e-3 is 40x that). The reversed
+  product (the crop taken from the affine's output) is off by 2.4, and a
+  height/width swap in either matrix fails as well.
+  """
+  height, width = 20, 24
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  image = np.stack([3.1 * rows + 1.7 * cols + 10, -2.3 * rows + 4.1 * cols + 100,
+                    1.3 * rows - 0.9 * cols + 150], axis=-1).astype(np.float32)
+  affine = {'theta': 12.0, 'tx': 1.0, 'ty': -1.0, 'shear': 6.0, 'zx': 0.6, 'zy': 0.65}
+  top, left, crop_height, crop_width = 3.0, 5.0, 12.0, 16.0
+
+  crop_rows = top + (np.arange(height) + 0.5) * crop_height / height - 0.5
+  crop_cols = left + (np.arange(width) + 0.5) * crop_width / width - 0.5
+  grid = np.meshgrid(crop_rows, crop_cols, indexing='ij')
+  cropped = np.stack([scipy_ndimage.map_coordinates(image[..., c].astype(np.float64),
+                                                    grid, order=1, mode='nearest')
+                      for c in range(3)], axis=-1)
+  expected = _keras(cropped, **affine)
+  # Still linear: no sample fell outside the image (where edge fill bends it).
+  assert np.abs(np.diff(expected, 2, axis=0)).max() < 1e-4
+  assert np.abs(np.diff(expected, 2, axis=1)).max() < 1e-4
+
+  params = _fixed_params(**affine, crop_top=top, crop_left=left,
+                         crop_height=crop_height, crop_width=crop_width)
+  for fn in (augment.augment_image, jax.jit(augment.augment_image)):
+    np.testing.assert_allclose(fn(jnp.asarray(image), params), expected, atol=1e-3)
+
+
+# Keras's legacy ImageDataGenerator draws ranges >= 1 as pixels only when they
+# are floats (an int n draws integers from -(n-1)..n-1); ours are floats.
+SAMPLING_RANGES = dict(rotation_range=20.0, width_shift_range=5.0, height_shift_range=0.25,
+                       shear_range=10.0, zoom_range=0.2, channel_shift_range=20.0,
+                       horizontal_flip=True, vertical_flip=True)
+
+
+def test_jit_sampled_parameters_match_keras_get_random_transform():
+  """Distributions of 4,000 draws each, on a 24x40 image, against Keras's.
+
+  Non-square, with the height shift a fraction (0.25 x 24 = 6 pixels) and the
+  width shift in pixels (5): a height/width swap draws tx from +-10 pixels,
+  a range swap tx from +-5. Two-sample Kolmogorov-Smirnov per parameter,
+  failing below p = 1e-3 (D above 0.044 for 4,000 + 4,000 draws); measured
+  D 0.012-0.025 (p >= 0.17), and D = 0.21 (p ~ 1e-75) with height and width
+  swapped. Flip rates: the difference of two proportions of 4,000 has a
+  standard deviation of 0.011; the bound 0.045 is 4 of them (measured
+  0.019 and 0.012).
+  """
+  height, width, draws = 24, 40, 4000
+  generator = keras_image.ImageDataGenerator(data_format='channels_last',
+                                             **SAMPLING_RANGES)
+  np.random.seed(0)
+  keras_draws = [generator.get_random_transform((height, width, 3)) for _ in range(draws)]
+  config = augment.AugmentConfig(**SAMPLING_RANGES)
+  keys = jax.random.split(jax.random.key(0), draws)
+  ours = jax.jit(jax.vmap(lambda k: augment.sample_params(k, config, height, width)))(keys)
+  names = {'theta': 'theta', 'tx': 'tx', 'ty': 'ty', 'shear': 'shear', 'zx': 'zx',
+           'zy': 'zy', 'channel_shift_intensity': 'channel_shift'}
+  for keras_name, our_name in names.items():
+    expected = np.array([d[keras_name] for d in keras_draws], np.float64)
+    result = scipy_stats.ks_2samp(expected, np.asarray(ours[our_name], np.float64))
+    assert result.pvalue > 1e-3, (our_name, result)
+  for name in ('flip_horizontal', 'flip_vertical'):
+    expected = np.mean([bool(d[name]) for d in keras_draws])
+    assert abs(np.asarray(ours[name]).mean() - expected) < 0.045, name
+
+
 @pytest.mark.parametrize('preset', ['five', 'eight', 'heavy'])
-def test_jit_sampled_parameters_stay_in_range(preset):
+def test_sampled_parameters_stay_in_range(preset):
+  """Ranges on a non-square image (64 rows, 48 columns)."""
   config = augment.PRESETS[preset]
+  height, width = 64, 48
   keys = jax.random.split(jax.random.key(0), 2000)
-  params = jax.jit(jax.vmap(lambda k: augment.sample_params(k, config, 64, 64)))(keys)
+  params = jax.jit(jax.vmap(lambda k: augment.sample_params(k, config, height, width)))(
+      keys)
   params = {k: np.asarray(v) for k, v in params.items()}
 
   def within(name, low, high):
@@ -154,8 +235,9 @@ def test_jit_sampled_parameters_stay_in_range(preset):
       assert params[name].max() - params[name].min() > 0.8 * (high - low), name
 
   within('theta', -config.rotation_range, config.rotation_range)
-  within('tx', -0.1 * 64, 0.1 * 64)
-  within('ty', -0.1 * 64, 0.1 * 64)
+  # tx from height_shift_range (in rows), ty from width_shift_range (Keras's names).
+  within('tx', -0.1 * height, 0.1 * height)
+  within('ty', -0.1 * width, 0.1 * width)
   within('shear', -config.shear_range, config.shear_range)
   within('zx', 1 - config.zoom_range, 1 + config.zoom_range)
   within('zy', 1 - config.zoom_range, 1 + config.zoom_range)
@@ -163,13 +245,17 @@ def test_jit_sampled_parameters_stay_in_range(preset):
   assert abs(params['flip_horizontal'].mean() - 0.5) < 0.05
   assert abs(params['flip_vertical'].mean() - 0.5) < 0.05
   if preset != 'heavy':
-    assert (params['crop_height'] == 64).all() and (params['crop_top'] == 0).all()
+    assert (params['crop_height'] == height).all() and (params['crop_top'] == 0).all()
+    assert (params['crop_width'] == width).all() and (params['crop_left'] == 0).all()
   else:
-    area = params['crop_height'] * params['crop_width'] / 64**2
+    area = params['crop_height'] * params['crop_width'] / (height * width)
     assert area.min() >= 0.25 * 0.75 - 1e-6 and area.max() <= 1 + 1e-6
-    assert (params['crop_top'] >= 0).all()
-    assert (params['crop_top'] + params['crop_height'] <= 64 + 1e-4).all()
-    assert (params['crop_left'] + params['crop_width'] <= 64 + 1e-4).all()
+    assert (params['crop_top'] >= 0).all() and (params['crop_left'] >= 0).all()
+    assert (params['crop_top'] + params['crop_height'] <= height + 1e-4).all()
+    assert (params['crop_left'] + params['crop_width'] <= width + 1e-4).all()
+    # The crops reach the far edge of each axis (a swapped axis would not).
+    assert (params['crop_top'] + params['crop_height']).max() > height - 1
+    assert (params['crop_left'] + params['crop_width']).max() > width - 1
   # zx and zy are drawn independently.
   if config.zoom_range:
     assert abs(np.corrcoef(params['zx'], params['zy'])[0, 1]) < 0.1
@@ -184,7 +270,7 @@ def test_jit_none_is_the_identity(image):
   np.testing.assert_array_equal(got, batch)
 
 
-def test_jit_augment_batch_eager_equals_jit_and_varies_per_image(image):
+def test_augment_batch_eager_equals_compiled_and_varies_per_image(image):
   batch = jnp.asarray(np.stack([image] * 4))
   config = augment.PRESETS['eight']
   eager = augment.augment_batch(jax.random.key(3), batch, config)

@@ -83,6 +83,25 @@ def test_jit_optimizer_equals_keras(config, keras_optimizer):
   np.testing.assert_allclose(got, expected, **TOLERANCE)
 
 
+def test_jit_adam_default_epsilon_equals_keras_on_tiny_gradients():
+  """Gradients ~1e-7, where Keras's default eps = 1e-7 (added to the uncorrected
+  sqrt(v)) dominates the denominator; the parameters start at zero, so the
+  trajectory is the sum of the updates alone.
+
+  Measured against Keras: max error 1.1e-7 of max|trajectory| (0.035). With
+  epsilon 1e-8 the error is 3.6x that scale, with optax.adam (eps 1e-8 on
+  the corrected sqrt(v)) 6x, with optax.adam(eps=1e-7) 2.7x: TOLERANCE
+  (1e-5 relative + 1e-6) tells each of them apart by five orders of magnitude.
+  """
+  init = np.zeros((5, 3), np.float32)
+  gradients = [g * 1e-7 for g in _gradients()]
+  expected = _keras_trajectory(keras.optimizers.Adam(learning_rate=1e-2), init, gradients)
+  got, _ = _our_trajectory(optim.create_optimizer({'name': 'adam', 'learning_rate': 1e-2}),
+                           init, gradients)
+  assert np.abs(expected).max() > 0.01  # the updates are not lost in the tolerance
+  np.testing.assert_allclose(got, expected, **TOLERANCE)
+
+
 def test_jit_sgd_decay_is_lr_over_one_plus_decay_t():
   config = {'name': 'sgd', 'learning_rate': 0.1, 'schedule': 'inverse_time', 'decay': 1e-2}
   gradients = [np.ones((1,), np.float32)] * NUM_STEPS
