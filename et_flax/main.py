@@ -69,7 +69,7 @@ def main(argv):
                              allow_config_change=FLAGS.allow_config_change)
   except interrupts.TrainingInterrupted as stopped:
     # SIGINT/SIGTERM: saved and stopped; the shell's usual exit codes.
-    print(stopped, file=sys.stderr, flush=True)
+    console.info('%s', stopped)
     sys.exit(stopped.exit_code)
 
 

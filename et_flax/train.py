@@ -597,10 +597,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     rng = jax.random.wrap_key_data(restored['rng'])
     history, best_top1 = meta['history'], meta['best_val_top1_accuracy']
     start_epoch = meta['epoch'] + 1
-    console.info('Resuming %s from epoch %d (step %d)', workdir, meta['epoch'],
-                 int(state.step))
   # A run stopped by a signal within an epoch goes on from the step it saved.
   within = None if saved_meta is None else saved_meta.get('interrupted')
+  if latest is not None and within is not None and within['steps_done']:
+    console.info('Resuming %s within epoch %d, after its step %d (global step %d)',
+                 workdir, within['epoch'], within['steps_done'], int(state.step))
+  elif latest is not None:
+    console.info('Resuming %s after epoch %d (global step %d)', workdir, start_epoch - 1,
+                 int(state.step))
   # The history file is rewritten from the checkpoint: epochs after it that a
   # killed run had logged are dropped, and will be logged again when redone.
   history_path = workdir / HISTORY_FILE
@@ -650,7 +654,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       step_in_epoch, learning_rate = within['steps_done'], within['learning_rate']
       batches = itertools.islice(batches, step_in_epoch, None)
       train_metrics = _metrics_from_json(within['train_metrics'], mesh)
-      console.info('Resuming epoch %d after its step %d', epoch, step_in_epoch)
     progress = console.EpochProgress(epoch, config.num_epochs, steps_per_epoch,
                                      config.batch_size, initial_step=step_in_epoch,
                                      mode=None if is_chief else 'off')

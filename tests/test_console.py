@@ -233,7 +233,7 @@ def test_a_run_whose_output_is_not_a_terminal_prints_a_few_lines(digits_data_dir
   # --verbose: the libraries' logs on the console too; the log file goes on.
   code, output = _run(*_tiny(workdir, digits_data_dir, 4), '--verbose')
   assert code == 0, output[-3000:]
-  assert f'Resuming {workdir} from epoch 3' in output
+  assert f'Resuming {workdir} after epoch 3' in output
   assert 'checkpoint_manager.py' in output
   assert output.count('epoch 4/4: train loss') == 1  # not twice (console and absl)
   log = (workdir / console.LOG_FILE).read_text()

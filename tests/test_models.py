@@ -1,5 +1,6 @@
 """Models: E.T. maths against NumPy, layer and parameter counts, Keras layouts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -338,3 +339,20 @@ def test_bad_model_config_is_a_clear_error(config, message):
 def test_image_size_the_model_cannot_take(config, size):
   with pytest.raises(ValueError, match=f'cannot take {size}x{size} images'):
     models.create_model(config, num_classes=10, image_size=size)
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 3, 16), (1, 1, 32, 32), (256, 200), (7, 7, 3, 64)])
+def test_flat_glorot_draws_are_jaxs_bit_for_bit(shape):
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(models.glorot_uniform(key, shape),
+                                nn.initializers.glorot_uniform()(key, shape))
+
+
+@pytest.mark.parametrize('shape,rate', [((4, 8, 8, 16), 0.1), ((4, 256), 0.5)])
+def test_flat_dropout_masks_are_flax_dropouts_bit_for_bit(shape, rate):
+  x = jax.random.normal(jax.random.key(0), shape) + 3.0  # no exact zeros
+  rngs = {'dropout': jax.random.key(1)}
+  ours = models.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs)
+  flax = nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs)
+  np.testing.assert_array_equal(ours, flax)
+  assert 0 < float(jnp.mean(ours == 0)) < 2 * rate

@@ -190,7 +190,7 @@ def test_a_two_process_workdir_is_evaluated_predicted_and_resumed_by_one(runs, t
        *_args(workdir, runs['data_dir'], num_epochs=NUM_EPOCHS + 1)],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'Resuming {workdir} from epoch {NUM_EPOCHS}' in result.stderr
+  assert f'Resuming {workdir} after epoch {NUM_EPOCHS}' in result.stderr
   assert [e['epoch'] for e in _history(workdir)] == list(range(1, NUM_EPOCHS + 2))
   assert _history(workdir)[:NUM_EPOCHS] == _history(runs['two'])
 
@@ -200,7 +200,7 @@ def test_a_one_process_workdir_is_resumed_by_two(runs, tmp_path):
   shutil.copytree(runs['one'], workdir)
   processes = _run_processes(tmp_path, _args(workdir, runs['data_dir'],
                                              num_epochs=NUM_EPOCHS + 1), 'resume')
-  assert f'Resuming {workdir} from epoch {NUM_EPOCHS}' in processes.log(0)
+  assert f'Resuming {workdir} after epoch {NUM_EPOCHS}' in processes.log(0)
   assert [e['epoch'] for e in _history(workdir)] == list(range(1, NUM_EPOCHS + 2))
 
 
