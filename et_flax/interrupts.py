@@ -100,10 +100,10 @@ class StopRequests:
       training = self.training
     name = signal.Signals(signum).name
     if first and training:
-      console.warning('%s: stopping after this step and saving a checkpoint (Ctrl-C again '
-                      'to stop at once, without saving)', name)
+      console.info('%s: stopping after this step and saving a checkpoint (Ctrl-C again '
+                   'to stop at once, without saving)', name)
     elif not first and 'ipykernel' not in sys.modules:  # a notebook's kernel lives on
-      console.warning('%s again: stopping now, without saving', name)
+      console.info('%s again: stopping now, without saving', name)
       os._exit(128 + signum)
 
   def _handle(self, signum: int, frame) -> None:
