@@ -58,6 +58,8 @@ LINE_INTERVAL_SECONDS = 30.0
 BAR_STATS_INTERVAL_SECONDS = 0.5
 # A live bar's line: at most this many columns.
 MAX_BAR_LINE = 110
+# The statistics after a bar take this width from the start (the bar keeps its own).
+BAR_STATS_WIDTH = len('ETA 0:00:00, 0000 img/s, loss 0.0000')
 # Log lines held in memory until the workdir holds a run (see WorkdirLog).
 HELD_LINES = 50_000
 
@@ -441,7 +443,7 @@ def _bar_class(notebook: bool) -> type:
 
   class Bar(base):
     """tqdm with a `stats` field for bar_format (tqdm's way: format_dict)."""
-    stats = ''
+    stats = ' ' * BAR_STATS_WIDTH
 
     @property
     def format_dict(self):
@@ -550,7 +552,7 @@ class EpochProgress:
     elif self._bar is not None:
       if now - self._last_shown >= BAR_STATS_INTERVAL_SECONDS or step >= self.steps:
         self._last_shown = now
-        self._bar.stats = self.stats(loss)
+        self._bar.stats = self.stats(loss).ljust(BAR_STATS_WIDTH)
       self._bar.update(step - self._bar.n)
 
   def close(self) -> None:

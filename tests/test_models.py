@@ -341,7 +341,7 @@ def test_image_size_the_model_cannot_take(config, size):
     models.create_model(config, num_classes=10, image_size=size)
 
 
-@pytest.mark.parametrize('shape', [(3, 3, 3, 16), (1, 1, 32, 32), (256, 200), (7, 7, 3, 64)])
+@pytest.mark.parametrize('shape', [(3, 3, 3, 16), (256, 200)])
 def test_flat_glorot_draws_are_jaxs_bit_for_bit(shape):
   key = jax.random.key(7)
   np.testing.assert_array_equal(models.glorot_uniform(key, shape),
