@@ -113,7 +113,9 @@ def test_jit_keras_et_gives_the_same_logits(tmp_path, config):
   np.testing.assert_allclose(got, expected, atol=3e-6 * np.abs(expected).max())
 
 
-def test_jit_export_then_import_gives_identical_params(tmp_path):
+def test_export_then_import_gives_identical_params(tmp_path):
+  # Our exporter against our importer; Keras reads the export in
+  # test_keras_parity.py::test_jit_exported_weights_give_keras_the_same_logits.
   config = {'name': 'et', 'batch_norm': True, 'num_modules': 2}
   model = models.create_model(config, 5, 8)
   variables = model.init(jax.random.key(3), np.zeros((1, 8, 8, 3), np.float32))
