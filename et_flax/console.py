@@ -28,6 +28,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -46,8 +47,42 @@ from et_flax import workdir_lock
 # its INFO and WARNING lines (CPU instruction notes, tf.data's end-of-sequence
 # notes) off the console; a TF_CPP_MIN_LOG_LEVEL already set, or --verbose on
 # the command line (not yet parsed here), leaves TensorFlow's own default.
-if not {'--verbose', '--verbose=true', '--verbose=True', '--verbose=1'} & set(sys.argv[1:]):
+_QUIET = not {'--verbose', '--verbose=true', '--verbose=True', '--verbose=1'} & set(sys.argv[1:])
+if _QUIET:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def _import_tensorflow_quietly() -> list[str]:
+  """Imports TensorFlow, keeping what its native code writes to stderr meanwhile.
+
+  Its shared libraries log a few lines while they load, before TensorFlow
+  applies TF_CPP_MIN_LOG_LEVEL (TensorFlow 2.21: oneDNN's 'custom operations
+  are on' note, behind absl's 'All log messages before absl::InitializeLog()'
+  line). They are written to file descriptor 2 directly; `setup_logging`
+  passes them on to the log file. A failed import shows them at once.
+  """
+  if 'tensorflow' in sys.modules or importlib.util.find_spec('tensorflow') is None:
+    return []
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except BaseException:
+      os.dup2(saved, 2)
+      capture.seek(0)
+      sys.stderr.write(capture.read().decode(errors='replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    capture.seek(0)
+    return capture.read().decode(errors='replace').splitlines()
+
+
+# Commands import this module before anything imports TensorFlow.
+_native_startup_lines = _import_tensorflow_quietly() if _QUIET else []
 
 CONSOLE_LOGGER = 'et_flax.console'
 LOG_FILE = 'log.txt'
@@ -238,6 +273,8 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
   logging.getLogger('et_flax').info(
       'et_flax started %s (PID %d): %s',
       datetime.datetime.now().isoformat(timespec='seconds'), os.getpid(), ' '.join(sys.argv))
+  for line in _native_startup_lines:
+    logging.getLogger('tensorflow').info('(while loading) %s', line)
 
 
 class _LogWriter(io.TextIOBase):
