@@ -216,3 +216,26 @@ def augment_batch(key: jax.Array, images: jax.Array, config: AugmentConfig) -> j
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(lambda k: sample_params(k, config, height, width))(keys)
   return jax.vmap(augment_image)(images, params)
+
+
+# ---------------------------------------------------------------------------
+# After the augmentations: the model's input.
+
+PREPROCESSING = ('rescale', 'caffe')
+# Keras's `preprocess_input(mode='caffe')` (VGG16, ResNet50): BGR means.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def preprocess(images: jax.Array, mode: str = 'rescale') -> jax.Array:
+  """0-255 RGB images (uint8, or float after augmentation) to model inputs.
+
+  'rescale': Keras's `rescale=1/255`, after the augmentations as in Keras.
+  'caffe': Keras Applications' ImageNet preprocessing for VGG16 and ResNet50
+  (RGB to BGR, ImageNet mean subtracted, no scaling), for pretrained weights.
+  """
+  images = images.astype(jnp.float32)
+  if mode == 'rescale':
+    return images / 255.0
+  if mode == 'caffe':
+    return images[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
+  raise ValueError(f'Unknown preprocessing {mode!r}; valid: {list(PREPROCESSING)}')

@@ -20,9 +20,11 @@ a checkpoint that is being deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,6 +32,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from et_flax import console
+from et_flax import keras_import
 from et_flax import workdir_lock
 
 LATEST = 'checkpoints'
@@ -332,3 +336,146 @@ def check_resumable_shapes(saved: Any, expected: Any, source: str | pathlib.Path
               f"this run's params with --config.init_from={workdir}.")
   raise ValueError(f'{source} does not fit this config; arrays whose shapes differ '
                    '(saved -> now):\n  ' + '\n  '.join(shown) + '\n' + advice)
+
+
+# ---------------------------------------------------------------------------
+# A run's start: resumed, warm-started, from Keras weights, or fresh.
+
+HISTORY_FILE = 'history.jsonl'
+
+
+@dataclasses.dataclass
+class RunProgress:
+  """Where a run stands, as its checkpoints record it."""
+  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  best_top1: float = -1.0
+  epoch: int = 0  # the last finished epoch
+  # A run stopped within epoch `epoch + 1`: its steps done there, learning
+  # rate and running metrics (see train.py); None otherwise.
+  within: dict[str, Any] | None = None
+  # The finished epoch whose checkpoint is the latest (None: only the
+  # interrupted one is newer).
+  saved_epoch: int | None = 0
+
+
+def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                    allow_config_change: bool) -> dict[str, Any] | None:
+  """The meta a run in `workdir` resumes from (None: a new run).
+
+  Raises ValueError listing the differences when the saved config differs
+  from `config` in more than RESUMABLE_CHANGES and `allow_config_change` is
+  not given.
+  """
+  saved = latest_meta(workdir)
+  if saved is None:
+    return None
+  differences = config_differences(saved['config'], config_to_dict(config))
+  if differences and not allow_config_change:
+    raise ValueError(
+        f'{workdir} holds a run with another config; refusing to resume it. '
+        'Differences (saved -> now):\n  ' + '\n  '.join(differences) +
+        '\nUse another workdir, or pass --allow_config_change to resume anyway.')
+  return saved
+
+
+def run_meta(config: ml_collections.ConfigDict, progress: RunProgress,
+             settings: Mapping[str, Any], interrupted: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
+  """The JSON saved beside a checkpoint's arrays."""
+  meta = {'epoch': progress.epoch, 'config': config_to_dict(config),
+          'settings': dict(settings), 'history': progress.history,
+          'best_val_top1_accuracy': progress.best_top1}
+  if interrupted is not None:
+    meta['interrupted'] = dict(interrupted)
+  return meta
+
+
+def state_dict(state: Any, rng: jax.Array) -> dict[str, Any]:
+  """The arrays of a checkpoint: a TrainState's and the run's RNG key."""
+  return {'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state, 'step': state.step,
+          'rng': jax.random.key_data(rng)}
+
+
+def starting_variables(config: ml_collections.ConfigDict,
+                       init_variables: Callable[[], dict[str, Any]],
+                       sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
+  """A new run's starting weights, if not the model's init.
+
+  Keras weights (`config.pretrained_weights`: a pretrained backbone, a new
+  head) or another run's checkpoint (`config.init_from`: a warm start, the
+  optimizer state fresh), checked against `init_variables()`.
+  """
+  if config.get('pretrained_weights'):
+    return keras_import.import_keras_weights(config.pretrained_weights, init_variables(),
+                                             keep_head=True)
+  if config.get('init_from'):
+    variables = load_variables(config.init_from, config.get('init_from_checkpoint', 'latest'),
+                               sharding)
+    check_same_shapes(variables, init_variables(), f'The checkpoint in {config.init_from}')
+    console.info('Warm start: params from %s (optimizer state fresh)', config.init_from)
+    return variables
+  return None
+
+
+def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: Mapping[str, Any] | None,
+                    state: Any, rng: jax.Array, sharding: jax.sharding.Sharding
+                    ) -> tuple[Any, jax.Array, RunProgress]:
+  """`state` and `rng` as the checkpoint `saved_meta` describes, or as given.
+
+  The arrays are restored with `sharding` (a checkpoint of any topology
+  restores on this one). A shape change (allowed through
+  --allow_config_change) is refused with the arrays that differ.
+  """
+  if saved_meta is None:
+    return state, rng, RunProgress()
+  abstract = abstract_like(state_dict(state, rng), sharding)
+  run_checkpoints.check_fits(saved_meta, abstract)
+  restored, meta = run_checkpoints.restore(saved_meta, abstract)
+  state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
+                        opt_state=restored['opt_state'], step=restored['step'])
+  within = saved_meta.get('interrupted')
+  progress = RunProgress(history=meta['history'], best_top1=meta['best_val_top1_accuracy'],
+                         epoch=meta['epoch'], within=within,
+                         saved_epoch=meta['epoch'] if within is None else None)
+  workdir = run_checkpoints.workdir
+  if within is not None and within['steps_done']:
+    console.info('Resuming %s within epoch %d, after its step %d (global step %d)',
+                 workdir, within['epoch'], within['steps_done'], int(state.step))
+  else:
+    console.info('Resuming %s after epoch %d (global step %d)', workdir, meta['epoch'],
+                 int(state.step))
+  return state, jax.random.wrap_key_data(restored['rng']), progress
+
+
+def write_history(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
+  """Rewrites the history file (atomically) with `history`, one JSON line per epoch."""
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(''.join(json.dumps(entry) + '\n' for entry in history))
+  os.replace(tmp, path)
+
+
+def last_good_checkpoint(workdir: pathlib.Path, epoch: int | None) -> str:
+  """Where a run stopped on a non-finite loss resumes from, truthfully."""
+  if epoch is None:
+    return 'No checkpoint of a finished epoch was written yet'
+  return (f'The last good checkpoint, of epoch {epoch}, stays in '
+          f'{workdir / LATEST / str(epoch)}')
+
+
+def finished_run_summary(workdir: pathlib.Path, meta: Mapping[str, Any],
+                         num_epochs: int) -> dict[str, float]:
+  """Says that a rerun has nothing left to train, and how to go on.
+
+  Returns the last epoch's summary, as a run that trained it would.
+  """
+  history = meta['history']
+  best = max(history, key=lambda entry: entry['val_top1_accuracy'], default=None)
+  console.info(
+      '%s is complete: %d epochs trained (config.num_epochs=%d)%s. Checkpoints: %s '
+      '(latest) and %s (best). To train on, rerun with a larger --config.num_epochs '
+      '(e.g. --config.num_epochs=%d).', workdir, meta['epoch'], num_epochs,
+      '' if best is None else (f'; best val top-1 {best["val_top1_accuracy"]:.4f} '
+                               f'at epoch {best["epoch"]}'),
+      workdir / LATEST, workdir / BEST, 2 * meta['epoch'])
+  return history[-1] if history else {}

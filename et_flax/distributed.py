@@ -1,4 +1,4 @@
-"""Starting a multi-process (multi-host) run, and each host's rows of a batch.
+"""Processes and devices: starting a multi-host run, the mesh, each host's rows.
 
 A run over several processes is started either by hand, with the arguments
 of `jax.distributed.initialize` (every process gets the same coordinator
@@ -14,10 +14,20 @@ folders (shared storage).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import pathlib
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from et_flax import workdir_lock
 
 # A process that stops sending heartbeats for this long is taken as lost: the
 # others then exit (JAX's coordination service names the lost process), rather
@@ -118,3 +128,60 @@ def host_rows(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
     raise AssertionError(f'Process {jax.process_index()} holds rows {sorted(zip(starts, stops))} '
                          f'of a batch of {batch_size}: not one contiguous block')
   return slice(start, stop)
+
+
+# ---------------------------------------------------------------------------
+# The mesh, and batches and state on it.
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  # Auto axes: XLA propagates the batch sharding through the step, which then
+  # reads exactly as on one device.
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+  """This host's rows of a batch of `batch_size` -> global arrays split over 'data'.
+
+  `batch_size` (the global batch) may be left out on a single host.
+  """
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(
+              sharding, v, None if batch_size is None else (batch_size, *v.shape[1:]))
+          for k, v in batch.items() if k != 'file_name'}
+
+
+def batch_rows(mesh: jax.sharding.Mesh, batch_size: int) -> slice:
+  """The rows of each global batch that this host feeds."""
+  return host_rows(NamedSharding(mesh, P('data')), batch_size)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`tree` as global arrays held whole by every device (as checkpoints need)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds the workdir's run lock (process 0 for all), or raises WorkdirBusyError."""
+  lock = workdir_lock.RunLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except (workdir_lock.WorkdirBusyError, OSError) as caught:
+      error = caught
+  if jax.process_count() > 1:
+    # Every process stops together, with process 0's reason.
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if refused and error is None:
+      error = workdir_lock.WorkdirBusyError(
+          f'{workdir} could not be locked by process 0 (its log says why)')
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    lock.release()

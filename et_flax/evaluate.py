@@ -26,10 +26,12 @@ import numpy as np
 from absl import flags
 
 from et_flax import analysis
+from et_flax import augment
 from et_flax import checkpoints
 from et_flax import console
 from et_flax import input_pipeline
 from et_flax import optim
+from et_flax import settings as settings_lib
 from et_flax import train
 
 LABELED_SPLITS = ('train', 'val')
@@ -45,6 +47,7 @@ class Run:
   info: input_pipeline.DatasetInfo
   model: nn.Module
   variables: dict[str, Any]
+  settings: settings_lib.Settings  # as resolved on this machine
 
 
 def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
@@ -64,16 +67,18 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
     if saved['wnids'] != list(info.wnids):
       raise ValueError(f'{mapping_path} names other classes than the dataset gives '
                        f'for this config: {saved["wnids"][:3]}... vs {list(info.wnids[:3])}...')
-  model = train.build_model(config, info.num_classes, info.image_size)
+  settings = settings_lib.resolve(config)
+  model = settings_lib.build_model(config, settings, info.num_classes, info.image_size)
   return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta['epoch'],
-             config=config, info=info, model=model, variables=variables)
+             config=config, info=info, model=model, variables=variables,
+             settings=settings)
 
 
 def predict_logits(run: Run, split: input_pipeline.Split, batch_size: int = 256
                    ) -> np.ndarray:
   """Logits [N, classes] for every image of `split`, in its order."""
-  mode = run.config.get('preprocessing', 'rescale')
-  apply = jax.jit(lambda v, images: run.model.apply(v, train.preprocess(images, mode)))
+  mode = run.settings.preprocessing
+  apply = jax.jit(lambda v, images: run.model.apply(v, augment.preprocess(images, mode)))
   outputs = []
   for batch in input_pipeline.eval_batches(split, batch_size):
     logits = np.asarray(apply(run.variables, batch['image']))
@@ -108,7 +113,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray,
 
 
 def read_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  path = pathlib.Path(workdir) / train.HISTORY_FILE
+  path = pathlib.Path(workdir) / checkpoints.HISTORY_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path} is missing: {workdir} has no training history '
                             '(was it trained by et_flax.main?)')
@@ -185,11 +190,15 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
 def _draw_figures(workdir: pathlib.Path, split: str, history: list[dict[str, Any]],
                   report: Mapping[str, Any], logits: np.ndarray,
                   data: input_pipeline.Split, run: Run) -> None:
-  """curves.png, confusion_<split>.png and misclassified_<split>.png."""
-  drawn = [analysis.training_curves(history, workdir / 'curves.png'),
-           analysis.confusion_figure(np.asarray(report['confusion_matrix']),
+  """curves.png, confusion_<split>.png and misclassified_<split>.png.
+
+  No curves for a workdir without epochs (one made by et_flax.import_keras).
+  """
+  drawn = [analysis.confusion_figure(np.asarray(report['confusion_matrix']),
                                      run.info.class_names,
                                      workdir / f'confusion_{split}.png')]
+  if history:
+    drawn.append(analysis.training_curves(history, workdir / 'curves.png'))
   predictions = logits.argmax(axis=1)
   if (predictions != data.labels).any():
     drawn.append(analysis.misclassified_gallery(

@@ -33,10 +33,18 @@ DATASETS = ('digits', 'tiny_imagenet')
 DEFAULT_TFDS_DIR = os.path.join('~', 'tensorflow_datasets')
 _DECODE_BATCH = 1024
 
-# tf.data only: TensorFlow must never take GPU memory that JAX needs (a no-op
-# with tensorflow-cpu, but not if a GPU build of TensorFlow is installed too).
-tf.config.set_visible_devices([], 'GPU')
-tfds.disable_progress_bar()
+
+
+@functools.cache
+def setup() -> None:
+  """Keeps TensorFlow to tf.data on the CPU, and tfds quiet; once per process.
+
+  TensorFlow must never take GPU memory that JAX needs (a no-op with
+  tensorflow-cpu, but not with a GPU build of TensorFlow, as in Colab).
+  Called by `get_dataset_info`, before TensorFlow touches a device.
+  """
+  tf.config.set_visible_devices([], 'GPU')
+  tfds.disable_progress_bar()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +195,7 @@ def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
 
 def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
   """Prepares (once) the dataset named by `config.data` and selects its classes."""
+  setup()
   image_size = data_config.get('image_size')
   if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
     raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
@@ -418,13 +427,6 @@ class DeviceTrainInput:
     order = jax.device_put(order.astype(np.int32))
     for step in range(self.steps_per_epoch):
       yield self._gather(self._images, self._labels, order, step)
-
-
-def fits_on_device(split: Split, share: float = 0.5) -> bool:
-  """Whether the split takes under `share` of the first device's memory."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  limit = stats.get('bytes_limit')
-  return bool(limit) and split.images.nbytes + split.labels.nbytes < share * limit
 
 
 def eval_batches(split: Split, batch_size: int, rows: slice | None = None

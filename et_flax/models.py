@@ -66,92 +66,63 @@ ET_BLOCK_TYPES = ('residual', 'three_branch')
 HEAD_NAMES = ('predictions', 'logits', 'hidden')
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1, stride-1 convolution written as a matmul over channels.
-
-  Same parameters as `nn.Conv` with a (1, 1) kernel ('kernel' of shape
-  (1, 1, in, out) and 'bias'), so weights interchange with Keras as before.
-  XLA:CPU runs the matmul and its gradients 2.4x faster than the equivalent
-  convolution (docs/performance.md).
-  """
-  features: int
-  kernel_init: Any = KERNEL_INIT
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias
+# A layer class, or a partial of one, that the models call as a convolution
+# (flax imagenet's `conv: ModuleDef = nn.Conv`).
+ModuleDef = Any
 
 
-class OneDNNConv(nn.Module):
-  """`activation(conv(x) + bias [+ shortcut])` as one oneDNN call (CPUs, float32).
+class Conv(nn.Module):
+  """`activation(conv(x) + bias [+ shortcut])` with XLA's operations.
 
-  Same parameters as `nn.Conv` ('kernel' (kh, kw, in, out), 'bias'), so a
-  checkpoint or Keras file serves either implementation. The bias, the
-  residual sum and the activation run inside oneDNN's convolution pass, and
-  the backward pass is one call as well (`et_flax.onednn.conv_layer`, tested
-  against `lax.conv_general_dilated` in tests/test_onednn.py).
+  The models' convolution layer; `et_flax.onednn.OneDNNConv` takes the same
+  fields and call, and the same parameters ('kernel' (kh, kw, in, out) and
+  'bias', as `nn.Conv`'s), so a checkpoint or Keras file serves either. A
+  1x1, stride-1 convolution is written as a matmul over channels: XLA:CPU runs
+  it and its gradients 2.4x faster than the equivalent convolution
+  (docs/performance.md).
   """
   features: int
   kernel_size: int
   strides: int = 1
   padding: Any = 'SAME'
   activation: str = 'none'
+  dtype: Any = jnp.float32  # the compute dtype; parameters stay float32
   kernel_init: Any = KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array, shortcut: jax.Array | None = None) -> jax.Array:
-    from et_flax import onednn  # builds the FFI library at first use
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return onednn.conv_layer(x.astype(jnp.float32), kernel, bias, shortcut,
-                             strides=(self.strides, self.strides), padding=self.padding,
-                             activation=self.activation)
-
-
-CONV_IMPLS = ('xla', 'onednn')
-
-
-def _conv(features: int, kernel_size: int, name: str, strides: int = 1,
-          padding: Any = 'SAME', dtype: Any = jnp.float32,
-          impl: str = 'xla') -> nn.Module:
-  # Parameters stay float32 whatever the compute dtype.
-  if impl == 'onednn':
-    return OneDNNConv(features, kernel_size, strides=strides, padding=padding, name=name)
-  if kernel_size == 1 and strides == 1:
-    return PointwiseConv(features, name=name, dtype=dtype)
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=padding, kernel_init=KERNEL_INIT, name=name, dtype=dtype)
-
-
-def _check_conv_impl(impl: str, dtype: Any) -> None:
-  _check(impl in CONV_IMPLS, f'conv_impl must be one of {list(CONV_IMPLS)}, got {impl!r}')
-  _check(impl != 'onednn' or jnp.dtype(dtype) == jnp.float32,
-         f'the oneDNN convolution computes in float32 only, but the compute dtype is '
-         f"{jnp.dtype(dtype).name}; use conv_impl='xla' or compute_dtype='float32'")
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if k == 1 and self.strides == 1:
+      y = jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides),
+                                       self.padding,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y + bias
+    if shortcut is not None:
+      y = y + shortcut
+    return y if self.activation == 'none' else ACTIVATIONS[self.activation](y)
 
 
 def _conv_act(x: jax.Array, features: int, kernel_size: int, name: str, activation: str,
-              *, impl: str, dtype: Any, shortcut: jax.Array | None = None,
+              *, conv: ModuleDef, dtype: Any, shortcut: jax.Array | None = None,
               strides: int = 1, padding: Any = 'SAME',
               norm: Callable[[], nn.Module] | None = None) -> jax.Array:
   """`activation(norm(conv(x)) [+ shortcut])`, the conv named `name`.
 
-  With conv_impl 'onednn' and no norm this is one fused oneDNN call; `norm`
-  makes the normalisation layer (after the conv, so parameters keep Keras's
-  order).
+  Without a norm the layer applies the shortcut and activation itself (one
+  fused call with oneDNN); `norm` makes the normalisation layer (after the
+  conv, so parameters keep Keras's order).
   """
-  if impl == 'onednn' and norm is None:
-    return OneDNNConv(features, kernel_size, strides=strides, padding=padding,
-                      activation=activation, name=name)(x, shortcut)
-  x = _conv(features, kernel_size, name, strides=strides, padding=padding, dtype=dtype,
-            impl=impl)(x)
-  if norm is not None:
-    x = norm()(x)
+  if norm is None:
+    return conv(features, kernel_size, strides=strides, padding=padding,
+                activation=activation, dtype=dtype, name=name)(x, shortcut)
+  x = conv(features, kernel_size, strides=strides, padding=padding, dtype=dtype,
+           name=name)(x)
+  x = norm()(x)
   if shortcut is not None:
     x = x + shortcut
   return x if activation == 'none' else ACTIVATIONS[activation](x)
@@ -180,7 +151,7 @@ class ETBlock(nn.Module):
   batch_norm: bool = False
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -189,7 +160,7 @@ class ETBlock(nn.Module):
       norm = (functools.partial(_et_batch_norm, train, f'bn{i}', self.dtype)
               if self.batch_norm else None)
       x = _conv_act(x, self.features, self.kernel_size, f'conv{i}', self.activation,
-                    impl=self.conv_impl, dtype=self.dtype, norm=norm,
+                    conv=self.conv, dtype=self.dtype, norm=norm,
                     shortcut=shortcut if i == 2 else None)
       if i < 2:
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -208,7 +179,7 @@ class ETThreeBranchBlock(nn.Module):
   batch_norm: bool = False
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -223,11 +194,11 @@ class ETThreeBranchBlock(nn.Module):
         if i > 0:
           y = Dropout(self.dropout_rate, deterministic=not train)(y)
         y = _conv_act(y, self.features, kernel_size, f'branch{kernel_size}_conv{i}',
-                      self.activation, impl=self.conv_impl, dtype=self.dtype,
+                      self.activation, conv=self.conv, dtype=self.dtype,
                       norm=norm(f'branch{kernel_size}_bn{i}'))
       outputs.append(y)
     return _conv_act(jnp.concatenate(outputs, axis=-1), self.features, 1, 'merge_conv',
-                     self.activation, impl=self.conv_impl, dtype=self.dtype,
+                     self.activation, conv=self.conv, dtype=self.dtype,
                      norm=norm('merge_bn'))
 
 
@@ -265,8 +236,8 @@ class ETNet(nn.Module):
       (footnote 3: one three-branch block per module).
     dtype: the compute dtype (bfloat16 on GPUs); parameters stay float32
       and the logits come out float32.
-    conv_impl: 'xla' (`lax` convolutions, 1x1s as matmuls) or 'onednn'
-      (`OneDNNConv`, float32, CPUs); the parameters are the same.
+    conv: the convolution layer: `Conv` (XLA's) or `onednn.OneDNNConv`
+      (float32, CPUs); the parameters are the same.
   """
   num_classes: int
   width: int = 1
@@ -280,7 +251,7 @@ class ETNet(nn.Module):
   kernel_sizes: Sequence[int] = (1, 3)
   block_type: str = 'residual'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
 
   def __post_init__(self):
     _check_positive_int('model.num_classes', self.num_classes)
@@ -295,7 +266,6 @@ class ETNet(nn.Module):
            f'{self.block_type!r}')
     _check_rate('model.dropout_rate', self.dropout_rate)
     _check_rate('model.block_dropout_rate', self.block_dropout_rate)
-    _check_conv_impl(self.conv_impl, self.dtype)
     _check(len(self.kernel_sizes) > 0 and all(
         isinstance(k, int) and k > 0 and k % 2 == 1 for k in self.kernel_sizes),
            'model.kernel_sizes must be a non-empty sequence of positive odd '
@@ -313,7 +283,7 @@ class ETNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     act = ACTIVATIONS[self.activation]
-    x = _conv_act(x, self.features, 3, 'stem_conv', self.activation, impl=self.conv_impl,
+    x = _conv_act(x, self.features, 3, 'stem_conv', self.activation, conv=self.conv,
                   dtype=self.dtype,
                   norm=(functools.partial(_et_batch_norm, train, 'stem_bn', self.dtype)
                         if self.batch_norm else None))
@@ -322,7 +292,7 @@ class ETNet(nn.Module):
     block_args = dict(features=self.features, activation=self.activation,
                       batch_norm=self.batch_norm,
                       dropout_rate=self.block_dropout_rate, dtype=self.dtype,
-                      conv_impl=self.conv_impl)
+                      conv=self.conv)
     if self.block_type == 'residual':
       for i in range(2 * self.num_modules):
         kernel_size = self.kernel_sizes[i % len(self.kernel_sizes)]
@@ -343,14 +313,13 @@ class _KerasApplication(nn.Module):
   num_classes: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
 
   min_image_size = 32  # five stride-2 stages, as Keras requires
 
   def __post_init__(self):
     _check_positive_int('model.num_classes', self.num_classes)
     _check_rate('model.dropout_rate', self.dropout_rate)
-    _check_conv_impl(self.conv_impl, self.dtype)
     super().__post_init__()
 
   def head(self, x: jax.Array, train: bool) -> jax.Array:
@@ -375,7 +344,7 @@ class VGG16(_KerasApplication):
     for stage, (features, num_convs) in enumerate(self.stages, start=1):
       for i in range(1, num_convs + 1):
         x = _conv_act(x, features, 3, f'block{stage}_conv{i}', 'relu',
-                      impl=self.conv_impl, dtype=self.dtype)
+                      conv=self.conv, dtype=self.dtype)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return self.head(x, train)
 
@@ -396,7 +365,7 @@ class ResNet50(_KerasApplication):
       return nn.BatchNorm(use_running_average=not train, momentum=0.99,
                           epsilon=1.001e-5, name=name, dtype=self.dtype)
 
-    conv = functools.partial(_conv, dtype=self.dtype, impl=self.conv_impl)
+    conv = functools.partial(self.conv, dtype=self.dtype)
 
     x = conv(64, 7, strides=2, padding=((3, 3), (3, 3)), name='conv1_conv')(x)
     x = nn.relu(batch_norm('conv1_bn')(x))
@@ -444,7 +413,7 @@ def _check_rate(field: str, value: Any) -> None:
 
 def create_model(model_config: Mapping[str, Any], num_classes: int,
                  image_size: int | None = None, dtype: Any = jnp.float32,
-                 conv_impl: str = 'xla') -> nn.Module:
+                 conv: ModuleDef = Conv) -> nn.Module:
   """Builds the model named by `model_config['name']` from the other fields.
 
   Args:
@@ -453,8 +422,8 @@ def create_model(model_config: Mapping[str, Any], num_classes: int,
     image_size: side of the square input images; checked against what the
       model can take when given.
     dtype: the compute dtype (parameters stay float32).
-    conv_impl: 'xla' or 'onednn' (see `OneDNNConv`); the parameters are the
-      same either way.
+    conv: the convolution layer, `Conv` (XLA's) or `onednn.OneDNNConv`;
+      the parameters are the same either way.
 
   Raises:
     ValueError: unknown name or field, a field out of range, or an image
@@ -467,13 +436,13 @@ def create_model(model_config: Mapping[str, Any], num_classes: int,
                      f'names: {sorted(MODELS)}')
   model_class = MODELS[name]
   valid = {f.name for f in dataclasses.fields(model_class)
-           if f.init and f.name not in ('parent', 'name', 'num_classes', 'dtype', 'conv_impl')}
+           if f.init and f.name not in ('parent', 'name', 'num_classes', 'dtype', 'conv')}
   unknown = sorted(set(fields) - valid)
   if unknown:
     raise ValueError(f'Unknown field(s) {unknown} in config.model for model '
                      f'{name!r}; valid fields: {sorted(valid)}')
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  model = model_class(num_classes=num_classes, dtype=dtype, conv_impl=conv_impl, **fields)
+  model = model_class(num_classes=num_classes, dtype=dtype, conv=conv, **fields)
   if image_size is not None:
     _check_positive_int('data.image_size', image_size)
     if image_size < model.min_image_size:
@@ -495,6 +464,11 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
           for path, leaf in leaves}
+
+
+def backbone_mask(params: Mapping[str, Any]) -> dict[str, bool]:
+  """True for the backbone's layers, False for the classifier head (HEAD_NAMES)."""
+  return {name: name not in HEAD_NAMES for name in params}
 
 
 def count_params(params: Mapping[str, Any]) -> int:

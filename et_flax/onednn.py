@@ -6,8 +6,8 @@ TensorFlow uses there, runs a 3x3, 16-channel convolution with both
 gradients about 8x faster. `conv_layer` computes
 `activation(conv(x, kernel) + bias [+ shortcut])` as one oneDNN call (the
 sums and the activation are post-ops of the convolution) under a
-`jax.custom_vjp` whose backward pass is one call too; `models.OneDNNConv`
-wraps it with `nn.Conv`'s parameters. `lax.conv_general_dilated` stays the
+`jax.custom_vjp` whose backward pass is one call too; `OneDNNConv`
+wraps it as a layer for the models, with `models.Conv`'s parameters. `lax.conv_general_dilated` stays the
 reference it is tested against (tests/test_onednn.py) and the path on every
 other backend (`config.conv_impl`).
 
@@ -16,7 +16,7 @@ system's C++ compiler against the `onednn-cpu-gomp` wheel (the library) and
 `onednn-devel-cpu-gomp` (its headers), both installed with et_flax on Linux
 x86-64, and jaxlib's FFI headers. The shared library is cached under
 $ET_FLAX_CACHE (default ~/.cache/et_flax), keyed by the source, the compiler,
-jaxlib and oneDNN, so the build (about 5 s) happens once per machine. Where
+jaxlib and oneDNN, so the build (docs/performance.md gives its time) happens once per machine. Where
 it cannot be built or loaded, `config.conv_impl='auto'` falls back to XLA's
 convolution with a warning (`available`); 'onednn' fails with the reason.
 
@@ -41,12 +41,15 @@ import tempfile
 import threading
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from absl import logging
 from jax import lax
+
+from et_flax import models
 
 SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
 LIBRARY_DIST = 'onednn-cpu-gomp'
@@ -203,9 +206,9 @@ def _one_line(reason: str) -> str:
 def available() -> tuple[bool, str]:
   """Whether the oneDNN convolution builds and loads here; if not, why.
 
-  Tried once per process: `config.conv_impl='auto'` asks this wherever it is
-  resolved, so that every place agrees, a failed build is not retried, and
-  the warning that 'auto' falls back to XLA's convolutions is logged once.
+  Tried once per process (`settings.resolve` asks it for
+  `config.conv_impl='auto'`), so that a failed build is not retried and the
+  warning that 'auto' falls back to XLA's convolutions is logged once.
   """
   try:
     load()
@@ -342,3 +345,36 @@ def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   if shortcut.shape != out_shape:
     raise ValueError(f'the shortcut has shape {shortcut.shape}, the output {out_shape}')
   return _residual_layer(x, kernel, bias, shortcut, strides, pads, activation)
+
+
+class OneDNNConv(nn.Module):
+  """`activation(conv(x) + bias [+ shortcut])` as one oneDNN call (CPUs, float32).
+
+  A convolution layer for the models (`models.create_model(..., conv=OneDNNConv)`):
+  the same fields, call and parameters as `models.Conv` ('kernel' (kh, kw,
+  in, out), 'bias'), so a checkpoint or Keras file serves either
+  implementation. The bias, the residual sum and the activation run inside
+  oneDNN's convolution pass, and the backward pass is one call as well
+  (`conv_layer`, tested against `lax.conv_general_dilated` in
+  tests/test_onednn.py).
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: Any = 'SAME'
+  activation: str = 'none'
+  dtype: Any = jnp.float32  # float32 only: the layer's single compute dtype
+  kernel_init: Any = models.KERNEL_INIT
+
+  @nn.compact
+  def __call__(self, x: jax.Array, shortcut: jax.Array | None = None) -> jax.Array:
+    if jnp.dtype(self.dtype) != jnp.float32:
+      raise ValueError('the oneDNN convolution computes in float32 only, but the compute '
+                       f"dtype is {jnp.dtype(self.dtype).name}; use conv_impl='xla' or "
+                       "compute_dtype='float32'")
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return conv_layer(x.astype(jnp.float32), kernel, bias, shortcut,
+                      strides=(self.strides, self.strides), padding=self.padding,
+                      activation=self.activation)

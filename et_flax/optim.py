@@ -272,13 +272,36 @@ def create_schedule(optimizer_config: Mapping[str, Any], steps_per_epoch: int,
                    f'schedules: {list(SCHEDULES)}')
 
 
-def create_optimizer(optimizer_config: Mapping[str, Any], steps_per_epoch: int = 1,
-                     num_epochs: int = 1) -> optax.GradientTransformationExtraArgs:
-  """The optax chain of `config.optimizer` (see the module docstring).
+class FreezeState(NamedTuple):
+  count: jax.Array  # updates so far
+  masked: optax.MaskedState
 
-  Its `update` takes `value=` (the step's training loss) for the plateau.
+
+def freeze(steps: int, frozen: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Zeroes the gradients of the `frozen(params)` parameters for `steps` updates.
+
+  big_vision's freezing (`optax.masked(optax.set_to_zero(), mask)`), gated
+  by the update count: first in the chain, so that the optimizer after it
+  sees zero gradients there (its moments decay, its step count runs on).
+  `frozen` maps the parameters to a tree (or prefix) of booleans.
   """
-  fields = {k: v for k, v in dict(optimizer_config).items()}
+  zero = optax.masked(optax.set_to_zero(), frozen)
+
+  def init(params):
+    return FreezeState(count=jnp.zeros([], jnp.int32), masked=zero.init(params))
+
+  def update(updates, state, params=None):
+    zeroed, masked = zero.update(updates, state.masked, params)
+    still_frozen = state.count < steps
+    updates = jax.tree.map(lambda z, u: jnp.where(still_frozen, z, u), zeroed, updates)
+    return updates, FreezeState(count=optax.safe_increment(state.count), masked=masked)
+
+  return optax.GradientTransformation(init, update)
+
+
+def check_optimizer_config(optimizer_config: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first bad field of `config.optimizer`."""
+  fields = dict(optimizer_config)
   name = fields.get('name')
   if name not in OPTIMIZERS:
     raise ValueError(f'Unknown optimizer {name!r} in config.optimizer.name; valid '
@@ -297,6 +320,24 @@ def create_optimizer(optimizer_config: Mapping[str, Any], steps_per_epoch: int =
   if fields.get('schedule', 'constant') not in SCHEDULES:
     raise ValueError(f'Unknown schedule {fields["schedule"]!r} in '
                      f'config.optimizer.schedule; valid schedules: {list(SCHEDULES)}')
+
+
+def create_optimizer(optimizer_config: Mapping[str, Any], steps_per_epoch: int = 1,
+                     num_epochs: int = 1, frozen_steps: int = 0,
+                     frozen: Callable[[Any], Any] | None = None
+                     ) -> optax.GradientTransformationExtraArgs:
+  """The optax chain of `config.optimizer` (see the module docstring).
+
+  Its `update` takes `value=` (the step's training loss) for the plateau.
+  With `frozen_steps`, the `frozen(params)` parameters get no gradient in
+  the first `frozen_steps` updates (`freeze`).
+  """
+  check_optimizer_config(optimizer_config)
+  if frozen_steps and frozen is None:
+    raise ValueError('frozen_steps needs `frozen`, the parameters to freeze')
+  fields = dict(optimizer_config)
+  name, learning_rate = fields['name'], fields['learning_rate']
+  own = {k: v for k, v in fields.items() if k not in _SCHEDULE_FIELDS}
   direction, momentum = OPTIMIZERS[name](**own)
   schedule = create_schedule(fields, steps_per_epoch, num_epochs)
   plateau_config = dict(fields.get('plateau') or {})
@@ -308,7 +349,8 @@ def create_optimizer(optimizer_config: Mapping[str, Any], steps_per_epoch: int =
     plateau = keras_reduce_on_plateau(steps_per_epoch, factor=1.0, patience=2**30)
   # Without momentum the rate's sign makes the update a descent step; with
   # it, the momentum element subtracts.
-  elements = [('direction', direction), ('plateau', plateau),
+  elements = [('freeze', freeze(frozen_steps, frozen))] if frozen_steps else []
+  elements += [('direction', direction), ('plateau', plateau),
               ('learning_rate', scale_by_learning_rate(schedule, 1.0 if momentum else -1.0))]
   if momentum is not None:
     elements.append(('momentum', momentum))

@@ -1,7 +1,7 @@
 """The benchmark's numbers are consistent with what it times."""
 
-from conftest import tiny_config
-from et_flax import benchmark
+from helpers import tiny_config
+from et_flax.benchmark import steps as benchmark
 
 
 def test_benchmark_reports_every_quantity(digits_data_dir):

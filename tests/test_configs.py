@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_imagenet_tree
+from helpers import make_tiny_imagenet_tree
 from et_flax import augment
 from et_flax import models
 from et_flax import optim

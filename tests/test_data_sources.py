@@ -15,8 +15,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import make_tiny_imagenet_tree
-from conftest import tiny_config
+from helpers import make_tiny_imagenet_tree
+from helpers import tiny_config
 from et_flax import digits
 from et_flax import filelock
 from et_flax import input_pipeline

@@ -5,7 +5,6 @@ convolutions (no oneDNN custom call), bfloat16 compute, whole batches, and a
 train step that donates its state.
 """
 
-import functools
 import importlib
 import re
 
@@ -15,6 +14,7 @@ import pytest
 
 from et_flax import augment
 from et_flax import optim
+from et_flax import settings
 from et_flax import train
 
 IMAGE_SIZE = 32  # the smallest VGG16 takes
@@ -25,28 +25,26 @@ def _lower_for_cuda(config_name):
   assert config.conv_impl == config.compute_dtype == config.micro_batch_size == 'auto'
   if config.model.name == 'et':
     config.model.num_modules = 1
-  model = train.build_model(config, 10, IMAGE_SIZE, backend='gpu')
+  gpu_settings = settings.resolve(config, settings.Platform('gpu'))
+  model = settings.build_model(config, gpu_settings, 10, IMAGE_SIZE)
   tx = optim.create_optimizer(config.optimizer, 10, 2)
   state = train.create_train_state(jax.random.key(0), model, IMAGE_SIZE, tx)
   batch = {'image': jnp.zeros((8, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8),
            'label': jnp.zeros(8, jnp.int32)}
-  loss_fn = optim.get_loss(config.loss)
-  train_step = jax.jit(functools.partial(
-      train.train_step, loss_fn=loss_fn, augment_config=augment.config_from(config.augment),
-      micro_batches=train.micro_batches(config, 'gpu')), donate_argnums=(0,))
-  eval_step = jax.jit(functools.partial(train.eval_step, loss_fn=loss_fn))
-  lowered_train = train_step.trace(state, batch, jax.random.key(1)).lower(
+  steps = train.make_steps(gpu_settings, optim.get_loss(config.loss),
+                           augment.config_from(config.augment))
+  lowered_train = steps.train.trace(state, batch, jax.random.key(1)).lower(
       lowering_platforms=('cuda',))
-  lowered_eval = eval_step.trace(state, {**batch, 'mask': jnp.ones(8, bool)}).lower(
+  lowered_eval = steps.eval.trace(state, {**batch, 'mask': jnp.ones(8, bool)}).lower(
       lowering_platforms=('cuda',))
-  return config, state, lowered_train.as_text(), lowered_eval.as_text()
+  return gpu_settings, state, lowered_train.as_text(), lowered_eval.as_text()
 
 
 @pytest.mark.parametrize('config_name', ['dropout_200', 'vgg16_20'])
 def test_gpu_steps_lower_for_cuda_with_xla_convolutions_in_bfloat16(config_name):
-  config, state, train_text, eval_text = _lower_for_cuda(config_name)
-  assert train.conv_impl(config, 'gpu') == 'xla'
-  assert train.micro_batches(config, 'gpu') == 1
+  gpu_settings, state, train_text, eval_text = _lower_for_cuda(config_name)
+  assert gpu_settings.conv_impl == 'xla'
+  assert gpu_settings.micro_batches == 1
   for text in (train_text, eval_text):
     assert 'custom_call' not in text and 'et_onednn' not in text
     convolutions = re.findall(r'stablehlo\.convolution.*?: \((.*?)\) ->', text)

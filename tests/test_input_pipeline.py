@@ -8,8 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
-from conftest import counting_split
-from conftest import make_tiny_imagenet_tree
+from helpers import counting_split
+from helpers import make_tiny_imagenet_tree
 from et_flax import digits
 from et_flax import input_pipeline
 

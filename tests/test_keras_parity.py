@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from et_flax import input_pipeline
 from et_flax import keras_import
 from et_flax import keras_models
 from et_flax import models
 from et_flax import optim
+from et_flax import settings
 from et_flax import train
 
 keras = pytest.importorskip('keras')
@@ -269,7 +270,7 @@ def test_jit_adam_training_on_the_digits_equals_keras(digits_data_dir, tmp_path,
   split = input_pipeline.load_split(info, 'train')
   batches = list(input_pipeline.TrainInput(split, config.batch_size, seed=0).epoch(0))
   assert len(batches) == 42  # one epoch
-  model = train.build_model(config, info.num_classes, 8)
+  model = settings.build_model(config, settings.resolve(config), info.num_classes, 8)
   tx = optim.create_optimizer(config.optimizer, len(batches), config.num_epochs)
   state = train.create_train_state(jax.random.key(0), model, 8, tx)
   initial = jax.tree.map(np.asarray, {'params': state.params,

@@ -104,7 +104,7 @@ def _run_processes(log_dir, args, name):
 
 
 def _history(workdir):
-  lines = (pathlib.Path(workdir) / train.HISTORY_FILE).read_text().splitlines()
+  lines = (pathlib.Path(workdir) / checkpoints.HISTORY_FILE).read_text().splitlines()
   return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
           for line in lines]
 
@@ -208,7 +208,7 @@ def test_a_lost_process_stops_the_other_and_a_restart_resumes_exactly(runs, tmp_
   workdir = tmp_path / 'killed'
   processes = Processes(tmp_path, _args(workdir, runs['data_dir']), name='killed')
   try:
-    history = workdir / train.HISTORY_FILE
+    history = workdir / checkpoints.HISTORY_FILE
     deadline = time.time() + 300
     while time.time() < deadline and processes.procs[1].poll() is None:
       if history.exists() and history.read_text().count('\n') >= 1:

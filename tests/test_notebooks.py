@@ -10,8 +10,8 @@ import re
 import nbformat
 from nbclient import NotebookClient
 
-from conftest import make_tiny_imagenet_tree
-from conftest import tiny_config
+from helpers import make_tiny_imagenet_tree
+from helpers import tiny_config
 from et_flax import evaluate
 from et_flax import train
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import tiny_config
+from helpers import tiny_config
 from et_flax import input_pipeline
 from et_flax import models
 from et_flax import onednn
 from et_flax import optim
+from et_flax import settings
 from et_flax import train
 
 pytestmark = pytest.mark.skipif(not onednn.platform_supported(),
@@ -104,7 +105,7 @@ def test_et_model_equals_the_xla_model():
                   'kernel_sizes': [1, 3, 5]},
                  {'name': 'et', 'num_modules': 1, 'block_type': 'three_branch'}):
     xla = models.create_model(config, 10, 8)
-    ours = models.create_model(config, 10, 8, conv_impl='onednn')
+    ours = models.create_model(config, 10, 8, conv=onednn.OneDNNConv)
     params = xla.init(jax.random.key(0), images)
     assert (jax.tree.map(jnp.shape, params)
             == jax.tree.map(jnp.shape, ours.init(jax.random.key(0), images)))
@@ -125,7 +126,7 @@ def test_et_model_equals_the_xla_model():
 def test_vgg16_equals_the_xla_model():
   images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
   xla = models.create_model({'name': 'vgg16'}, 5, 32)
-  ours = models.create_model({'name': 'vgg16'}, 5, 32, conv_impl='onednn')
+  ours = models.create_model({'name': 'vgg16'}, 5, 32, conv=onednn.OneDNNConv)
   params = xla.init(jax.random.key(0), images)
   assert_close(jax.jit(ours.apply)(params, images), xla.apply(params, images), rtol=1e-4)
 
@@ -136,8 +137,8 @@ def test_training_steps_match_the_xla_steps(digits_data_dir):
   batch = next(input_pipeline.TrainInput(split, 64, seed=0).epoch(0))
   tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 3e-3})
   results = {}
-  for impl in ('xla', 'onednn'):
-    model = models.create_model({'name': 'et', 'num_modules': 1}, 10, 8, conv_impl=impl)
+  for impl, conv in (('xla', models.Conv), ('onednn', onednn.OneDNNConv)):
+    model = models.create_model({'name': 'et', 'num_modules': 1}, 10, 8, conv=conv)
     state = train.create_train_state(jax.random.key(0), model, 8, tx)
     step = jax.jit(functools.partial(train.train_step, micro_batches=4,
                                      loss_fn=optim.categorical_crossentropy))
@@ -152,37 +153,38 @@ def test_training_steps_match_the_xla_steps(digits_data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def _a_cpu_with_onednn(monkeypatch, devices=1):
-  """The machine 'auto' sees, whatever this one is."""
-  monkeypatch.setattr(jax, 'device_count', lambda: devices)
-  monkeypatch.setattr(onednn, 'platform_supported', lambda: True)
-  monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
-
-
 def test_conv_impl_choice(monkeypatch):
   from configs import default
   config = default.get_config()
   assert config.conv_impl == 'auto'
-  _a_cpu_with_onednn(monkeypatch)
-  assert train.conv_impl(config, 'cpu') == 'onednn'  # one CPU device, float32
-  assert train.conv_impl(config, 'gpu') == 'xla'
+
+  def conv_impl(backend='cpu', devices=1):
+    # The machine 'auto' sees, whatever this one is: a Linux x86-64 CPU.
+    platform = settings.Platform(backend, device_count=devices, onednn_platform=True)
+    return settings.resolve(config, platform).conv_impl
+
+  monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
+  assert conv_impl('cpu') == 'onednn'  # one CPU device, float32
+  assert conv_impl('gpu') == 'xla'
   monkeypatch.setattr(onednn, 'available', lambda: (False, 'no compiler'))
-  assert train.conv_impl(config, 'cpu') == 'xla'
-  _a_cpu_with_onednn(monkeypatch, devices=2)
-  assert train.conv_impl(config, 'cpu') == 'xla'
-  _a_cpu_with_onednn(monkeypatch)
+  assert conv_impl('cpu') == 'xla'
+  monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
+  assert conv_impl('cpu', devices=2) == 'xla'
   config.compute_dtype = 'bfloat16'
-  assert train.conv_impl(config, 'cpu') == 'xla'
+  assert conv_impl('cpu') == 'xla'
   config.conv_impl = 'onednn'
   with pytest.raises(ValueError, match='computes in float32 only'):
-    train.build_model(config, 10, 8)
+    conv_impl('cpu')
+  with pytest.raises(ValueError, match='computes in float32 only'):
+    models.create_model({'name': 'et', 'num_modules': 1}, 10, 8, dtype=jnp.bfloat16,
+                        conv=onednn.OneDNNConv).init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
   config.conv_impl = 'fast'
   with pytest.raises(ValueError, match=r"conv_impl must be one of \['auto', 'xla', 'onednn'\]"):
-    train.conv_impl(config)
+    conv_impl('cpu')
   config.conv_impl = 'onednn'
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config.compute_dtype = 'auto'
   with pytest.raises(ValueError, match="runs on CPUs only, but JAX's backend is 'gpu'"):
-    train.conv_impl(config)
+    conv_impl('gpu')
 
 
 def test_bad_inputs_are_refused():

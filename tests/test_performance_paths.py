@@ -8,19 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import counting_split
-from conftest import tiny_config
+from helpers import counting_split
+from helpers import tiny_config
 from et_flax import checkpoints
+from et_flax import distributed
 from et_flax import input_pipeline
 from et_flax import models
 from et_flax import onednn
 from et_flax import optim
+from et_flax import settings
 from et_flax import train
 
 
 def test_device_resident_epochs_equal_the_host_batches():
   split = counting_split(23)
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   device = input_pipeline.DeviceTrainInput(
       split, batch_size=5, seed=3,
       sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
@@ -78,12 +80,19 @@ def test_bfloat16_steps_stay_close_to_float32(digits_data_dir):
 
 
 def test_compute_dtype_choice():
-  assert train.compute_dtype('auto', 'cpu') == jnp.float32
-  assert train.compute_dtype('auto', 'gpu') == jnp.bfloat16
-  assert train.compute_dtype('float32', 'gpu') == jnp.float32
-  assert train.compute_dtype('bfloat16') == jnp.bfloat16
+  from configs import default
+
+  def resolved(name, backend):
+    config = default.get_config()
+    config.compute_dtype, config.conv_impl = name, 'xla'
+    return settings.resolve(config, settings.Platform(backend)).dtype
+
+  assert resolved('auto', 'cpu') == jnp.float32
+  assert resolved('auto', 'gpu') == jnp.bfloat16
+  assert resolved('float32', 'gpu') == jnp.float32
+  assert resolved('bfloat16', 'cpu') == jnp.bfloat16
   with pytest.raises(ValueError, match="compute_dtype must be one of"):
-    train.compute_dtype('float16')
+    resolved('float16', 'cpu')
 
 
 def test_no_recompiles_after_the_first_step(digits_data_dir, tmp_path, monkeypatch):
@@ -126,28 +135,78 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   from configs import default
   config = default.get_config()
   # The machine 'auto' sees: one CPU device where oneDNN builds, whatever this one is.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  monkeypatch.setattr(onednn, 'platform_supported', lambda: True)
+  cpu = settings.Platform('cpu', onednn_platform=True)
   monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
-  assert train.micro_batch_size(config) == 4  # oneDNN convolutions
-  assert train.micro_batch_size(config, 'gpu') == 0  # whole batches on GPUs
+
+  def micro_batch_size(platform=cpu):
+    return settings.resolve(config, platform).micro_batch_size
+
+  assert micro_batch_size() == 4  # oneDNN convolutions
+  assert micro_batch_size(settings.Platform('gpu')) == 0  # whole batches on GPUs
   config.conv_impl = 'xla'
-  assert train.micro_batch_size(config) == 8
+  assert micro_batch_size() == 8
   config.conv_impl = 'auto'
   config.model.width = 4  # 1 MiB per image: the floor
-  assert train.micro_batch_size(config) == 4
+  assert micro_batch_size() == 4
   config.model.width = 1
   config.data.image_size = 16  # 32 images fit in 1 MiB: whole batches of 32
   config.batch_size = 32
-  assert train.micro_batch_size(config) == 0
+  assert micro_batch_size() == 0
   config.batch_size = 96  # 64 images fit in 1 MiB; the largest divisor below is 48
-  assert train.micro_batch_size(config) == 48
+  assert micro_batch_size() == 48
   config.data.image_size = 64
   config.batch_size = 6  # the floor, 4, does not divide 6: the next size that does is 6
-  assert train.micro_batch_size(config) == 0
+  assert micro_batch_size() == 0
   config.batch_size = 128
   config.model.batch_norm = True
-  assert train.micro_batch_size(config) == 0  # parts would be normalised apart
+  assert micro_batch_size() == 0  # parts would be normalised apart
   config.micro_batch_size = '32'  # as --config.micro_batch_size=32 arrives
-  assert train.micro_batches(config) == 4
+  assert settings.resolve(config, cpu).micro_batches == 4
+
+
+def test_micro_batches_hold_one_part_of_activations_at_a_time():
+  """The compiled step's scratch memory stays below the whole batch's activations.
+
+  Plain E.T. with one module at 32x32, batch 64 in 8 parts: every conv output
+  is 32 * 32 * 16 float32 = 64 KiB per image, and the backward pass keeps the
+  7 conv outputs (stem and two blocks of three), 448 KiB per image, 28 MiB for
+  the batch. With the parts ordered (`train._after`), one part's 3.5 MiB is
+  alive at a time (8.6 MiB of scratch in all, measured); without the order
+  XLA:CPU hoists every part's forward pass (61 MiB, measured). The bound is
+  half the batch's conv outputs.
+  """
+  size, batch_size, parts = 32, 64, 8
+  model = models.create_model({'name': 'et', 'num_modules': 1}, 10, size)
+  tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 1e-3})
+  state = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), model, size,
+                                                          tx))
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  step = jax.jit(functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy,
+                                   micro_batches=parts))
+  compiled = step.lower(state, batch, jax.random.key(1)).compile()
+  batch_conv_outputs = batch_size * 7 * size * size * 16 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < batch_conv_outputs / 2
+
+
+def test_device_resident_auto_keeps_the_images_on_an_accelerator_with_room():
+  from configs import default
+  config = default.get_config()
+  config.conv_impl = 'xla'
+  gpu = settings.Platform('gpu', device_memory=1000)
+
+  def resident(platform, train_bytes):
+    return settings.resolve(config, platform, train_bytes=train_bytes).device_resident
+
+  assert resident(gpu, 499) is True  # under half the device's memory
+  assert resident(gpu, 500) is False
+  assert resident(gpu, None) is False  # not decoded yet: unknown size
+  assert resident(settings.Platform('cpu', device_memory=1000), 10) is False
+  assert resident(settings.Platform('gpu', process_count=2, device_memory=1000), 10) is False
+  config.data.device_resident = True
+  assert resident(settings.Platform('cpu'), None) is True  # explicit: never changed
+  with pytest.raises(ValueError, match='device_resident=True works on one host only'):
+    resident(settings.Platform('gpu', process_count=2), None)
+  config.data.device_resident = 'yes'
+  with pytest.raises(ValueError, match="device_resident must be 'auto', True or False"):
+    resident(gpu, None)

@@ -11,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def test_pipeline_benchmark_writes_its_table_and_json(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.pipeline_benchmark', f'--workdir={tmp_path}',
+      [sys.executable, '-m', 'et_flax.benchmark', 'pipeline', f'--workdir={tmp_path}',
        '--num_classes=4', '--train_per_class=5', '--num_val=3', '--batch_size=4',
        '--epochs=2'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False,

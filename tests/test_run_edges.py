@@ -16,13 +16,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import tiny_config
+from helpers import tiny_config
 from et_flax import checkpoints
 from et_flax import digits
 from et_flax import evaluate
 from et_flax import input_pipeline
+from et_flax import models
 from et_flax import onednn
 from et_flax import optim
+from et_flax import settings
 from et_flax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -70,7 +72,9 @@ def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path):
   assert "$CXX='/nonexistent/g++'" in warnings[0]
   assert 'apt-get install g++' in warnings[0] and 'docs/performance.md' in warnings[0]
   assert 'xla convolutions' in output  # the run's model line agrees
-  history = (workdir / train.HISTORY_FILE).read_text().splitlines()
+  saved = checkpoints.latest_meta(workdir)['settings']  # and so do its checkpoints
+  assert saved['conv_impl'] == 'xla' and saved['compute_dtype'] == 'float32'
+  history = (workdir / checkpoints.HISTORY_FILE).read_text().splitlines()
   assert [json.loads(line)['epoch'] for line in history] == [1]
   assert not list(cache.glob('*.so'))
 
@@ -81,16 +85,14 @@ def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path):
   assert explicit.returncode != 0
   assert "no C++ compiler found to build the oneDNN convolution (looked for " \
          "$CXX='/nonexistent/g++')" in explicit.stderr
-  assert not (tmp_path / 'explicit' / train.HISTORY_FILE).exists()
+  assert not (tmp_path / 'explicit' / checkpoints.HISTORY_FILE).exists()
 
 
 def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availability):
   from configs import default
   calls = []
   # One Linux x86-64 CPU device, where 'auto' asks for oneDNN, whatever this machine is.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  monkeypatch.setattr(onednn, 'platform_supported', lambda: True)
+  cpu = settings.Platform('cpu', onednn_platform=True)
 
   def failing_load():
     calls.append(1)
@@ -102,8 +104,11 @@ def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availabili
   monkeypatch.setattr(onednn, 'load', failing_load)
   config = default.get_config()
   with caplog.at_level(logging.WARNING):
-    resolved = [train.conv_impl(config), train.micro_batch_size(config),
-                train.build_model(config, 10, 8).conv_impl, train.conv_impl(config)]
+    first = settings.resolve(config, cpu)
+    model = settings.build_model(config, first, 10, 8)
+    resolved = [first.conv_impl, first.micro_batch_size,
+                'xla' if model.conv is models.Conv else 'onednn',
+                settings.resolve(config, cpu).conv_impl]
   assert resolved == ['xla', 8, 'xla', 'xla']  # 8: XLA's part at 64x64 (oneDNN's is 4)
   assert len(calls) == 1  # the build is not retried
   warnings = [r.getMessage() for r in caplog.records if FALLBACK_WARNING in r.getMessage()]
@@ -115,9 +120,8 @@ def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availabili
       "Set config.conv_impl='xla' to train without it.")))
   # An explicit setting is never changed: 'onednn' stays, and fails loudly.
   config.conv_impl = 'onednn'
-  assert train.conv_impl(config) == 'onednn'
   with pytest.raises(onednn.OneDNNUnavailableError, match='out of cheese'):
-    train._check_run_fields(config)
+    settings.resolve(config, cpu)
   assert len(calls) == 2
 
 
@@ -126,7 +130,7 @@ def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availabili
 
 def test_a_finished_run_says_so_before_decoding(trained, digits_data_dir, monkeypatch,
                                                 caplog):
-  history = (trained / train.HISTORY_FILE).read_text()
+  history = (trained / checkpoints.HISTORY_FILE).read_text()
   saved = [json.loads(line) for line in history.splitlines()]
 
   def no_decoding(*args, **kwargs):
@@ -143,14 +147,14 @@ def test_a_finished_run_says_so_before_decoding(trained, digits_data_dir, monkey
   assert str(trained / checkpoints.LATEST) in message
   assert str(trained / checkpoints.BEST) in message
   assert 'rerun with a larger --config.num_epochs' in message
-  assert (trained / train.HISTORY_FILE).read_text() == history
+  assert (trained / checkpoints.HISTORY_FILE).read_text() == history
 
 
 def test_a_shape_change_names_the_arrays_and_cannot_resume(trained, digits_data_dir,
                                                            tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
-  history = (workdir / train.HISTORY_FILE).read_text()
+  history = (workdir / checkpoints.HISTORY_FILE).read_text()
   wider = tiny_config(digits_data_dir, num_epochs=2)
   wider.model.width = 2
   with pytest.raises(ValueError) as error:
@@ -163,7 +167,7 @@ def test_a_shape_change_names_the_arrays_and_cannot_resume(trained, digits_data_
   assert '  ... and 3 more' in message and 'stem_conv' not in message
   assert 'opt_state' not in message
   assert 'cannot resume, even with --allow_config_change' in message
-  assert (workdir / train.HISTORY_FILE).read_text() == history
+  assert (workdir / checkpoints.HISTORY_FILE).read_text() == history
 
 
 def test_an_optimizer_state_change_points_to_a_warm_start(tmp_path):

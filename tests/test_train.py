@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from et_flax import augment
 from et_flax import input_pipeline
 from et_flax import models
@@ -191,7 +191,7 @@ def _numpy_et_1x1(params, images):
 
 
 def test_jit_frozen_backbone_for_two_epochs_then_training_equals_numpy():
-  """train_step with frozen_steps = N x steps_per_epoch (what train_and_evaluate
+  """The optimizer with frozen_steps = N x steps_per_epoch (what train_and_evaluate
   makes of freeze_backbone_epochs=N): N = 2 epochs of two steps frozen, then
   two epochs training, on E.T. with batch norm (1x1 images, so the NumPy
   reference is matmuls).
@@ -232,10 +232,11 @@ def test_jit_frozen_backbone_for_two_epochs_then_training_equals_numpy():
 
   variables = jax.tree_util.tree_map_with_path(draw, shapes)
   learning_rate, steps_per_epoch, frozen_epochs = 1e-2, 2, 2
-  tx = optim.create_optimizer({'name': 'adam', 'learning_rate': learning_rate})
+  tx = optim.create_optimizer({'name': 'adam', 'learning_rate': learning_rate},
+                              frozen_steps=frozen_epochs * steps_per_epoch,
+                              frozen=models.backbone_mask)
   state = train.create_train_state(jax.random.key(0), model, 1, tx, variables)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy,
-                                   frozen_steps=frozen_epochs * steps_per_epoch))
+  step = jax.jit(functools.partial(train.train_step, loss_fn=optim.categorical_crossentropy))
   backbone = lambda params: {k: v for k, v in params.items() if k not in models.HEAD_NAMES}
   head = lambda params: {k: v for k, v in params.items() if k in models.HEAD_NAMES}
   initial_backbone = jax.tree.map(np.asarray, backbone(state.params))

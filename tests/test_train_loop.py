@@ -14,8 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from et_flax import checkpoints
+from et_flax import distributed
 from et_flax import optim
 from et_flax import train
 
@@ -45,7 +46,7 @@ def _final_state(workdir):
 
 
 def _history(workdir):
-  lines = (pathlib.Path(workdir) / train.HISTORY_FILE).read_text().splitlines()
+  lines = (pathlib.Path(workdir) / checkpoints.HISTORY_FILE).read_text().splitlines()
   return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
           for line in lines]
 
@@ -63,10 +64,10 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, t
   subprocess.run(_main_args(reference, digits_data_dir, num_epochs), cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
   epoch_seconds = min(e['epoch_seconds'] for e in map(
-      json.loads, (reference / train.HISTORY_FILE).read_text().splitlines()))
+      json.loads, (reference / checkpoints.HISTORY_FILE).read_text().splitlines()))
 
   interrupted = tmp_path / 'interrupted'
-  history_path = interrupted / train.HISTORY_FILE
+  history_path = interrupted / checkpoints.HISTORY_FILE
 
   def epochs_done():
     return len(history_path.read_text().splitlines()) if history_path.exists() else 0
@@ -153,7 +154,7 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
 
 def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
   train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
-  history = (tmp_path / train.HISTORY_FILE).read_text()
+  history = (tmp_path / checkpoints.HISTORY_FILE).read_text()
   changed = tiny_config(digits_data_dir, num_epochs=2)
   changed.model.width = 2
   changed.optimizer.learning_rate = 3e-3
@@ -162,7 +163,7 @@ def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
   assert 'model.width: 1 -> 2' in str(error.value)
   assert 'optimizer.learning_rate: 0.001 -> 0.003' in str(error.value)
   assert 'num_epochs' not in str(error.value)  # run length may change
-  assert (tmp_path / train.HISTORY_FILE).read_text() == history
+  assert (tmp_path / checkpoints.HISTORY_FILE).read_text() == history
   # Run length alone is accepted, and the run continues.
   summary = train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2),
                                      str(tmp_path))
@@ -221,7 +222,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_data_dir, tmp_
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
-    from et_flax import models, optim, train
+    from et_flax import distributed, models, optim, train
     assert jax.device_count() == 4, jax.devices()
     model = models.ETNet(num_classes=10, num_modules=1)
     tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 1e-2})
@@ -238,11 +239,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
       single, _ = one_device(jax.device_put(single, jax.devices()[0]),
                              jax.device_put(b, jax.devices()[0]), key)
 
-    mesh = train.make_mesh()
-    meshed = train.replicate(state, mesh)
+    mesh = distributed.make_mesh()
+    meshed = distributed.replicate(state, mesh)
     mesh_step = jax.jit(step)
     for b in batches:
-      meshed, metrics = mesh_step(meshed, train.shard_batch(b, mesh), key)
+      meshed, metrics = mesh_step(meshed, distributed.shard_batch(b, mesh), key)
     assert meshed.params['stem_conv']['kernel'].sharding.is_fully_replicated
 
     pmapped = jax.tree.map(lambda x: jnp.stack([x] * 4), state)
@@ -300,7 +301,7 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
       process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                  stderr=log_file)
     try:
-      history_path = workdir / train.HISTORY_FILE
+      history_path = workdir / checkpoints.HISTORY_FILE
       deadline = time.time() + 300
       # Wait for the loop to be under way (an epoch line: compiled), then
       # signal at a random moment of the next epoch, its evaluation or save.

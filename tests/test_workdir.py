@@ -49,7 +49,7 @@ def test_a_busy_workdir_refuses_a_second_run_and_serves_readers(digits_data_dir,
     training = subprocess.Popen(_main(workdir, digits_data_dir, 300), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_file)
   try:
-    history = workdir / train.HISTORY_FILE
+    history = workdir / checkpoints.HISTORY_FILE
     deadline = time.time() + 300
     while time.time() < deadline and training.poll() is None:
       if history.exists() and history.read_text().count('\n') >= 2:

@@ -1,6 +1,6 @@
 """Speed of a config's train and eval steps, its input pipeline, and Keras's.
 
-  python -m et_flax.benchmark --config=configs/default.py [--batch_size=128]
+  python -m et_flax.benchmark [steps] --config=configs/default.py [--batch_size=128]
       [--steps=10] [--keras=true] [--pipeline_images=10000] [--epoch_images=100000]
       [--json=bench.json]
 
@@ -17,7 +17,6 @@ on the pixels.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import pathlib
 import resource
@@ -33,10 +32,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from et_flax import augment
+from et_flax import distributed
 from et_flax import input_pipeline
 from et_flax import onednn
 from et_flax import optim
-from et_flax import pipeline_benchmark
+from et_flax import fake_data
+from et_flax import settings as settings_lib
 from et_flax import train
 
 FLAGS = flags.FLAGS
@@ -53,28 +54,24 @@ def _median_seconds(fn, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def time_steps(config, batch_size: int, image_size: int, num_classes: int,
-               steps: int, warmup: int) -> dict[str, Any]:
-  """Compile time and median seconds of our train and eval steps."""
-  model = train.build_model(config, num_classes, image_size)
+def time_steps(config, settings: settings_lib.Settings, batch_size: int, image_size: int,
+               num_classes: int, steps: int, warmup: int) -> dict[str, Any]:
+  """Compile time and median seconds of our train and eval steps (`train.make_steps`)."""
+  model = settings_lib.build_model(config, settings, num_classes, image_size)
   tx = optim.create_optimizer(config.optimizer, steps_per_epoch=100, num_epochs=10)
-  mesh = train.make_mesh()
-  state = train.replicate(train.create_train_state(jax.random.key(0), model, image_size,
-                                                   tx), mesh)
+  mesh = distributed.make_mesh()
+  state = distributed.replicate(train.create_train_state(jax.random.key(0), model,
+                                                         image_size, tx), mesh)
   rng = np.random.default_rng(0)
   host_batch = {'image': rng.integers(0, 256, (batch_size, image_size, image_size, 3),
                                       dtype=np.uint8),
                 'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
-  batch = train.shard_batch(host_batch, mesh)
-  loss_fn = optim.get_loss(config.loss)
-  step = jax.jit(functools.partial(
-      train.train_step, loss_fn=loss_fn, augment_config=augment.config_from(config.augment),
-      preprocessing=config.get('preprocessing', 'rescale'),
-      micro_batches=batch_size // micro if (micro := train.micro_batch_size(config))
-      else 1), donate_argnums=(0,))
+  batch = distributed.shard_batch(host_batch, mesh)
+  run_steps = train.make_steps(settings, optim.get_loss(config.loss),
+                               augment.config_from(config.augment))
   key = jax.random.key(1)
   start = time.perf_counter()
-  compiled = step.lower(state, batch, key).compile()
+  compiled = run_steps.train.lower(state, batch, key).compile()
   compile_seconds = time.perf_counter() - start
 
   holder = {'state': state}
@@ -84,11 +81,9 @@ def time_steps(config, batch_size: int, image_size: int, num_classes: int,
     return metrics
 
   train_seconds = _median_seconds(train_once, steps, warmup)
-  eval_batch = {**batch, 'mask': train.shard_batch(
+  eval_batch = {**batch, 'mask': distributed.shard_batch(
       {'mask': np.ones(batch_size, bool)}, mesh)['mask']}
-  evaluate = jax.jit(functools.partial(train.eval_step, loss_fn=loss_fn,
-                                       preprocessing=config.get('preprocessing', 'rescale')))
-  eval_seconds = _median_seconds(lambda: evaluate(holder['state'], eval_batch),
+  eval_seconds = _median_seconds(lambda: run_steps.eval(holder['state'], eval_batch),
                                  steps, warmup)
   return {'compile_seconds': compile_seconds, 'train_step_seconds': train_seconds,
           'train_images_per_second': batch_size / train_seconds,
@@ -130,8 +125,9 @@ def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
     per_class = max(1, num_images // 200)
-    root = pipeline_benchmark.write_random_tree(scratch / 'tiny-imagenet-200', 200,
-                                                per_class, num_val=10)
+    root = fake_data.write_tiny_imagenet_tree(
+        scratch / 'tiny-imagenet-200', fake_data.random_wnids(200), per_class,
+        num_val=10, pixels='random')
     data_config = {'name': 'tiny_imagenet', 'data_dir': str(root),
                    'image_size': image_size, 'tfds_dir': str(scratch / 'tfds')}
     info = input_pipeline.get_dataset_info(data_config)
@@ -144,7 +140,7 @@ def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
     cached_rate = count / (time.perf_counter() - start)
 
     # Feed real steps from the pipeline: how long does the step wait?
-    mesh = train.make_mesh()
+    mesh = distributed.make_mesh()
     state, compiled = timing['state'], timing['step']
     key = jax.random.key(1)
     wait = total = 0.0
@@ -154,7 +150,7 @@ def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
       start = time.perf_counter()
       batch = next(batches)
       fetched = time.perf_counter()
-      state, metrics = compiled(state, train.shard_batch(batch, mesh), key)
+      state, metrics = compiled(state, distributed.shard_batch(batch, mesh), key)
       jax.block_until_ready(metrics)
       wait += fetched - start
       total += time.perf_counter() - start
@@ -177,7 +173,7 @@ def time_device_epoch(config, batch_size: int, image_size: int, num_images: int,
       images=rng.integers(0, 256, (num_images, image_size, image_size, 3), dtype=np.uint8),
       labels=rng.integers(0, timing['num_classes'], num_images).astype(np.int32),
       file_names=())
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   device_input = input_pipeline.DeviceTrainInput(
       split, batch_size, seed=0,
       sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
@@ -206,19 +202,18 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
   # The micro-batch choice ('auto') and its check depend on both sizes.
   config = copy.deepcopy(config)
   config.batch_size, config.data.image_size = batch_size, image_size
-  train.check_micro_batch_size(config)
+  settings = settings_lib.resolve(config)
   num_classes = config.data.classes if isinstance(config.data.classes, int) else len(
       config.data.classes)
   num_classes = num_classes or 200
-  timing = time_steps(config, batch_size, image_size, num_classes, steps, warmup)
+  timing = time_steps(config, settings, batch_size, image_size, num_classes, steps, warmup)
   timing['num_classes'] = num_classes
   results = {'config_model': config.model.to_dict(), 'batch_size': batch_size,
              'image_size': image_size, 'device': str(jax.devices()[0]),
              'device_count': jax.device_count(),
-             'compute_dtype': str(train.compute_dtype(config.get('compute_dtype',
-                                                                 'float32')).__name__),
-             'micro_batch_size': train.micro_batch_size(config),
-             'conv_impl': train.conv_impl(config)}
+             'compute_dtype': settings.compute_dtype,
+             'micro_batch_size': settings.micro_batch_size,
+             'conv_impl': settings.conv_impl}
   if results['conv_impl'] == 'onednn':
     results['onednn_version'] = onednn.version()
   results.update({k: v for k, v in timing.items()
@@ -277,7 +272,7 @@ def main(argv):
     pathlib.Path(FLAGS.json).write_text(json.dumps(results, indent=1))
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'A config file with get_config().')
   flags.DEFINE_integer('batch_size', 0, 'Batch size (default: the config\'s).')
   flags.DEFINE_integer('image_size', 0, 'Image side (default: the config\'s).')
@@ -291,4 +286,4 @@ if __name__ == '__main__':
                        'images (100000: a Tiny ImageNet epoch).')
   flags.DEFINE_string('json', '', 'Also write the results here.')
   flags.mark_flag_as_required('config')
-  app.run(main)
+

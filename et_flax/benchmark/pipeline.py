@@ -1,6 +1,6 @@
 """Measures the input pipeline on a generated tree in the Tiny ImageNet layout.
 
-  python -m et_flax.pipeline_benchmark --train_per_class=100 --workdir=/tmp/pipe
+  python -m et_flax.benchmark pipeline --train_per_class=100 --workdir=/tmp/pipe
 
 Writes a tree of random 64x64 JPEGs (200 classes by default), then times, as
 a run would meet them: preparing the tfds dataset (once per machine), decoding
@@ -14,41 +14,13 @@ import json
 import pathlib
 import time
 
-import numpy as np
 from absl import app
 from absl import flags
-from PIL import Image
 
+from et_flax import fake_data
 from et_flax import input_pipeline
 
 FLAGS = flags.FLAGS
-
-
-def write_random_tree(root: pathlib.Path, num_classes: int, train_per_class: int,
-                      num_val: int, seed: int = 0) -> pathlib.Path:
-  """A tree in the official layout of smooth random JPEGs (quality 75)."""
-  rng = np.random.default_rng(seed)
-  wnids = [f'n{i:08d}' for i in rng.permutation(num_classes)]
-
-  def save(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    Image.fromarray(small).resize((64, 64), Image.Resampling.BILINEAR).save(
-        path, quality=75)
-
-  root.mkdir(parents=True)
-  (root / 'wnids.txt').write_text(''.join(f'{w}\n' for w in wnids))
-  (root / 'words.txt').write_text(''.join(f'{w}\tclass {w}\n' for w in wnids))
-  for w in wnids:
-    for i in range(train_per_class):
-      save(root / 'train' / w / 'images' / f'{w}_{i}.JPEG')
-  lines = []
-  for i in range(num_val):
-    save(root / 'val' / 'images' / f'val_{i}.JPEG')
-    lines.append(f'val_{i}.JPEG\t{wnids[i % num_classes]}\t0\t0\t63\t63\n')
-  (root / 'val' / 'val_annotations.txt').write_text(''.join(lines))
-  save(root / 'test' / 'images' / 'test_0.JPEG')
-  return root
 
 
 def main(argv):
@@ -56,7 +28,9 @@ def main(argv):
   workdir = pathlib.Path(FLAGS.workdir)
   root = workdir / 'tiny-imagenet-200'
   if not root.exists():
-    write_random_tree(root, FLAGS.num_classes, FLAGS.train_per_class, FLAGS.num_val)
+    fake_data.write_tiny_imagenet_tree(root, fake_data.random_wnids(FLAGS.num_classes),
+                                       FLAGS.train_per_class, FLAGS.num_val,
+                                       pixels='random')
   data_config = {'name': 'tiny_imagenet', 'data_dir': str(root), 'image_size': 64,
                  'tfds_dir': str(workdir / 'tfds')}
   num_train = FLAGS.num_classes * FLAGS.train_per_class
@@ -96,7 +70,7 @@ def main(argv):
     print(f'{f"train batches, epoch {epoch}":<34}{num_train / rate:>10.2f}{rate:>12.0f}')
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Scratch folder for the tree and the tfds data.')
   flags.DEFINE_integer('num_classes', 200, 'Classes in the generated tree.')
   flags.DEFINE_integer('train_per_class', 100,
@@ -105,4 +79,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 128, 'Training batch size.')
   flags.DEFINE_integer('epochs', 3, 'Training epochs to iterate.')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+

@@ -1,6 +1,6 @@
 """Ways to write E.T.'s convolutions, timed with both gradients on this machine.
 
-  python benchmarks/conv_variants.py
+  python -m et_flax.benchmark conv_variants
 
 One convolution on a 128x64x64x16 batch (E.T.'s shape at batch 128), 16
 filters, forward plus input and weight gradients, jitted, median of 3 runs.
@@ -78,7 +78,12 @@ def timed(fn, *args):
   return statistics.median(times) * 1e3
 
 
-def main():
+def define_flags() -> None:
+  """No flags."""
+
+
+def main(argv=()):
+  del argv
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((128, 64, 64, 16), np.float32))
   kernels = {k: jnp.asarray(rng.random((k, k, 16, 16), np.float32) * 0.1) for k in (3, 1)}
@@ -96,6 +101,3 @@ def main():
       cells.append(timed(grads, w, x))
     print(f'{name:<24}{cells[0]:>10.0f}{cells[1]:>10.0f}')
 
-
-if __name__ == '__main__':
-  main()

@@ -1,0 +1,247 @@
+"""What a run computes with: its config's 'auto' values resolved, once.
+
+`resolve(config, platform)` turns the config's performance fields
+(`conv_impl`, `compute_dtype`, `micro_batch_size`, `data.device_resident`)
+and `preprocessing` into a frozen `Settings`. It is the only place that
+knows what 'auto' means; training, evaluation, prediction and the benchmark
+use its result, the run's header shows it and the checkpoints keep it.
+`Platform.current()` is the only query of the machine (JAX's backend, its
+devices and their memory); tests pass a `Platform` of their own.
+
+`check_run_config` checks the fields a training run reads directly (sizes,
+counts, the freeze), beside it, before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from et_flax import augment
+from et_flax import models
+from et_flax import onednn
+
+CONV_IMPLS = ('auto', 'xla', 'onednn')
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+PREPROCESSING = augment.PREPROCESSING
+
+# Per image, CPUs train fastest on parts of the batch whose activations stay
+# in cache (docs/performance.md has the sweeps): 'auto' picks the largest part
+# whose widest activation tensor fits this budget, but no fewer images than
+# the floor (smaller parts only add per-call overhead and compile time).
+AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
+# 'auto' keeps the training images on the accelerator when they take less
+# than this share of its memory.
+DEVICE_RESIDENT_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+  """The machine a run's steps run on."""
+  backend: str  # JAX's default backend: 'cpu', 'gpu', 'tpu'
+  device_count: int = 1  # over every process
+  process_count: int = 1
+  device_memory: int | None = None  # bytes on the first local device, if known
+  # A Linux x86-64 machine, where et_flax's oneDNN convolution can be built.
+  onednn_platform: bool = False
+
+  @classmethod
+  def current(cls) -> Platform:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return cls(backend=jax.default_backend(), device_count=jax.device_count(),
+               process_count=jax.process_count(), device_memory=stats.get('bytes_limit'),
+               onednn_platform=onednn.platform_supported())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How a run computes: every 'auto' of its config decided."""
+  backend: str
+  conv_impl: str  # 'xla' (lax convolutions, 1x1s as matmuls) or 'onednn'
+  compute_dtype: str  # 'float32' or 'bfloat16'; parameters stay float32
+  micro_batch_size: int  # images per gradient-accumulation part; 0: whole batches
+  micro_batches: int  # parts per batch (1: whole batches)
+  device_resident: bool  # training images kept on the device, batches built there
+  preprocessing: str  # 'rescale' (x / 255) or 'caffe' (Keras Applications')
+
+  @property
+  def dtype(self) -> Any:
+    return COMPUTE_DTYPES[self.compute_dtype]
+
+  @property
+  def conv(self) -> models.ModuleDef:
+    """The convolution layer the models are built with."""
+    return onednn.OneDNNConv if self.conv_impl == 'onednn' else models.Conv
+
+  def describe(self) -> str:
+    """One line for the run's header."""
+    parts = [f'{self.conv_impl} convolutions', f'{self.compute_dtype} compute',
+             f'gradients accumulated over parts of {self.micro_batch_size}'
+             if self.micro_batch_size else 'whole batches',
+             f'{self.preprocessing} preprocessing']
+    if self.device_resident:
+      parts.append('training images on the device')
+    return ', '.join(parts)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
+            train_bytes: int | None = None) -> Settings:
+  """`config`'s settings on `platform` (default: this machine's).
+
+  'auto' means: oneDNN convolutions for float32 on one CPU device of a Linux
+  x86-64 machine where they build (`onednn.available`, tried once per process,
+  a warning saying why not), XLA's elsewhere; bfloat16 on GPUs and TPUs,
+  float32 on CPUs; on CPUs and for models without batch norm, micro-batches
+  whose activations fit AUTO_CPU_MICRO_BUDGET, whole batches elsewhere; the
+  training images on the device when one host has an accelerator with room
+  for them (`train_bytes`, once decoded; unknown means no). An explicit value
+  is never changed: `conv_impl='onednn'` is built here, and fails loudly if it
+  cannot be.
+
+  Raises:
+    ValueError: a value that is not one of the choices, or that cannot run
+      on `platform`.
+    onednn.OneDNNUnavailableError: `conv_impl='onednn'` where it cannot be
+      built or loaded.
+  """
+  platform = platform or Platform.current()
+  dtype = _compute_dtype(config.get('compute_dtype', 'auto'), platform)
+  conv_impl = _conv_impl(config.get('conv_impl', 'auto'), dtype, platform)
+  micro = _micro_batch_size(config, conv_impl, platform)
+  preprocessing = config.get('preprocessing', 'rescale')
+  if preprocessing not in PREPROCESSING:
+    raise ValueError(f'config.preprocessing must be one of {list(PREPROCESSING)}, got '
+                     f'{preprocessing!r}')
+  return Settings(backend=platform.backend, conv_impl=conv_impl, compute_dtype=dtype,
+                  micro_batch_size=micro,
+                  micro_batches=config.batch_size // micro if micro else 1,
+                  device_resident=_device_resident(config, platform, train_bytes),
+                  preprocessing=preprocessing)
+
+
+def _compute_dtype(name: str, platform: Platform) -> str:
+  if name == 'auto':
+    return 'float32' if platform.backend == 'cpu' else 'bfloat16'
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.compute_dtype must be one of '
+                     f'{["auto", *COMPUTE_DTYPES]}, got {name!r}')
+  return name
+
+
+def _conv_impl(name: str, dtype: str, platform: Platform) -> str:
+  if name not in CONV_IMPLS:
+    raise ValueError(f'config.conv_impl must be one of {list(CONV_IMPLS)}, got {name!r}')
+  on_cpu = platform.backend == 'cpu'
+  if name == 'auto':
+    use = (on_cpu and platform.device_count == 1 and platform.onednn_platform
+           and dtype == 'float32' and onednn.available()[0])
+    return 'onednn' if use else 'xla'
+  if name == 'onednn':
+    if not on_cpu:
+      raise ValueError("config.conv_impl='onednn' runs on CPUs only, but JAX's backend is "
+                       f"{platform.backend!r}; use 'auto' or 'xla'")
+    if dtype != 'float32':
+      raise ValueError('the oneDNN convolution computes in float32 only, but the compute '
+                       f"dtype is {dtype}; use conv_impl='xla' or compute_dtype='float32'")
+    onednn.load()  # builds it now, before any data is read, or says why it cannot
+  return name
+
+
+def _micro_setting(config: ml_collections.ConfigDict) -> Any:
+  # The default config holds a string ('auto'), so a command-line override
+  # arrives as one too: '16' means 16.
+  micro = config.get('micro_batch_size', 'auto')
+  return int(micro) if isinstance(micro, str) and micro.isdigit() else micro
+
+
+def _activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
+  """Float32 bytes of the model's widest activation tensor, per image."""
+  channels = 64 if config.model.name == 'vgg16' else 16 * config.model.get('width', 1)
+  return config.data.image_size ** 2 * channels * 4
+
+
+def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
+                      platform: Platform) -> int:
+  """config.micro_batch_size, with 'auto' resolved (0: whole batches).
+
+  'auto' is 4 images for plain E.T. at 64x64 with the oneDNN convolutions, 8
+  with XLA's, whole batches at 16x16: the largest divisor of the batch whose
+  activations fit AUTO_CPU_MICRO_BUDGET, at least its floor.
+  """
+  micro, batch = _micro_setting(config), config.batch_size
+  if micro != 'auto':
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 0 or (
+        micro and batch % micro):
+      raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
+                       f'divide config.batch_size={batch}, got {micro!r}')
+    return micro
+  has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
+  if platform.backend != 'cpu' or has_batch_norm:
+    return 0  # batch norm would normalise the parts apart
+  budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl]
+  per_image = _activation_bytes_per_image(config)
+  fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
+  size = max(fitting[-1] if fitting else 1, min(floor, batch))
+  while batch % size:  # the floor must divide the batch too
+    size += 1
+  return 0 if size >= batch else size
+
+
+def _device_resident(config: ml_collections.ConfigDict, platform: Platform,
+                     train_bytes: int | None) -> bool:
+  setting = config.data.get('device_resident', 'auto')
+  if setting not in ('auto', True, False):
+    raise ValueError("config.data.device_resident must be 'auto', True or False, got "
+                     f'{setting!r}')
+  if setting is True and platform.process_count > 1:
+    raise ValueError('data.device_resident=True works on one host only')
+  if setting != 'auto':
+    return setting
+  return (platform.backend != 'cpu' and platform.process_count == 1
+          and train_bytes is not None and platform.device_memory is not None
+          and train_bytes < DEVICE_RESIDENT_SHARE * platform.device_memory)
+
+
+RUN_COUNTS = ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
+              'max_to_keep')
+
+
+def check_run_config(config: ml_collections.ConfigDict, platform: Platform) -> None:
+  """The fields a training run reads itself, checked before any work.
+
+  (The model, data, optimizer and augmentation fields are checked by the
+  modules that read them.)
+  """
+  for field in RUN_COUNTS:
+    value = config.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'config.{field} must be a positive integer, got {value!r}')
+  frozen = config.get('freeze_backbone_epochs', 0)
+  if not isinstance(frozen, int) or isinstance(frozen, bool) or frozen < 0:
+    raise ValueError('config.freeze_backbone_epochs must be an integer >= 0, got '
+                     f'{frozen!r}')
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % platform.device_count:
+      raise ValueError(f'config.{field}={config[field]} must be divisible by the '
+                       f'{platform.device_count} devices')
+
+
+def build_model(config: ml_collections.ConfigDict, settings: Settings, num_classes: int,
+                image_size: int | None = None) -> nn.Module:
+  """`config.model` with the settings' compute dtype and convolution layer."""
+  return models.create_model(config.model, num_classes, image_size,
+                             dtype=settings.dtype, conv=settings.conv)
+
+
+def from_dict(saved: Mapping[str, Any]) -> Settings:
+  """Settings as `Settings.to_dict` wrote them (e.g. in a checkpoint)."""
+  return Settings(**saved)

@@ -1,0 +1,40 @@
+"""Helpers the tests share (the fixtures live in conftest.py)."""
+
+import numpy as np
+
+from et_flax import fake_data
+from et_flax import input_pipeline
+
+
+def counting_split(n):
+  """A split of n 1x1 images whose pixel value and label are their index."""
+  return input_pipeline.Split(
+      images=np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
+      labels=np.arange(n, dtype=np.int32), file_names=tuple(map(str, range(n))))
+
+
+def tiny_config(data_dir, **overrides):
+  """The quickstart config shrunk for tests: 8x8 digits, one module, batch 64."""
+  from configs import quickstart
+
+  config = quickstart.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.image_size = 8
+  config.model.num_modules = 1
+  config.batch_size = 64
+  config.num_epochs = 1
+  config.update(overrides)
+  return config
+
+
+def make_tiny_imagenet_tree(root, wnids=('n02', 'n01', 'n03'), train_per_class=4,
+                            num_val=5, num_test=3, size=64):
+  """A small tree in the official Tiny ImageNet layout (`fake_data`).
+
+  wnids.txt is unsorted, words.txt lists extra synsets, the first training
+  image of the first class is a grayscale JPEG, and every image's pixels
+  encode its class (so tests can check labels after decoding).
+  """
+  return fake_data.write_tiny_imagenet_tree(root, wnids, train_per_class, num_val,
+                                            num_test, size, pixels='label',
+                                            extra_synsets=True)
