@@ -1,13 +1,17 @@
-"""Keras weight files into our Flax variables, and E.T. back out to Keras.
+"""Keras weight files into our Flax variables by layer name, and E.T. back out to Keras.
 
-Reads the three formats users bring: Keras 3 `.weights.h5`, the legacy HDF5
-`.h5` of Keras 2 / tf.keras (the format of the Keras Applications ImageNet
-files in ~/.keras/models/, e.g. `vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`)
-and whole `.keras` models. Weights map by layer name: VGG16 and ResNet50 use
-the Keras Applications names; E.T. the names of `keras_models.build_keras_et`
-(Flax module paths joined by '_'). Conv and Dense kernels have the same layout
-in both libraries (HWIO and IO); batch norm's gamma, beta, moving mean and
-variance become our scale, bias, mean and var.
+Reads the formats users bring: Keras 3 `.weights.h5`, the legacy HDF5 `.h5`
+of Keras 2 / tf.keras (the format of the Keras Applications ImageNet files in
+~/.keras/models/, e.g. `vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`),
+whole models saved as `.h5`, and whole `.keras` models. Conv and Dense kernels
+have the same layout in both libraries (HWIO and IO); batch norm's gamma,
+beta, moving mean and variance become our scale, bias, mean and var.
+
+Layers are mapped by name (`import_keras_weights`): VGG16 and ResNet50 with
+the Keras Applications names, E.T. with those of `keras_models.build_keras_et`
+(Flax module paths joined by '_'). An E.T. written in anyone's Keras code,
+whatever its layer names, is imported by structure:
+`keras_structure.import_keras_et`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ KERAS_TOP_LAYERS = ('fc1', 'fc2', 'predictions')
 HEAD_LAYERS = ('predictions', 'logits')
 
 
-def _read_h5(file: h5py.File, source: str) -> dict[str, list[np.ndarray]]:
+def _read_h5(file: h5py.Group, source: str) -> tuple[dict[str, list[np.ndarray]], bool]:
+  """{layer name: arrays}, and whether the file lists the layers in the model's order."""
+  if 'layer_names' not in file.attrs and 'model_weights' in file:
+    return _read_h5(file['model_weights'], source)  # a whole model saved as .h5
   if 'layer_names' in file.attrs:  # legacy HDF5 (Keras 2, tf.keras, ImageNet files)
     weights = {}
     for raw in file.attrs['layer_names']:
@@ -37,8 +44,8 @@ def _read_h5(file: h5py.File, source: str) -> dict[str, list[np.ndarray]]:
                for n in group.attrs.get('weight_names', [])]
       if names:
         weights[name] = [np.asarray(group[n]) for n in names]
-    return weights
-  if 'layers' in file:  # Keras 3
+    return weights, True
+  if 'layers' in file:  # Keras 3: groups by layer name, in alphabetical order
     weights = {}
     for group in file['layers'].values():
       variables = group.get('vars')
@@ -46,13 +53,15 @@ def _read_h5(file: h5py.File, source: str) -> dict[str, list[np.ndarray]]:
         continue
       name = variables.attrs.get('name', group.name.rsplit('/', 1)[-1])
       weights[str(name)] = [np.asarray(variables[str(i)]) for i in range(len(variables))]
-    return weights
+    return weights, False
   raise ValueError(f'{source} is an HDF5 file but not a Keras weights file (no '
-                   "'layer_names' attribute, no 'layers' group)")
+                   "'layer_names' attribute, no 'layers' or 'model_weights' group)")
 
 
-def read_keras_weights(path: str | pathlib.Path) -> dict[str, list[np.ndarray]]:
-  """{layer name: its arrays in Keras order} from a Keras weights file."""
+def read_weight_file(path: str | pathlib.Path) -> tuple[dict[str, list[np.ndarray]], bool]:
+  """{layer name: its arrays in Keras order}, and whether the file lists the
+  layers in the model's order (a legacy `.h5` does; a Keras 3 file sorts them
+  by name)."""
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise FileNotFoundError(f'Keras weights file {path} does not exist')
@@ -71,6 +80,11 @@ def read_keras_weights(path: str | pathlib.Path) -> dict[str, list[np.ndarray]]:
                      f'corrupt?): {error}') from error
 
 
+def read_keras_weights(path: str | pathlib.Path) -> dict[str, list[np.ndarray]]:
+  """{layer name: its arrays in Keras order} from a Keras weights file."""
+  return read_weight_file(path)[0]
+
+
 def _our_layers(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
   """{Keras name: Flax path} of every conv, dense and batch-norm layer."""
   layers = {}
@@ -86,7 +100,8 @@ def _our_layers(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
   return layers
 
 
-def _get(tree: Mapping[str, Any], path: Iterable[str]) -> Any:
+def subtree(tree: Mapping[str, Any], path: Iterable[str]) -> Any:
+  """The value at `path`, a sequence of keys, in nested mappings."""
   for key in path:
     tree = tree[key]
   return tree
@@ -116,12 +131,12 @@ def import_keras_weights(path: str | pathlib.Path, variables: Mapping[str, Any],
   for name, flax_path in ours.items():
     if name in skipped or name not in weights:
       continue
-    layer = _get(params, flax_path)
+    layer = subtree(params, flax_path)
     arrays = weights[name]
     if 'kernel' in layer:
       targets = [(layer, 'kernel'), (layer, 'bias')]
     else:
-      stats = _get(batch_stats, flax_path)
+      stats = subtree(batch_stats, flax_path)
       targets = [(layer, 'scale'), (layer, 'bias'), (stats, 'mean'), (stats, 'var')]
     if len(arrays) != len(targets):
       mismatched.append(f'{name}: {len(arrays)} arrays in the file, {len(targets)} expected')
@@ -133,9 +148,12 @@ def import_keras_weights(path: str | pathlib.Path, variables: Mapping[str, Any],
       else:
         tree[key] = array.astype(tree[key].dtype)
   if missing or extra or mismatched:
+    hint = ('. An E.T. with other layer names imports by structure: '
+            'keras_structure.import_keras_et, or python -m et_flax.import_keras'
+            if 'stem_conv' in missing else '')
     raise ValueError(f'{path} does not fit the model: layers missing from the file '
                      f'{missing}; layers the model lacks {extra}; shapes differing '
-                     f'{mismatched}')
+                     f'{mismatched}{hint}')
   return {'params': params, 'batch_stats': batch_stats}
 
 
@@ -156,13 +174,12 @@ def export_et_weights(variables: Mapping[str, Any], model_config: Mapping[str, A
     if not layer.weights:
       continue
     flax_path = ours[layer.name]
-    values = _get(params, flax_path)
+    values = subtree(params, flax_path)
     if 'kernel' in values:
       arrays = [values['kernel'], values['bias']]
     else:
-      stats = _get(batch_stats, flax_path)
+      stats = subtree(batch_stats, flax_path)
       arrays = [values['scale'], values['bias'], stats['mean'], stats['var']]
     layer.set_weights([np.asarray(a) for a in arrays])
   keras_model.save_weights(path)
   return path
-

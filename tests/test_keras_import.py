@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import make_tiny_imagenet_tree
 from et_flax import keras_import
 from et_flax import keras_models
 from et_flax import models
@@ -171,10 +172,10 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 
 def test_jit_caffe_preprocessing_equals_keras():
-  from et_flax import train
+  from et_flax import augment
   images = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
   expected = keras.applications.vgg16.preprocess_input(images.copy())
-  got = jax.jit(lambda x: train.preprocess(x, 'caffe'))(images)
+  got = jax.jit(lambda x: augment.preprocess(x, 'caffe'))(images)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
   np.testing.assert_allclose(got, keras.applications.resnet50.preprocess_input(images.copy()),
                              rtol=1e-6, atol=1e-4)
@@ -188,7 +189,6 @@ def test_pretrained_config_starts_from_the_keras_backbone(tmp_path):
   import subprocess
   import sys
 
-  from conftest import make_tiny_imagenet_tree
   from et_flax import checkpoints
 
   repo = pathlib.Path(__file__).resolve().parent.parent
