@@ -13,15 +13,20 @@
 // pad_right, activation = 0 none | 1 relu | 2 tanh):
 //   et_onednn_conv_fwd           (x, w, b)    -> y = act(conv(x, w) + b)
 //   et_onednn_conv_fwd_residual  (x, w, b, s) -> y = act(conv(x, w) + b + s)
-//   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw, db)
+//   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw)
 // where g = dy * act'(.) is the gradient at the pre-activation (and so the
-// shortcut's gradient), dx, dw and db the gradients of x, w and b. The bias,
+// shortcut's and, summed, the bias's: the caller sums it, as oneDNN's own bias
+// gradient adds one value at a time in float32), dx and dw the gradients of
+// x and w. Every shape is checked here against the attributes. The bias,
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
 // Primitives are built once per shape and cached; calls run one at a time
-// on one thread of their own, each on all cores (OpenMP).
+// on one thread of their own, each on all cores (OpenMP). The caches, the
+// engine and the call buffers are never destroyed: the executor thread may
+// still be in a call while the process exits.
 
+#include <algorithm>
 #include <cstdint>
 #include <condition_variable>
 #include <cstring>
@@ -68,8 +73,8 @@ struct Geometry {
 };
 
 dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
+  static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
 }
 
 // How one tensor gets from JAX's layout to the primitive's and back.
@@ -169,7 +174,7 @@ BackwardPlan MakeBackwardPlan(const Geometry& g) {
       Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
   auto weights_pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, Any(g.src_dims()), Any(g.wei_dims()),
-      Any(g.bia_dims()), Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
+      Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
   return BackwardPlan{
       dnnl::convolution_backward_data(data_pd),
       dnnl::convolution_backward_weights(weights_pd),
@@ -178,29 +183,53 @@ BackwardPlan MakeBackwardPlan(const Geometry& g) {
       MakePorts(g, data_pd.diff_src_desc(), data_pd.weights_desc(),
                 memory::desc(g.bia_dims(), Dt::f32, Tag::x), data_pd.diff_dst_desc()),
       MakePorts(g, weights_pd.src_desc(), weights_pd.diff_weights_desc(),
-                weights_pd.diff_bias_desc(), weights_pd.diff_dst_desc())};
+                memory::desc(g.bia_dims(), Dt::f32, Tag::x), weights_pd.diff_dst_desc())};
 }
 
 template <typename Plan, typename Key, typename Make>
 const Plan& Cached(const Key& key, Make make) {
-  static std::mutex mu;
-  static std::map<Key, std::unique_ptr<Plan>> plans;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = plans[key];
+  static auto* mu = new std::mutex;
+  static auto* plans = new std::map<Key, std::unique_ptr<Plan>>;
+  std::lock_guard<std::mutex> lock(*mu);
+  auto& slot = (*plans)[key];
   if (!slot) slot = std::make_unique<Plan>(make());
   return *slot;
 }
 
-// Buffers that live for one call: scratchpads and reordered tensors.
-class CallMemory {
+// Scratchpads and reordered tensors, kept from call to call: a call's n-th
+// buffer reuses the n-th block, grown when too small. Calls run one at a time
+// (on the executor's thread), so no two calls share a block; reusing them
+// spares a page fault per touched page at every call.
+class Arena {
  public:
-  explicit CallMemory(dnnl::stream& s) : s_(s) {}
-
   void* take(size_t bytes) {
-    blocks_.emplace_back(new char[bytes + 64]);
-    auto p = reinterpret_cast<uintptr_t>(blocks_.back().get());
+    if (next_ == blocks_.size()) blocks_.push_back({nullptr, 0});
+    auto& [block, size] = blocks_[next_++];
+    if (size < bytes) {
+      block.reset(new char[bytes + 64]);
+      size = bytes;
+    }
+    auto p = reinterpret_cast<uintptr_t>(block.get());
     return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
   }
+  void rewind() { next_ = 0; }
+
+ private:
+  std::vector<std::pair<std::unique_ptr<char[]>, size_t>> blocks_;
+  size_t next_ = 0;
+};
+
+Arena& CallArena() {
+  static auto* arena = new Arena;
+  return *arena;
+}
+
+// The buffers of one call, from the arena.
+class CallMemory {
+ public:
+  explicit CallMemory(dnnl::stream& s) : s_(s) { CallArena().rewind(); }
+
+  void* take(size_t bytes) { return CallArena().take(bytes); }
 
   memory scratchpad(size_t bytes) {
     return memory(memory::desc({static_cast<int64_t>(bytes)}, Dt::u8, Tag::x), Engine(),
@@ -230,7 +259,6 @@ class CallMemory {
 
  private:
   dnnl::stream& s_;
-  std::vector<std::unique_ptr<char[]>> blocks_;
 };
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
@@ -240,12 +268,32 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   sh, sw, pt, pb, pl, pr};
 }
 
+std::string Dims(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// x, w and y against each other and the attributes: y must be the output
+// the geometry gives, at least 1x1, with padding >= 0 and strides >= 1.
 ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                       ffi::Span<const int64_t> y, int64_t activation) {
+                       ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4)
     return ffi::Error::InvalidArgument("x, w and y must have rank 4 (NHWC, HWIO, NHWC)");
   if (x[3] != w[2] || y[3] != w[3] || x[0] != y[0])
-    return ffi::Error::InvalidArgument("x, w and y shapes do not match (NHWC, HWIO, NHWC)");
+    return ffi::Error::InvalidArgument("x, w and y shapes do not match (NHWC, HWIO, NHWC): " +
+                                       Dims(x) + ", " + Dims(w) + ", " + Dims(y));
+  if (sh < 1 || sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0)
+    return ffi::Error::InvalidArgument("strides must be >= 1 and padding >= 0");
+  int64_t oh = (x[1] + pt + pb - w[0]) / sh + 1, ow = (x[2] + pl + pr - w[1]) / sw + 1;
+  if (x[1] + pt + pb < w[0] || x[2] + pl + pr < w[1] || y[1] != oh || y[2] != ow)
+    return ffi::Error::InvalidArgument("y " + Dims(y) + " is not the output of x " + Dims(x) +
+                                       " and w " + Dims(w) + " with these strides and padding");
   if (activation < kNone || activation > kTanh)
     return ffi::Error::InvalidArgument("activation must be 0 (none), 1 (relu) or 2 (tanh), got " +
                                        std::to_string(activation));
@@ -297,7 +345,7 @@ class Executor {
 template <typename F>
 ffi::Error Guarded(F body) {
   std::string error;
-  Executor::Get().Run([&] {
+  auto guarded = [&] {
     try {
       body();
     } catch (const dnnl::error& e) {
@@ -305,8 +353,17 @@ ffi::Error Guarded(F body) {
               std::to_string(e.status) + ")";
     } catch (const std::exception& e) {
       error = std::string("oneDNN convolution failed: ") + e.what();
+    } catch (...) {
+      error = "oneDNN convolution failed: an unknown exception";
     }
-  });
+  };
+  try {
+    Executor::Get().Run(guarded);  // starting the executor's thread may throw too
+  } catch (const std::exception& e) {
+    error = std::string("oneDNN convolution could not run: ") + e.what();
+  } catch (...) {
+    error = "oneDNN convolution could not run: an unknown exception";
+  }
   if (!error.empty()) return ffi::Error::Internal(error);
   return ffi::Error::Success();
 }
@@ -315,9 +372,14 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                    const float* shortcut, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                    int64_t activation) {
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y->dimensions(), activation);
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
+                             pl, pr, activation);
       err.failure())
     return err;
+  if (b.element_count() != y->dimensions()[3] || b.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("the bias must have shape (" +
+                                       std::to_string(y->dimensions()[3]) + ",), got " +
+                                       Dims(b.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
   bool residual = shortcut != nullptr;
   return Guarded([&] {
@@ -352,8 +414,9 @@ ffi::Error FwdResidualImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> s,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
-  if (s.element_count() != y->element_count())
-    return ffi::Error::InvalidArgument("the shortcut must have the output's shape");
+  if (!Same(s.dimensions(), y->dimensions()))
+    return ffi::Error::InvalidArgument("the shortcut " + Dims(s.dimensions()) +
+                                       " must have the output's shape " + Dims(y->dimensions()));
   return Forward(x, w, b, s.typed_data(), y, sh, sw, pt, pb, pl, pr, activation);
 }
 
@@ -393,12 +456,20 @@ void ActivationGradient(const Geometry& g, int64_t activation, void* dy, void* y
 
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> g_out,
-                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                   ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t activation) {
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y.dimensions(), activation);
+                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                   int64_t activation) {
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb,
+                             pl, pr, activation);
       err.failure())
     return err;
+  if (!Same(dy.dimensions(), y.dimensions()) || !Same(g_out->dimensions(), y.dimensions()) ||
+      !Same(dx->dimensions(), x.dimensions()) || !Same(dw->dimensions(), w.dimensions()))
+    return ffi::Error::InvalidArgument(
+        "dy and the results must have the shapes of y, y, x and w: dy " + Dims(dy.dimensions()) +
+        ", g " + Dims(g_out->dimensions()) + ", dx " + Dims(dx->dimensions()) + ", dw " +
+        Dims(dw->dimensions()) + " for x " + Dims(x.dimensions()) + ", w " +
+        Dims(w.dimensions()) + ", y " + Dims(y.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
   return Guarded([&] {
     const auto& plan = Cached<BackwardPlan>(g.key(), [&] { return MakeBackwardPlan(g); });
@@ -416,15 +487,12 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
     mem.finish(dp.src, diff_src, dx->untyped_data());
     const Ports& wp = plan.weights_ports;
     memory diff_wei = mem.output(wp.wei, dw->untyped_data());
-    memory diff_bia = mem.output(wp.bia, db->untyped_data());
     plan.weights.execute(
         s, {{DNNL_ARG_SRC, mem.input(wp.src, x.untyped_data())},
             {DNNL_ARG_DIFF_DST, mem.input(wp.dst, g_out->untyped_data())},
             {DNNL_ARG_DIFF_WEIGHTS, diff_wei},
-            {DNNL_ARG_DIFF_BIAS, diff_bia},
             {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.weights_scratch_bytes)}});
     mem.finish(wp.wei, diff_wei, dw->untyped_data());
-    mem.finish(wp.bia, diff_bia, db->untyped_data());
     s.wait();
   });
 }
@@ -460,7 +528,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Arg<F32>()
                       .Arg<F32>()
                       .Arg<F32>()
-                      .Ret<F32>()
                       .Ret<F32>()
                       .Ret<F32>()
                       .Ret<F32>()));
