@@ -1,16 +1,28 @@
-"""The benchmark's numbers are consistent with what it times."""
+"""The benchmark's numbers are consistent with what it times, like for like."""
+
+import importlib
+
+import pytest
 
 from helpers import tiny_config
+from et_flax import augment
+from et_flax.benchmark import report_models
 from et_flax.benchmark import steps as benchmark
 
 
 def test_benchmark_reports_every_quantity(digits_data_dir):
   config = tiny_config(digits_data_dir)
+  config.augment.preset = 'five'
+  config.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9)
   results = benchmark.run(config, batch_size=16, image_size=8, steps=3, warmup=1,
                           keras=True, pipeline_images=400, epoch_images=40)
   assert results['train_images_per_second'] == 16 / results['train_step_seconds']
   assert results['ours_over_keras'] == (results['train_images_per_second']
                                         / results['keras_train_images_per_second'])
+  assert results['keras_optimizer'] == 'SGD'  # the config's optimizer on both sides
+  assert results['augmented_ours_over_keras'] == (
+      results['train_augmented_images_per_second']
+      / results['keras_train_augmented_images_per_second'])
   assert results['compile_seconds'] > 0 and results['eval_images_per_second'] > 0
   assert results['pipeline_images'] == 400
   assert 0.0 <= results['input_wait_fraction'] < 1.0
@@ -20,5 +32,54 @@ def test_benchmark_reports_every_quantity(digits_data_dir):
   assert results['device_epoch_images_per_second'] == 32 / results['device_epoch_seconds']
   table = benchmark.format_table(results)
   assert f'{results["ours_over_keras"]:.2f}x' in table
+  assert f'{results["augmented_ours_over_keras"]:.2f}x' in table
+  assert 'Keras train step, SGD' in table and 'Keras fed by ImageDataGenerator' in table
   assert 'input wait (share of step time)' in table
   assert 'device-resident epoch, 32 img' in table
+
+
+@pytest.mark.parametrize('config_name', ['default', 'optimizer_sgd_10', 'optimizer_rmsprop_10'])
+def test_keras_side_uses_the_configs_optimizer(config_name):
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  optimizer = benchmark.keras_optimizer(config.optimizer)
+  fields = dict(config.optimizer)
+  assert type(optimizer).__name__.lower() == fields['name']
+  if fields['name'] == 'sgd':
+    assert (optimizer.momentum, optimizer.nesterov) == (fields['momentum'], fields['nesterov'])
+    schedule = optimizer._learning_rate  # pylint: disable=protected-access
+    # Keras's decay: lr / (1 + decay * step), as optim's inverse_time.
+    assert float(schedule(1000)) == pytest.approx(
+        fields['learning_rate'] / (1 + fields['decay'] * 1000), rel=1e-6)
+  else:
+    assert float(optimizer.learning_rate) == pytest.approx(fields['learning_rate'])
+    assert optimizer.epsilon == fields.get('epsilon', 1e-7)
+
+
+def test_keras_generator_takes_our_ranges():
+  config = augment.PRESETS['eight']
+  generator = benchmark.keras_image_generator(config)
+  assert generator.rotation_range == config.rotation_range == 20.0
+  assert (generator.width_shift_range, generator.height_shift_range) == (0.1, 0.1)
+  assert generator.shear_range == config.shear_range
+  assert list(generator.zoom_range) == [1 - config.zoom_range, 1 + config.zoom_range]
+  assert generator.channel_shift_range == config.channel_shift_range
+  assert generator.horizontal_flip and generator.vertical_flip
+  assert generator.rescale == 1 / 255
+
+
+def test_report_models_table_goes_between_the_markers(tmp_path):
+  row = {'name': 'plain E.T.', 'batch_size': 128, 'keras_optimizer': 'Adam',
+         'train_images_per_second': 250.0, 'keras_train_images_per_second': 200.0,
+         'ours_over_keras': 1.25, 'train_augmented_images_per_second': 240.0,
+         'keras_train_augmented_images_per_second': 120.0, 'augmented_ours_over_keras': 2.0}
+  table = report_models.markdown_table([row])
+  assert table.splitlines()[2] == ('| plain E.T. | 128 | Adam | 250.0 | 200.0 | 1.25x | 240.0 '
+                                   '| 120.0 | 2.00x |')
+  docs = tmp_path / 'performance.md'
+  docs.write_text(f'# P\n{report_models.START}\nold\n{report_models.END}\nafter\n')
+  report_models.write_docs(table, 'measured so', docs)
+  assert docs.read_text() == (f'# P\n{report_models.START}\nmeasured so\n\n{table}\n'
+                              f'{report_models.END}\nafter\n')
+  docs.write_text('no markers')
+  with pytest.raises(ValueError, match='no <!-- REPORT_MODELS start -->'):
+    report_models.write_docs(table, 'note', docs)

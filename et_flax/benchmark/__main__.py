@@ -5,7 +5,7 @@ import sys
 
 from absl import app
 
-PARTS = ('steps', 'pipeline', 'conv_variants')
+PARTS = ('steps', 'report_models', 'pipeline', 'conv_variants')
 
 
 def main() -> None:

@@ -1,0 +1,104 @@
+"""Every model the report trains, timed like for like against Keras.
+
+  python -m et_flax.benchmark report_models [--steps=5] [--write_docs]
+
+Runs the `steps` benchmark (no input pipeline) for plain E.T., wide E.T.
+(k=2 and k=4), E.T. with batch norm, VGG16 and ResNet50 at 64x64, and
+prints one Markdown table: our step and Keras's without augmentation (each
+with the config's optimizer), and with the config's augmentation (ours on the
+device, Keras fed by ImageDataGenerator; 'five' for configs without one).
+`--write_docs` also puts the table in docs/performance.md, between its
+REPORT_MODELS markers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from absl import flags
+
+from et_flax.benchmark import steps
+
+FLAGS = flags.FLAGS
+DOCS = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'performance.md'
+START, END = '<!-- REPORT_MODELS start -->', '<!-- REPORT_MODELS end -->'
+
+
+def _config(name: str, **model_fields) -> Callable[[], Any]:
+  def make():
+    config = importlib.import_module(f'configs.{name}').get_config()
+    config.model.update(model_fields)
+    return config
+  return make
+
+
+# (row name, config maker, batch size): batches as the comparisons so far ran them.
+MODELS: tuple[tuple[str, Callable[[], Any], int], ...] = (
+    ('plain E.T. (`default`)', _config('default'), 128),
+    ('wide E.T., k=2 (`wide_200`)', _config('wide_200'), 128),
+    ('wide E.T., k=4 (`wide4_heavy_200`)', _config('wide4_heavy_200'), 128),
+    ('E.T. with batch norm (`default`, batch_norm)', _config('default', batch_norm=True), 128),
+    ('VGG16 (`vgg16_20`)', _config('vgg16_20'), 32),
+    ('ResNet50 (`resnet50_20`)', _config('resnet50_20'), 32),
+)
+
+
+def measure(models: Sequence[tuple[str, Callable[[], Any], int]] = MODELS,
+            image_size: int = 64, steps_count: int = 5, warmup: int = 1
+            ) -> list[dict[str, Any]]:
+  """One `steps.run` per model (augmentation 'five' where the config has none)."""
+  rows = []
+  for name, make, batch_size in models:
+    config = make()
+    if config.augment.preset == 'none':
+      config.augment.preset = 'five'
+    results = steps.run(config, batch_size, image_size, steps_count, warmup, keras=True,
+                        pipeline_images=0)
+    rows.append({'name': name, **results})
+  return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+  lines = ['| model | batch | optimizer | et_flax (img/s) | Keras (img/s) | ratio | '
+           'et_flax, augmented | Keras + ImageDataGenerator | ratio |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f'| {r["name"]} | {r["batch_size"]} | {r["keras_optimizer"]} | '
+        f'{r["train_images_per_second"]:.1f} | {r["keras_train_images_per_second"]:.1f} | '
+        f'{r["ours_over_keras"]:.2f}x | {r["train_augmented_images_per_second"]:.1f} | '
+        f'{r["keras_train_augmented_images_per_second"]:.1f} | '
+        f'{r["augmented_ours_over_keras"]:.2f}x |')
+  return '\n'.join(lines)
+
+
+def write_docs(table: str, note: str, path: pathlib.Path = DOCS) -> None:
+  """Replaces the text between the REPORT_MODELS markers of `path`."""
+  text = path.read_text()
+  if START not in text or END not in text:
+    raise ValueError(f'{path} has no {START} ... {END} markers to write the table between')
+  head, rest = text.split(START, 1)
+  _, tail = rest.split(END, 1)
+  path.write_text(f'{head}{START}\n{note}\n\n{table}\n{END}{tail}')
+
+
+def define_flags() -> None:
+  flags.DEFINE_integer('steps', 5, 'Timed steps per model (the median is reported).')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+  flags.DEFINE_bool('write_docs', False, 'Also write the table into docs/performance.md.')
+
+
+def main(argv):
+  del argv
+  rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup)
+  table = markdown_table(rows)
+  print(table)
+  if FLAGS.write_docs:
+    device = jax.devices()[0]
+    write_docs(table, f'`python -m et_flax.benchmark report_models --steps={FLAGS.steps} '
+               f'--warmup={FLAGS.warmup} --write_docs`, one run, on {device.device_kind} '
+               f'x{jax.device_count()} ({jax.default_backend()}); 64x64, \'auto\' settings.')
