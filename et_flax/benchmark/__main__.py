@@ -5,6 +5,9 @@ import sys
 
 from absl import app
 
+# Before anything imports TensorFlow: its start-up lines stay off the console.
+from et_flax import console  # noqa: F401  pylint: disable=unused-import
+
 PARTS = ('steps', 'report_models', 'pipeline', 'conv_variants')
 
 
