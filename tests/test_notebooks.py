@@ -57,7 +57,7 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
 
 def test_reproduce_report_notebook(tmp_path, monkeypatch):
   root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200', train_per_class=8)
-  monkeypatch.setenv('ET_FLAX_NOTEBOOK_CONFIG', 'dropout_200')
+  monkeypatch.setenv('ET_FLAX_NOTEBOOK_ONLY', 'dropout_200')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_DATA', str(root))
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_TFDS_DIR', str(tmp_path / 'tfds'))
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
@@ -65,12 +65,14 @@ def test_reproduce_report_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '16')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_BATCH_SIZE', '8')
   outputs = _execute('reproduce_report.ipynb', monkeypatch)
-  assert (tmp_path / 'workdir' / 'comparison.md').exists()
+  assert (tmp_path / 'workdir' / 'reproduction.md').exists()
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 1  # claims.png
   markdown = ''.join(''.join(o['data']['text/markdown']) for o in outputs
                      if 'text/markdown' in o.get('data', {}))
-  report = evaluate.evaluate_run(str(tmp_path / 'workdir'), 'best', 'val', figures=False)
-  assert (f"| workdir | et | 3 | 1 | {report['top1_accuracy']:.3f} | "
-          f"{report['top5_accuracy']:.3f} |") in markdown
+  report = evaluate.evaluate_run(str(tmp_path / 'workdir' / 'dropout_200'), 'best', 'val',
+                                 figures=False)
+  assert (f"| dropout_200 | dropout, 200 classes (the Kaggle model) | done | 3 | 1 | 1 | "
+          f"{report['top1_accuracy']:.3f} | 0.347 |") in markdown
 
 
 def test_analysis_notebook(digits_data_dir, tmp_path, monkeypatch):
