@@ -14,7 +14,10 @@ REPORT_MODELS markers.
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
+import platform
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +89,18 @@ def write_docs(table: str, note: str, path: pathlib.Path = DOCS) -> None:
   path.write_text(f'{head}{START}\n{note}\n\n{table}\n{END}{tail}')
 
 
+def machine() -> str:
+  """The accelerator, or on CPUs the processor's model name: speeds differ by CPU."""
+  device = jax.devices()[0]
+  if device.platform != 'cpu':
+    return f'{device.device_kind} x{jax.device_count()}'
+  cpuinfo = pathlib.Path('/proc/cpuinfo')
+  names = re.findall(r'^model name\s*:\s*(.+)$', cpuinfo.read_text(), re.M) if (
+      cpuinfo.exists()) else []
+  return (f'{names[0].strip()}, {len(names)} cores (CPU)' if names
+          else f'{platform.processor() or "an unnamed"} CPU, {os.cpu_count()} cores')
+
+
 def define_flags() -> None:
   flags.DEFINE_integer('steps', 5, 'Timed steps per model (the median is reported).')
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
@@ -98,7 +113,6 @@ def main(argv):
   table = markdown_table(rows)
   print(table)
   if FLAGS.write_docs:
-    device = jax.devices()[0]
     write_docs(table, f'`python -m et_flax.benchmark report_models --steps={FLAGS.steps} '
-               f'--warmup={FLAGS.warmup} --write_docs`, one run, on {device.device_kind} '
-               f'x{jax.device_count()} ({jax.default_backend()}); 64x64, \'auto\' settings.')
+               f'--warmup={FLAGS.warmup} --write_docs`, one run, on {machine()}; 64x64, '
+               "'auto' settings.")
