@@ -291,17 +291,28 @@ def _forward(x, kernel, bias, shortcut, strides, pads, activation):
 
 
 def _backward(strides, pads, activation, residuals, dy):
-  """(g, dx, dkernel, dbias), g the gradient at the pre-activation."""
-  x, kernel, y = residuals
+  """(g, dx, dkernel, dbias), g the gradient at the pre-activation; dx None
+  when x was not differentiated (the handler then skips it)."""
+  x, kernel, y, x_perturbed = residuals
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    dy = jnp.zeros(y.shape, jnp.float32)
+  dy = dy.astype(jnp.float32)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   g, dx, dkernel = jax.ffi.ffi_call(
       'et_onednn_conv_bwd', (f32(y.shape), f32(x.shape), f32(kernel.shape)),
-      vmap_method='sequential')(x, kernel, y, dy.astype(jnp.float32),
+      vmap_method='sequential')(x, kernel, y, dy, input_gradient=x_perturbed,
                                 **_attrs(strides, pads, activation))
+  if activation == 'none':
+    g = dy  # the handler leaves g unwritten: it is dy
   # The bias gradient is g's sum: XLA's reduction (a tree of partial sums)
   # keeps float32 error near 1e-7, where oneDNN's adds one value at a time
   # (relative error 2e-2 over 64x64 maps at batch 1024, tests/test_onednn.py).
-  return g, dx, dkernel, jnp.sum(g, axis=(0, 1, 2))
+  return g, dx if x_perturbed else None, dkernel, jnp.sum(g, axis=(0, 1, 2))
+
+
+def _primal(arg):
+  """A `symbolic_zeros` forward rule's argument: (value, whether it is differentiated)."""
+  return arg.value, bool(arg.perturbed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -310,8 +321,9 @@ def _layer(x, kernel, bias, strides, pads, activation):
 
 
 def _layer_fwd(x, kernel, bias, strides, pads, activation):
+  (x, x_perturbed), kernel, bias = _primal(x), kernel.value, bias.value
   y = _forward(x, kernel, bias, None, strides, pads, activation)
-  return y, (x, kernel, y)
+  return y, (x, kernel, y, x_perturbed)
 
 
 def _layer_bwd(strides, pads, activation, residuals, dy):
@@ -319,7 +331,7 @@ def _layer_bwd(strides, pads, activation, residuals, dy):
   return dx, dk, db
 
 
-_layer.defvjp(_layer_fwd, _layer_bwd)
+_layer.defvjp(_layer_fwd, _layer_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -328,8 +340,9 @@ def _residual_layer(x, kernel, bias, shortcut, strides, pads, activation):
 
 
 def _residual_layer_fwd(x, kernel, bias, shortcut, strides, pads, activation):
-  y = _forward(x, kernel, bias, shortcut, strides, pads, activation)
-  return y, (x, kernel, y)
+  (x, x_perturbed), kernel, bias = _primal(x), kernel.value, bias.value
+  y = _forward(x, kernel, bias, shortcut.value, strides, pads, activation)
+  return y, (x, kernel, y, x_perturbed)
 
 
 def _residual_layer_bwd(strides, pads, activation, residuals, dy):
@@ -337,7 +350,7 @@ def _residual_layer_bwd(strides, pads, activation, residuals, dy):
   return dx, dk, db, g
 
 
-_residual_layer.defvjp(_residual_layer_fwd, _residual_layer_bwd)
+_residual_layer.defvjp(_residual_layer_fwd, _residual_layer_bwd, symbolic_zeros=True)
 
 
 def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array,

@@ -356,3 +356,43 @@ def test_flat_dropout_masks_are_flax_dropouts_bit_for_bit(shape, rate):
   flax = nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs)
   np.testing.assert_array_equal(ours, flax)
   assert 0 < float(jnp.mean(ours == 0)) < 2 * rate
+
+
+_RNG = np.random.default_rng(0)
+# name: (input, window). Ties everywhere: ReLU zeros, integers 0..2, all zeros.
+MAX_POOL_CASES = {
+    'relu_ties': (np.maximum(_RNG.normal(size=(2, 8, 8, 5)), 0.0), 2),
+    'small_integers': (_RNG.integers(0, 3, (2, 8, 8, 5)), 2),
+    'all_zeros': (np.zeros((2, 6, 6, 3)), 2),
+    'odd_size': (np.maximum(_RNG.normal(size=(2, 7, 9, 3)), 0.0), 2),
+    'window3': (_RNG.integers(0, 3, (2, 9, 9, 4)), 3),
+    'non_square': (np.maximum(_RNG.normal(size=(3, 6, 10, 2)), 0.0), 2),
+}
+
+
+@pytest.mark.parametrize('case', list(MAX_POOL_CASES))
+def test_jit_max_pool_equals_flax_bit_for_bit(case):
+  """models.max_pool against nn.max_pool (XLA's reduce-window and, for the
+  gradient, select-and-scatter), values and gradients exactly, under jit.
+
+  With ties the gradient must go to the first maximum of each window in
+  row-major order; rows and columns cropped by VALID (odd sizes) get zero.
+  """
+  x, k = MAX_POOL_CASES[case]
+  x = jnp.asarray(x, jnp.float32)
+  n, h, w, c = x.shape
+  # NumPy draws: a jax.random draw compiles anew for every shape.
+  dy = np.random.default_rng(1).normal(size=(n, h // k, w // k, c)).astype(np.float32)
+
+  def value_and_grad(pool):  # pool(x) and the gradient of sum(pool(x) * dy)
+    loss = lambda v, dy: jnp.sum(pool(v) * dy)
+    return jax.jit(lambda x, dy: (pool(x), jax.grad(loss)(x, dy)))(x, dy)
+
+  got_y, got_dx = value_and_grad(lambda v: models.max_pool(v, k))
+  want_y, want_dx = value_and_grad(lambda v: nn.max_pool(v, (k, k), strides=(k, k)))
+  np.testing.assert_array_equal(got_y, want_y)
+  np.testing.assert_array_equal(got_dx, want_dx)
+  # One dy entry per window, none on the cropped border.
+  assert np.count_nonzero(want_dx) == dy.size
+  assert not np.any(np.asarray(got_dx)[:, (h // k) * k:])
+  assert not np.any(np.asarray(got_dx)[:, :, (w // k) * k:])

@@ -9,6 +9,7 @@ roundings of the largest magnitude involved: relative 1e-5 of the output's
 
 import functools
 import importlib.metadata
+import re
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,29 @@ def test_jit_conv_layer_equals_xla(case):
     if e is not None:
       assert g.shape == e.shape, name
       assert_close(g, e)
+  # x held constant (the images of a train step): the handler skips dx, and
+  # the other gradients are unchanged.
+  grads = jax.jit(lambda x, *a: jax.vjp(lambda *b: ours(x, *b), *a)[1](dy))(*args)
+  for name, g, e in zip(('kernel', 'bias', 'shortcut'), grads, expected[1:]):
+    if e is not None:
+      assert_close(g, e)
+
+
+def test_the_input_gradient_is_computed_only_where_it_is_needed():
+  """In a model's gradient the first convolution, fed the images, asks the
+  handler for no input gradient; the later ones do."""
+  model = models.create_model({'name': 'et', 'num_modules': 1}, 4, 8,
+                              conv=onednn.OneDNNConv)
+  images = jnp.ones((2, 8, 8, 3))
+  params = model.init(jax.random.key(0), images)['params']
+  loss = lambda p: jnp.sum(model.apply({'params': p}, images))
+  hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+  flags = re.findall(r'et_onednn_conv_bwd.*?input_gradient = (true|false)', hlo)
+  assert flags and flags.count('false') == 1, flags
+  # The same for the input itself: differentiated, every layer computes dx.
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(model.apply({'params': params}, x)))).lower(
+      images).as_text()
+  assert 'input_gradient = false' not in hlo and 'input_gradient = true' in hlo
 
 
 def test_conv_layer_is_deterministic():
@@ -265,7 +289,10 @@ def _handler(target, results, *args, **attrs):
            'pad_right': 0, 'activation': 0, **attrs}
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   call = jax.ffi.ffi_call(target, tuple(f32(s) for s in results))
-  return jax.block_until_ready(call(*args, **{k: np.int64(v) for k, v in attrs.items()}))
+  attrs = {k: np.int64(v) for k, v in attrs.items()}
+  if target == 'et_onednn_conv_bwd':
+    attrs['input_gradient'] = True
+  return jax.block_until_ready(call(*args, **attrs))
 
 
 def test_the_handlers_check_every_shape_they_are_given():

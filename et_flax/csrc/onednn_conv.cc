@@ -3,21 +3,24 @@
 //
 // Built at first use by et_flax/onednn.py (g++, the onednn-cpu-gomp library
 // and its devel headers, jaxlib's FFI headers). Tensors cross the boundary in
-// JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, the
-// primitives run on the layouts oneDNN picks for this CPU (blocked, e.g.
-// nChw16c); a tensor is reordered only when that layout differs from NHWC in
-// memory (with 16 channels, nChw16c *is* NHWC byte for byte, so E.T.'s
-// activations pass through untouched).
+// JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, layers
+// of up to 16 channels run on the layout oneDNN picks for this CPU (nChw16c,
+// which with 16 channels *is* NHWC byte for byte, so E.T.'s activations pass
+// through untouched); wider layers run oneDNN's NHWC kernels on JAX's arrays
+// as they are (`Act`). Kernels are reordered to oneDNN's layout at each call.
 //
 // Handlers (attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left,
 // pad_right, activation = 0 none | 1 relu | 2 tanh):
 //   et_onednn_conv_fwd           (x, w, b)    -> y = act(conv(x, w) + b)
 //   et_onednn_conv_fwd_residual  (x, w, b, s) -> y = act(conv(x, w) + b + s)
 //   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw)
+//                                (one more attribute: input_gradient)
 // where g = dy * act'(.) is the gradient at the pre-activation (and so the
 // shortcut's and, summed, the bias's: the caller sums it, as oneDNN's own bias
 // gradient adds one value at a time in float32), dx and dw the gradients of
-// x and w. Every shape is checked here against the attributes. The bias,
+// x and w. Without an activation g is dy and is not written; without
+// input_gradient (x is not differentiated, e.g. the images) dx is not
+// written: an output left untouched costs XLA no page of memory. Every shape is checked here against the attributes. The bias,
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
@@ -106,6 +109,17 @@ bool AliasesNhwc(const memory::desc& inner, int64_t channels) {
 
 memory::desc Any(const memory::dims& d) { return memory::desc(d, Dt::f32, Tag::any); }
 
+// The activations' layout the primitives are created for. Up to 16 channels
+// (plain E.T.), oneDNN's own choice: nChw16c, NHWC byte for byte at 16
+// channels, with its fastest kernels there. Wider layers take NHWC: oneDNN's
+// blocked choice would be reordered in and out at every call, where its NHWC
+// kernels (brgconv) read and write JAX's arrays as they are
+// (docs/performance.md).
+memory::desc Act(const Geometry& g, const memory::dims& d) {
+  bool narrow = g.c <= 16 && g.o <= 16;
+  return memory::desc(d, Dt::f32, narrow ? Tag::any : Tag::nhwc);
+}
+
 struct Ports {
   Port src, wei, bia, dst;
 };
@@ -130,7 +144,7 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g,
                                                       const dnnl::primitive_attr& attr) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Any(g.src_dims()), Any(g.wei_dims()), Any(g.bia_dims()), Any(g.dst_dims()),
+      Act(g, g.src_dims()), Any(g.wei_dims()), Any(g.bia_dims()), Act(g, g.dst_dims()),
       g.strides(), g.pad_l(), g.pad_r(), attr);
 }
 
@@ -170,11 +184,11 @@ struct BackwardPlan {
 BackwardPlan MakeBackwardPlan(const Geometry& g) {
   auto fwd = ForwardDesc(g, Attr());
   auto data_pd = dnnl::convolution_backward_data::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, Any(g.src_dims()), Any(g.wei_dims()),
-      Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
+      Engine(), dnnl::algorithm::convolution_direct, Act(g, g.src_dims()),
+      Any(g.wei_dims()), Act(g, g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
   auto weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, Any(g.src_dims()), Any(g.wei_dims()),
-      Any(g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
+      Engine(), dnnl::algorithm::convolution_direct, Act(g, g.src_dims()),
+      Any(g.wei_dims()), Act(g, g.dst_dims()), g.strides(), g.pad_l(), g.pad_r(), fwd, Attr());
   return BackwardPlan{
       dnnl::convolution_backward_data(data_pd),
       dnnl::convolution_backward_weights(weights_pd),
@@ -458,7 +472,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> g_out,
                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                   int64_t activation) {
+                   int64_t activation, bool input_gradient) {
   if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb,
                              pl, pr, activation);
       err.failure())
@@ -475,21 +489,29 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
     const auto& plan = Cached<BackwardPlan>(g.key(), [&] { return MakeBackwardPlan(g); });
     dnnl::stream s(Engine());
     CallMemory mem(s);
-    ActivationGradient(g, activation, dy.untyped_data(), y.untyped_data(),
-                       g_out->untyped_data(), s, mem);
-    const Ports& dp = plan.data_ports;
-    memory diff_src = mem.output(dp.src, dx->untyped_data());
-    plan.data.execute(
-        s, {{DNNL_ARG_DIFF_DST, mem.input(dp.dst, g_out->untyped_data())},
-            {DNNL_ARG_WEIGHTS, mem.input(dp.wei, w.untyped_data())},
-            {DNNL_ARG_DIFF_SRC, diff_src},
-            {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.data_scratch_bytes)}});
-    mem.finish(dp.src, diff_src, dx->untyped_data());
+    // Without an activation the pre-activation's gradient is dy itself: g is
+    // not written (the caller uses dy).
+    void* diff_dst = dy.untyped_data();
+    if (activation != kNone) {
+      ActivationGradient(g, activation, dy.untyped_data(), y.untyped_data(),
+                         g_out->untyped_data(), s, mem);
+      diff_dst = g_out->untyped_data();
+    }
+    if (input_gradient) {
+      const Ports& dp = plan.data_ports;
+      memory diff_src = mem.output(dp.src, dx->untyped_data());
+      plan.data.execute(
+          s, {{DNNL_ARG_DIFF_DST, mem.input(dp.dst, diff_dst)},
+              {DNNL_ARG_WEIGHTS, mem.input(dp.wei, w.untyped_data())},
+              {DNNL_ARG_DIFF_SRC, diff_src},
+              {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.data_scratch_bytes)}});
+      mem.finish(dp.src, diff_src, dx->untyped_data());
+    }
     const Ports& wp = plan.weights_ports;
     memory diff_wei = mem.output(wp.wei, dw->untyped_data());
     plan.weights.execute(
         s, {{DNNL_ARG_SRC, mem.input(wp.src, x.untyped_data())},
-            {DNNL_ARG_DIFF_DST, mem.input(wp.dst, g_out->untyped_data())},
+            {DNNL_ARG_DIFF_DST, mem.input(wp.dst, diff_dst)},
             {DNNL_ARG_DIFF_WEIGHTS, diff_wei},
             {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.weights_scratch_bytes)}});
     mem.finish(wp.wei, diff_wei, dw->untyped_data());
@@ -530,7 +552,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Arg<F32>()
                       .Ret<F32>()
                       .Ret<F32>()
-                      .Ret<F32>()));
+                      .Ret<F32>())
+        .Attr<bool>("input_gradient"));
 
 // The oneDNN version this was linked against, for logs.
 extern "C" const char* EtOnednnVersion() {
