@@ -79,42 +79,45 @@ def _window_view(x: jax.Array, window: int) -> jax.Array:
   return x.reshape(n, oh, window, ow, window, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _windows(x: jax.Array, window: int) -> jax.Array:
+  """Each window's values in row-major order: (N, H/k, W/k, k*k, C)."""
+  view = _window_view(x, window)
+  n, oh, _, ow, _, c = view.shape
+  return view.transpose(0, 1, 3, 2, 4, 5).reshape(n, oh, ow, window * window, c)
+
+
+def _first_max(x: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+  """The pooled maxima and a mask, over `_windows`, of each window's first
+  maximum."""
+  flat = _windows(x, window)
+  y = jnp.max(flat, axis=3)
+  is_max = flat == y[:, :, :, None, :]
+  # Only the first maximum: no earlier position of the window is a maximum.
+  return y, is_max & (jnp.cumsum(is_max, axis=3) == 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
   """Max over non-overlapping `window` x `window` windows (stride = window, VALID).
 
-  Equals `nn.max_pool(x, (k, k), strides=(k, k))`, gradient included: the
-  gradient goes to the first maximum of each window in row-major order, as
-  XLA's select-and-scatter gives it (ties are common after a ReLU). Written as
-  a reshape and elementwise ops, which XLA:CPU fuses: its select-and-scatter
-  took 13 ms for the gradient of a (4, 64, 64, 64) pool, this takes 1-2
+  Equals `nn.max_pool(x, (k, k), strides=(k, k))`, derivatives included: the
+  tangent (and so the gradient) is the first maximum's of each window in
+  row-major order, as XLA's select-and-scatter gives it (ties are common
+  after a ReLU); a window holding NaN gives NaN and no gradient. Written as a
+  reshape and elementwise ops, which XLA:CPU fuses: the gradient of a
+  (4, 64, 64, 64) pool takes 0.45 ms, select-and-scatter's 7.5
   (docs/performance.md).
   """
   return jnp.max(_window_view(x, window), axis=(2, 4))
 
 
-def _max_pool_fwd(x, window):
-  y = max_pool(x, window)
-  return y, (x, y)
-
-
-def _max_pool_bwd(window, residuals, dy):
-  x, y = residuals
-  view = _window_view(x, window)
-  n, oh, _, ow, _, c = view.shape
-  # Window positions in row-major order: (N, H/k, W/k, k*k, C).
-  flat = view.transpose(0, 1, 3, 2, 4, 5).reshape(n, oh, ow, window * window, c)
-  is_max = flat == y[:, :, :, None, :]
-  # Only the first maximum: no earlier position of the window is a maximum.
-  first = is_max & (jnp.cumsum(is_max, axis=3) == 1)
-  grad = jnp.where(first, dy[:, :, :, None, :], 0).astype(x.dtype)
-  grad = grad.reshape(n, oh, ow, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  grad = grad.reshape(n, oh * window, ow * window, c)
-  h, w = x.shape[1:3]
-  return (jnp.pad(grad, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0))),)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+@max_pool.defjvp
+def _max_pool_jvp(window, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y, first = _first_max(x, window)
+  # Linear in dx (the mask is a constant), so reverse mode transposes it.
+  t = _windows(dx, window)
+  return y, jnp.sum(jnp.where(first, t, jnp.zeros_like(t)), axis=3)
 
 
 class Conv(nn.Module):

@@ -396,3 +396,8 @@ def test_jit_max_pool_equals_flax_bit_for_bit(case):
   assert np.count_nonzero(want_dx) == dy.size
   assert not np.any(np.asarray(got_dx)[:, (h // k) * k:])
   assert not np.any(np.asarray(got_dx)[:, :, (w // k) * k:])
+  # Forward mode too: the tangent is the first maximum's.
+  t = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+  tangent = lambda pool: jax.jit(lambda x, t: jax.jvp(pool, (x,), (t,))[1])(x, t)
+  np.testing.assert_array_equal(tangent(lambda v: models.max_pool(v, k)),
+                                tangent(lambda v: nn.max_pool(v, (k, k), strides=(k, k))))

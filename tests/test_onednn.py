@@ -55,6 +55,7 @@ CASES = [
     (2, 10, 10, 8, 4, 5, (1, 1), 'VALID', 'relu', False),
     (2, 11, 11, 16, 32, 7, (2, 2), ((3, 3), (3, 3)), 'none', False),  # ResNet50's stem
     (1, 6, 6, 64, 64, 3, (1, 1), 'SAME', 'relu', True),
+    (2, 8, 8, 32, 16, 3, (1, 1), 'SAME', 'none', True),   # g = dy; NHWC in, 16 out
 ]
 
 
