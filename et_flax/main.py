@@ -28,6 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from et_flax import console  # noqa: E402
 from et_flax import distributed  # noqa: E402
+from et_flax import host_memory  # noqa: E402
 from et_flax import interrupts  # noqa: E402
 from et_flax import train  # noqa: E402
 
@@ -49,6 +50,7 @@ flags.DEFINE_integer('heartbeat_timeout_seconds',
                      'the others stop.')
 flags.DEFINE_integer('initialization_timeout_seconds', 300,
                      'Multi-process run: how long to wait for every process to join.')
+host_memory.define_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -60,6 +62,7 @@ def main(argv):
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
       bool(FLAGS.config.get('distributed')), FLAGS.heartbeat_timeout_seconds,
       FLAGS.initialization_timeout_seconds)
+  host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   distributed.initialize(launch)
   if launch.auto_detect:  # this process's log file, now that its index is known
     console.setup_logging(FLAGS.workdir, FLAGS.verbose, jax.process_index())

@@ -48,6 +48,7 @@ from et_flax import checkpoints
 from et_flax import console
 from et_flax import evaluate
 from et_flax import findings
+from et_flax import host_memory
 from et_flax import interrupts
 from et_flax import train
 from et_flax import workdir_lock
@@ -386,6 +387,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
@@ -438,6 +440,7 @@ def define_flags() -> None:
                     'print its expected time on Tiny ImageNet, and the sweep\'s.')
   flags.DEFINE_bool('evaluate', True, "Evaluate each finished run's best checkpoint and "
                     'draw its figures (curves, confusion matrix, misclassified images).')
+  host_memory.define_flag()
   flags.mark_flag_as_required('workdir')
 
 

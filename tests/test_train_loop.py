@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -295,7 +296,7 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
   args = [a.replace(str(tmp_path / 'reference'), str(workdir)) for a in args]
   rng = np.random.default_rng(1)
   stops = 0
-  for signum in (signal.SIGINT, signal.SIGTERM) * 3:
+  for signum in (signal.SIGINT, signal.SIGTERM) * 2:
     log = tmp_path / 'run.log'
     with log.open('w') as log_file:
       process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -309,9 +310,10 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
         if f'/{num_epochs}: train loss' in log.read_text():
           break
         time.sleep(0.02)
-      # Within ~one epoch, so that each run finishes about one epoch and at
-      # least three stops come before the last one (however fast the step).
-      time.sleep(rng.uniform(0.0, 0.5))
+      # Within the next epoch (the line gives the epoch's seconds), so that each
+      # run finishes one or two epochs and three stops come before the last.
+      epoch_seconds = re.findall(r'\| ([0-9.]+) s, ', log.read_text())
+      time.sleep(rng.uniform(0.0, 0.8) * float(epoch_seconds[-1] if epoch_seconds else 0))
       finished = (len(history_path.read_text().splitlines())
                   if history_path.exists() else 0)
       if process.poll() is not None:

@@ -4,9 +4,11 @@ import importlib
 import sys
 
 from absl import app
+from absl import flags
 
 # Before anything imports TensorFlow: its start-up lines stay off the console.
 from et_flax import console  # noqa: F401  pylint: disable=unused-import
+from et_flax import host_memory  # noqa: E402
 
 PARTS = ('steps', 'report_models', 'pipeline', 'conv_variants')
 
@@ -20,7 +22,14 @@ def main() -> None:
     sys.exit(f'error: unknown benchmark {part!r}; choose one of {list(PARTS)}')
   module = importlib.import_module(f'et_flax.benchmark.{part}')
   module.define_flags()
-  app.run(module.main, argv=[f'{sys.argv[0]} {part}', *args])
+  host_memory.define_flag()
+
+  def run(argv):
+    # As training runs: before JAX's backends start.
+    host_memory.configure(flags.FLAGS.host_memory)
+    return module.main(argv)
+
+  app.run(run, argv=[f'{sys.argv[0]} {part}', *args])
 
 
 if __name__ == '__main__':

@@ -1,0 +1,82 @@
+"""--host_memory: XLA:CPU's step buffers keep their pages between steps."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from et_flax import host_memory
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# A fresh process (JAX's backends not started): `configure(mode)`, then a jitted
+# step whose temporary buffer is above glibc's 32 MB mmap threshold, run until
+# steady; prints the buffer's size and the minor page faults of the last calls.
+STEPS = """
+import json, resource, sys
+from et_flax import host_memory
+applied = host_memory.configure(sys.argv[1])
+import jax, jax.numpy as jnp
+
+@jax.jit
+def step(x):
+  # The sort's operand and result (64 MB each) cannot fuse into the
+  # reduction: a 128 MB temp buffer, allocated on the calling thread.
+  return jnp.sum(jnp.sort(x * 2.0, axis=0) * jnp.sin(x).T)
+
+x = jnp.ones((4096, 4096), jnp.float32)
+compiled = step.lower(x).compile()
+temp = compiled.memory_analysis().temp_size_in_bytes
+for _ in range(3):
+  compiled(x).block_until_ready()
+faults = []
+for _ in range(3):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  compiled(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({'applied': applied, 'temp': temp, 'faults': faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc on Linux')
+@pytest.mark.parametrize('mode', ['auto', 'reuse', 'release'])
+def test_reused_host_memory_faults_no_pages_per_step(mode):
+  result = subprocess.run([sys.executable, '-c', STEPS, mode], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=True)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  pages = out['temp'] // 4096
+  assert out['temp'] > 48 << 20  # above glibc's largest mmap threshold (32 MB)
+  if mode == 'release':
+    # The system's defaults: each call maps (and faults) its buffer afresh.
+    assert out['applied'] == 'release'
+    assert min(out['faults']) > pages // 2, out
+  else:
+    assert out['applied'] == 'reuse'
+    assert max(out['faults']) < pages // 20, out
+
+
+def test_configure_refuses_what_it_cannot_do():
+  import jax
+  jax.devices()  # this pytest process has started JAX's backends
+  with pytest.raises(ValueError, match=r"--host_memory must be one of \['auto', "
+                     r"'reuse', 'release'\], got 'keep'"):
+    host_memory.configure('keep')
+  with pytest.raises(ValueError, match="--host_memory=reuse JAX's backends have "
+                     'already started'):
+    host_memory.configure('reuse')
+  assert host_memory.configure('auto') == 'release'  # and says why in the log
+  assert host_memory.configure('release') == 'release'
+
+
+def test_the_commands_refuse_an_unknown_value(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
+       f'--workdir={tmp_path / "run"}', '--host_memory=keep'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert ('error: flag --host_memory=keep: value should be one of <auto|reuse|release>'
+          in result.stderr)
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'run').exists()
