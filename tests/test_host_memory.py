@@ -1,7 +1,9 @@
 """--host_memory: XLA:CPU's step buffers keep their pages between steps."""
 
 import json
+import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -40,21 +42,34 @@ print(json.dumps({'applied': applied, 'temp': temp, 'faults': faults}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc on Linux')
-@pytest.mark.parametrize('mode', ['auto', 'reuse', 'release'])
-def test_reused_host_memory_faults_no_pages_per_step(mode):
-  result = subprocess.run([sys.executable, '-c', STEPS, mode], cwd=REPO,
+def _transparent_huge_pages_always() -> bool:
+  path = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
+  return path.exists() and '[always]' in path.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='glibc on Linux')
+@pytest.mark.parametrize('mode, xla_flags, applied', [
+    ('auto', '', 'reuse'),
+    ('reuse', '', 'reuse'),
+    ('release', '', 'release'),
+    # Several CPU devices: steps on worker threads, so 'auto' leaves it.
+    ('auto', '--xla_force_host_platform_device_count=2', 'release'),
+])
+def test_reused_host_memory_faults_no_pages_per_step(mode, xla_flags, applied):
+  env = {**os.environ, 'XLA_FLAGS': xla_flags, 'JAX_PLATFORMS': ''}
+  result = subprocess.run([sys.executable, '-c', STEPS, mode], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=True)
   out = json.loads(result.stdout.strip().splitlines()[-1])
   pages = out['temp'] // 4096
   assert out['temp'] > 48 << 20  # above glibc's largest mmap threshold (32 MB)
-  if mode == 'release':
-    # The system's defaults: each call maps (and faults) its buffer afresh.
-    assert out['applied'] == 'release'
-    assert min(out['faults']) > pages // 2, out
-  else:
-    assert out['applied'] == 'reuse'
+  assert out['applied'] == applied
+  if applied == 'reuse':
     assert max(out['faults']) < pages // 20, out
+  elif not xla_flags and not _transparent_huge_pages_always():
+    # The system's defaults: each call maps (and faults) its buffer afresh
+    # (in 4 KiB pages; with huge pages always on, in 2 MiB ones).
+    assert min(out['faults']) > pages // 2, out
 
 
 def test_configure_refuses_what_it_cannot_do():
@@ -80,3 +95,15 @@ def test_the_commands_refuse_an_unknown_value(tmp_path):
           in result.stderr)
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_auto_leaves_runs_on_an_accelerator_to_the_defaults(monkeypatch):
+  import jax
+  monkeypatch.setattr(host_memory, '_accelerator_plugins', lambda: ['xla_cuda12'])
+  reason = host_memory._no_gain_reason()
+  if not jax.config.jax_platforms:
+    assert reason == ('an accelerator plugin is installed (xla_cuda12), so the steps are '
+                      'expected to run there')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+  monkeypatch.setattr(host_memory, '_accelerator_plugins', lambda: [])
+  assert 'the CPU backend has 4 devices' in host_memory._no_gain_reason()
