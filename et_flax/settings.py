@@ -34,7 +34,10 @@ PREPROCESSING = augment.PREPROCESSING
 # Per image, CPUs train fastest on parts of the batch whose activations stay
 # in cache (docs/performance.md has the sweeps): 'auto' picks the largest part
 # whose widest activation tensor fits this budget, but no fewer images than
-# the floor (smaller parts only add per-call overhead and compile time).
+# the floor (smaller parts only add per-call overhead and compile time), and
+# no fewer than it takes for the part's convolution outputs to outweigh the
+# convolution kernels, which every part reads, reorders and adds a gradient
+# for (VGG16: 59 MB of kernels, 4.4 MB of outputs per image: parts of 16).
 AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
 # 'auto' keeps the training images on the accelerator when they take less
 # than this share of its memory.
@@ -169,13 +172,36 @@ def _activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
   return config.data.image_size ** 2 * channels * 4
 
 
+def _kernel_and_output_bytes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Float32 bytes of the model's convolution kernels, and of its convolution
+  outputs for one image (shapes only: nothing is computed)."""
+  size = config.data.image_size
+  model = models.create_model(config.model, num_classes=2)
+  is_conv = lambda module, method: isinstance(module, models.Conv)
+
+  def shapes():
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    _, state = model.apply(variables, images, capture_intermediates=is_conv,
+                           mutable=['intermediates'])
+    return variables['params'], state['intermediates']
+
+  params, intermediates = jax.eval_shape(shapes)
+  kernels = [leaf for path, leaf in models.flatten_params(params).items()
+             if path.endswith('/kernel') and leaf.ndim == 4]
+  return (sum(4 * k.size for k in kernels),
+          sum(4 * o.size for o in jax.tree.leaves(intermediates)))
+
+
 def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
                       platform: Platform) -> int:
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
   'auto' is 4 images for plain E.T. at 64x64 with the oneDNN convolutions, 8
-  with XLA's, whole batches at 16x16: the largest divisor of the batch whose
-  activations fit AUTO_CPU_MICRO_BUDGET, at least its floor.
+  with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
+  divisor of the batch whose activations fit AUTO_CPU_MICRO_BUDGET, at least
+  its floor, and at least as many images as it takes for their convolution
+  outputs to outweigh the kernels.
   """
   micro, batch = _micro_setting(config), config.batch_size
   if micro != 'auto':
@@ -190,8 +216,10 @@ def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
   budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl]
   per_image = _activation_bytes_per_image(config)
   fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
-  size = max(fitting[-1] if fitting else 1, min(floor, batch))
-  while batch % size:  # the floor must divide the batch too
+  kernel_bytes, output_bytes = _kernel_and_output_bytes(config)
+  size = max(fitting[-1] if fitting else 1, min(floor, batch),
+             min(-(-kernel_bytes // output_bytes), batch))
+  while batch % size:  # the part must divide the batch
     size += 1
   return 0 if size >= batch else size
 

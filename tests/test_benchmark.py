@@ -1,6 +1,7 @@
 """The benchmark's numbers are consistent with what it times, like for like."""
 
 import importlib
+import types
 
 import pytest
 
@@ -65,6 +66,42 @@ def test_keras_generator_takes_our_ranges():
   assert generator.channel_shift_range == config.channel_shift_range
   assert generator.horizontal_flip and generator.vertical_flip
   assert generator.rescale == 1 / 255
+
+
+def test_interleaved_rounds_take_turns_and_report_those_medians(digits_data_dir,
+                                                                  monkeypatch):
+  calls = []
+  original = benchmark.interleaved_seconds
+
+  def interleaved(timers, steps, rounds):
+    seconds = original(
+        {name: (lambda name=name, fn=fn: (calls.append(name), fn())[1])
+         for name, fn in timers.items()}, steps, rounds)
+    return {name: 0.5 if name.startswith('keras') else 0.25 for name in seconds}
+
+  monkeypatch.setattr(benchmark, 'interleaved_seconds', interleaved)
+  config = tiny_config(digits_data_dir)
+  config.augment.preset = 'five'
+  results = benchmark.run(config, batch_size=16, image_size=8, steps=2, warmup=1,
+                          keras=True, pipeline_images=0, rounds=3)
+  # Each round, every timer in turn for --steps calls.
+  one_round = ['train'] * 2 + ['train_augmented'] * 2 + ['keras'] * 2 + ['keras_augmented'] * 2
+  assert calls == one_round * 3
+  assert results['interleaved_rounds'] == 3
+  assert results['train_images_per_second'] == 64 and results['train_step_seconds'] == 0.25
+  assert results['keras_train_images_per_second'] == 32
+  assert results['ours_over_keras'] == 2.0 and results['augmented_ours_over_keras'] == 2.0
+  assert 'median of 3 interleaved rounds' in benchmark.format_table(results)
+
+
+def test_interleaved_seconds_are_medians_per_timer(monkeypatch):
+  clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 6.5, 6.5, 9.5, 9.5, 10.0])
+  monkeypatch.setattr(benchmark, 'time', types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  order = []
+  seconds = benchmark.interleaved_seconds(
+      {'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, steps=1, rounds=3)
+  assert order == ['a', 'b'] * 3
+  assert seconds == {'a': 2.0, 'b': 0.5}  # a: 1, 2, 3; b: 3, 0.5, 0.5
 
 
 def test_report_models_table_goes_between_the_markers(tmp_path):

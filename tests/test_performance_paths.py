@@ -132,7 +132,7 @@ def test_micro_batch_size_must_divide_the_batch(digits_data_dir, tmp_path):
 
 
 def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
-  from configs import default
+  from configs import default, vgg16_20
   config = default.get_config()
   # The machine 'auto' sees: one CPU device where oneDNN builds, whatever this one is.
   cpu = settings.Platform('cpu', onednn_platform=True)
@@ -162,6 +162,31 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   assert micro_batch_size() == 0  # parts would be normalised apart
   config.micro_batch_size = '32'  # as --config.micro_batch_size=32 arrives
   assert settings.resolve(config, cpu).micro_batches == 4
+  config = vgg16_20.get_config()  # 14 images' outputs outweigh the kernels: parts of 16
+  assert micro_batch_size() == 16
+  config.batch_size = 28  # the smallest divisor of 28 from 14 up
+  assert micro_batch_size() == 14
+  config.batch_size = 8  # fewer images than that: whole batches
+  assert micro_batch_size() == 0
+
+
+def test_kernel_and_output_bytes_by_hand():
+  """VGG16's, counted from its definition: 3x3 kernels of 3-64-64 | 128 128 |
+  256 x3 | 512 x3 | 512 x3 channels, and each stage's outputs at 64, 32, 16,
+  8 and 4 pixels a side; plain E.T. at 16x16 as its config builds it."""
+  from configs import default, vgg16_20
+  channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+  kernels = sum(9 * cin * cout for cin, cout in zip(channels, channels[1:]))
+  outputs = (2 * 64 * 64 * 64 + 2 * 32 * 32 * 128 + 3 * 16 * 16 * 256 + 3 * 8 * 8 * 512
+             + 3 * 4 * 4 * 512)
+  assert settings._kernel_and_output_bytes(vgg16_20.get_config()) == (4 * kernels, 4 * outputs)
+  config = default.get_config()
+  config.data.image_size = 16
+  params = train.init_variables(jax.random.key(0), models.create_model(config.model, 200),
+                                16)['params']
+  kernel_bytes = sum(4 * leaf.size for path, leaf in models.flatten_params(params).items()
+                     if path.endswith('/kernel') and leaf.ndim == 4)
+  assert settings._kernel_and_output_bytes(config)[0] == kernel_bytes
 
 
 def test_micro_batches_hold_one_part_of_activations_at_a_time():

@@ -1,13 +1,14 @@
 """Every model the report trains, timed like for like against Keras.
 
-  python -m et_flax.benchmark report_models [--steps=5] [--write_docs]
+  python -m et_flax.benchmark report_models [--steps=5] [--rounds=3] [--write_docs]
 
 Runs the `steps` benchmark (no input pipeline) for plain E.T., wide E.T.
 (k=2 and k=4), E.T. with batch norm, VGG16 and ResNet50 at 64x64, and
 prints one Markdown table: our step and Keras's without augmentation (each
 with the config's optimizer), and with the config's augmentation (ours on the
-device, Keras fed by ImageDataGenerator; 'five' for configs without one).
-`--write_docs` also puts the table in docs/performance.md, between its
+device, Keras fed by ImageDataGenerator; 'five' for configs without one),
+each the median of --rounds rounds of --steps steps in which ours and
+Keras's take turns (`steps.interleaved_seconds`). `--write_docs` also puts the table in docs/performance.md, between its
 REPORT_MODELS markers.
 """
 
@@ -51,8 +52,8 @@ MODELS: tuple[tuple[str, Callable[[], Any], int], ...] = (
 
 
 def measure(models: Sequence[tuple[str, Callable[[], Any], int]] = MODELS,
-            image_size: int = 64, steps_count: int = 5, warmup: int = 1
-            ) -> list[dict[str, Any]]:
+            image_size: int = 64, steps_count: int = 5, warmup: int = 1,
+            rounds: int = 3) -> list[dict[str, Any]]:
   """One `steps.run` per model (augmentation 'five' where the config has none)."""
   rows = []
   for name, make, batch_size in models:
@@ -60,7 +61,7 @@ def measure(models: Sequence[tuple[str, Callable[[], Any], int]] = MODELS,
     if config.augment.preset == 'none':
       config.augment.preset = 'five'
     results = steps.run(config, batch_size, image_size, steps_count, warmup, keras=True,
-                        pipeline_images=0)
+                        pipeline_images=0, rounds=rounds)
     rows.append({'name': name, **results})
   return rows
 
@@ -104,15 +105,18 @@ def machine() -> str:
 def define_flags() -> None:
   flags.DEFINE_integer('steps', 5, 'Timed steps per model (the median is reported).')
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+  flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of --steps steps, ours and Keras\'s '
+                       'in turn, that the medians are taken over.', lower_bound=1)
   flags.DEFINE_bool('write_docs', False, 'Also write the table into docs/performance.md.')
 
 
 def main(argv):
   del argv
-  rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup)
+  rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
   table = markdown_table(rows)
   print(table)
   if FLAGS.write_docs:
     write_docs(table, f'`python -m et_flax.benchmark report_models --steps={FLAGS.steps} '
-               f'--warmup={FLAGS.warmup} --write_docs`, one run, on {machine()}; 64x64, '
-               "'auto' settings.")
+               f'--warmup={FLAGS.warmup} --rounds={FLAGS.rounds} --write_docs`, one run, on '
+               f"{machine()}; 64x64, 'auto' settings; each figure the median of "
+               f'{FLAGS.rounds} x {FLAGS.steps} steps, ours and Keras\'s taking turns.')

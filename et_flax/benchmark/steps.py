@@ -1,8 +1,8 @@
 """Speed of a config's train and eval steps, its input pipeline, and Keras's.
 
   python -m et_flax.benchmark [steps] --config=configs/default.py [--batch_size=128]
-      [--steps=10] [--keras=true] [--pipeline_images=10000] [--epoch_images=100000]
-      [--json=bench.json]
+      [--steps=10] [--keras=true] [--rounds=1] [--pipeline_images=10000]
+      [--epoch_images=100000] [--json=bench.json]
 
 Reports, as a table and JSON: train-step images/s (median over --steps steps
 after --warmup), eval images/s, compile time, peak host and device memory,
@@ -13,13 +13,16 @@ input when the pipeline feeds the step; and the same model written in Keras
 on the same machine in the same run, with our/Keras as a ratio. Like for
 like: both steps are timed without augmentation; when the config augments,
 ours again with its on-device augmentation against Keras fed by
-ImageDataGenerator (as the report ran it). Steps run on random data: speed
-does not depend on the pixels.
+ImageDataGenerator (as the report ran it). With --rounds=R the train steps,
+ours and Keras's, are timed again in R interleaved rounds of --steps each,
+so that the ratio holds on a machine whose speed drifts within a run. Steps
+run on random data: speed does not depend on the pixels.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 import json
 import pathlib
 import resource
@@ -93,7 +96,24 @@ def time_steps(config, settings: settings_lib.Settings, batch_size: int, image_s
   return {'compile_seconds': compile_seconds, 'train_step_seconds': train_seconds,
           'train_images_per_second': batch_size / train_seconds,
           'eval_images_per_second': batch_size / eval_seconds,
-          'state': holder['state'], 'step': compiled, 'batch': host_batch}
+          'state': holder['state'], 'step': compiled, 'batch': host_batch,
+          'train_once': train_once}
+
+
+def interleaved_seconds(timers: Mapping[str, Callable[[], Any]], steps: int,
+                        rounds: int) -> dict[str, float]:
+  """Median seconds of a call of each timer, over `rounds` rounds in which
+  each timer in turn makes `steps` calls: a machine whose speed drifts during
+  the run then slows every timer alike, which timing one after the other
+  does not."""
+  times = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, fn in timers.items():
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def keras_optimizer(optimizer_config):
@@ -150,9 +170,11 @@ def keras_image_generator(augment_config: augment.AugmentConfig):
 
 def time_keras(config, batch: dict[str, np.ndarray], num_classes: int, steps: int,
                warmup: int, augment_config: augment.AugmentConfig | None = None
-               ) -> dict[str, Any]:
+               ) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
   """The same model in Keras (TensorFlow): the config's optimizer and loss, the
-  same batch; with `augment_config`, also fed by ImageDataGenerator."""
+  same batch; with `augment_config`, also fed by ImageDataGenerator. Returns
+  the results and the timed steps ('keras', 'keras_augmented'), to time
+  again."""
   import keras  # pylint: disable=import-outside-toplevel
 
   image_size = batch['image'].shape[1]
@@ -168,16 +190,18 @@ def time_keras(config, batch: dict[str, np.ndarray], num_classes: int, steps: in
   start = time.perf_counter()
   model.train_on_batch(images, targets)
   compile_seconds = time.perf_counter() - start
-  seconds = _median_seconds(lambda: model.train_on_batch(images, targets), steps, warmup)
+  timers = {'keras': lambda: model.train_on_batch(images, targets)}
+  seconds = _median_seconds(timers['keras'], steps, warmup)
   results = {'keras_optimizer': type(optimizer).__name__,
              'keras_compile_seconds': compile_seconds, 'keras_train_step_seconds': seconds,
              'keras_train_images_per_second': len(labels) / seconds}
   if augment_config is not None:
     flow = keras_image_generator(augment_config).flow(
         batch['image'].astype(np.float32), targets, batch_size=len(labels), shuffle=False)
-    seconds = _median_seconds(lambda: model.train_on_batch(*next(flow)), steps, warmup)
+    timers['keras_augmented'] = lambda: model.train_on_batch(*next(flow))
+    seconds = _median_seconds(timers['keras_augmented'], steps, warmup)
     results['keras_train_augmented_images_per_second'] = len(labels) / seconds
-  return results
+  return results, timers
 
 
 def time_pipeline(config, batch_size: int, image_size: int, num_images: int,
@@ -259,7 +283,14 @@ def _peak_memory() -> dict[str, Any]:
 
 
 def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
-        keras: bool, pipeline_images: int, epoch_images: int = 0) -> dict[str, Any]:
+        keras: bool, pipeline_images: int, epoch_images: int = 0,
+        rounds: int = 1) -> dict[str, Any]:
+  """Everything the module docstring lists, for `config` at this batch and
+  image size. With `rounds` > 1 (and `keras`), the train steps, ours and
+  Keras's, are timed again in that many interleaved rounds of `steps` each
+  (`interleaved_seconds`), and the images/s and ratios come from those."""
+  if rounds < 1:
+    raise ValueError(f'rounds must be at least 1, got {rounds}')
   # The micro-batch choice ('auto') and its check depend on both sizes.
   config = copy.deepcopy(config)
   config.batch_size, config.data.image_size = batch_size, image_size
@@ -272,10 +303,12 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
   augment_config = augment.config_from(config.augment)
   timing = time_steps(config, settings, batch_size, image_size, num_classes, steps, warmup)
   timing['num_classes'] = num_classes
+  timers = {'train': timing['train_once']}
   if not augment_config.is_identity:
     augmented = time_steps(config, settings, batch_size, image_size, num_classes, steps,
                            warmup, augment_config)
     timing['train_augmented_images_per_second'] = augmented['train_images_per_second']
+    timers['train_augmented'] = augmented['train_once']
   results = {'config_model': config.model.to_dict(), 'batch_size': batch_size,
              'image_size': image_size, 'device': str(jax.devices()[0]),
              'device_count': jax.device_count(),
@@ -285,7 +318,7 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
   if results['conv_impl'] == 'onednn':
     results['onednn_version'] = onednn.version()
   results.update({k: v for k, v in timing.items()
-                  if k not in ('state', 'step', 'batch', 'num_classes')})
+                  if k not in ('state', 'step', 'batch', 'num_classes', 'train_once')})
   if epoch_images:
     results.update(time_device_epoch(config, batch_size, image_size, epoch_images, timing))
   if pipeline_images:
@@ -293,8 +326,21 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
                                  steps))
   results.update(_peak_memory())
   if keras:
-    results.update(time_keras(config, timing['batch'], num_classes, steps, warmup,
-                              None if augment_config.is_identity else augment_config))
+    keras_results, keras_timers = time_keras(
+        config, timing['batch'], num_classes, steps, warmup,
+        None if augment_config.is_identity else augment_config)
+    results.update(keras_results)
+    if rounds > 1:
+      seconds = interleaved_seconds({**timers, **keras_timers}, steps, rounds)
+      results['interleaved_rounds'] = rounds
+      for name, key in (('train', 'train_images_per_second'),
+                        ('train_augmented', 'train_augmented_images_per_second'),
+                        ('keras', 'keras_train_images_per_second'),
+                        ('keras_augmented', 'keras_train_augmented_images_per_second')):
+        if name in seconds:
+          results[key] = batch_size / seconds[name]
+      results['train_step_seconds'] = seconds['train']
+      results['keras_train_step_seconds'] = seconds['keras']
     results['ours_over_keras'] = (results['train_images_per_second']
                                   / results['keras_train_images_per_second'])
     if 'keras_train_augmented_images_per_second' in results:
@@ -305,13 +351,15 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
 
 
 def format_table(results: dict[str, Any]) -> str:
+  rounds = results.get('interleaved_rounds')
+  median = f'median of {rounds} interleaved rounds' if rounds else 'median'
   rows = [('device', results['device'] + f' x{results["device_count"]}'),
           ('model / batch / image', f'{results["config_model"]["name"]} / '
            f'{results["batch_size"]} / {results["image_size"]}px, '
            f'{results["compute_dtype"]}, micro-batch {results["micro_batch_size"] or "-"}, '
            f'{results.get("conv_impl", "xla")} convs'),
           ('compile (s)', f'{results["compile_seconds"]:.1f}'),
-          ('train step, no augmentation (img/s, median)',
+          (f'train step, no augmentation (img/s, {median})',
            f'{results["train_images_per_second"]:.1f}'),
           ('eval step (img/s, median)', f'{results["eval_images_per_second"]:.1f}')]
   if 'train_augmented_images_per_second' in results:
@@ -330,7 +378,7 @@ def format_table(results: dict[str, Any]) -> str:
   if results['peak_device_megabytes'] is not None:
     rows.append(('peak device memory (MB)', f'{results["peak_device_megabytes"]:.0f}'))
   if 'keras_train_images_per_second' in results:
-    rows += [(f'Keras train step, {results["keras_optimizer"]} (img/s, median)',
+    rows += [(f'Keras train step, {results["keras_optimizer"]} (img/s, {median})',
               f'{results["keras_train_images_per_second"]:.1f}'),
              ('et_flax / Keras', f'{results["ours_over_keras"]:.2f}x')]
   if 'keras_train_augmented_images_per_second' in results:
@@ -347,7 +395,7 @@ def main(argv):
   batch_size = FLAGS.batch_size or config.batch_size
   image_size = FLAGS.image_size or config.data.image_size
   results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
-                FLAGS.pipeline_images, FLAGS.epoch_images)
+                FLAGS.pipeline_images, FLAGS.epoch_images, FLAGS.rounds)
   print(format_table(results))
   if FLAGS.json:
     pathlib.Path(FLAGS.json).write_text(json.dumps(results, indent=1))
@@ -360,6 +408,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('steps', 10, 'Timed steps (the median is reported).')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
   flags.DEFINE_bool('keras', True, 'Also time the same model in Keras (TensorFlow).')
+  flags.DEFINE_integer('rounds', 1, 'With --keras: time the train steps, ours and Keras\'s, '
+                       'again in this many interleaved rounds of --steps each, and report '
+                       'those medians (1: no second timing).', lower_bound=1)
   flags.DEFINE_integer('pipeline_images', 10000,
                        'Images in the generated tree for the pipeline (0: skip).')
   flags.DEFINE_integer('epoch_images', 0,
