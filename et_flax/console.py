@@ -382,12 +382,35 @@ def _override_of(field: str, argv: list[str]) -> str | None:
   return None
 
 
+_EXPECTED = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def _flag_error(error: flags.Error, argv: list[str]) -> str:
+  """absl's message for a flag it could not parse; for a config override
+  (`--config.batch_size=abc`), what the field takes instead of Python's
+  conversion error."""
+  text = str(error)
+  for arg in argv[1:]:
+    name, _, value = arg.partition('=')
+    if not (text.startswith(f'flag {arg}: ') and name.startswith('--') and '.' in name):
+      continue
+    flag, *path = name[2:].split('.')
+    field = flags.FLAGS[flag].value if flag in flags.FLAGS else None
+    for part in path:
+      field = field.get(part) if hasattr(field, 'get') else None
+    if type(field) in _EXPECTED:
+      return (f'error: {arg}: {".".join([flag, *path])} takes {_EXPECTED[type(field)]} '
+              f'(its value now: {field!r}), not {value!r}')
+  return f'error: {text}'
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a config error on one line (no traceback)."""
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as error:
-    _exit_with(f'error: {error}', 'Pass --helpshort or --helpfull to see help on flags.')
+    _exit_with(_flag_error(error, argv),
+               'Pass --helpshort or --helpfull to see help on flags.')
   except (KeyError, AttributeError) as error:
     # ml_collections: `--config.modle.width=2` names a field the config lacks.
     inner = error

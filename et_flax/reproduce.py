@@ -392,8 +392,10 @@ def main(argv):
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
     estimates = estimate_runs(experiments, overrides)
-    console.info('The sweep: %.0f h (%.1f days) of training and validation on %s',
-                 sum(e['hours'] for e in estimates), sum(e['hours'] for e in estimates) / 24,
+    hours = sum(e['hours'] for e in estimates)
+    # Whole hours where the per-run lines' tenths would not change them.
+    console.info('The sweep: %s h (%.1f days) of training and validation on %s',
+                 f'{hours:.0f}' if hours >= 100 else f'{hours:.1f}', hours / 24,
                  jax.devices()[0].device_kind)
     return
   try:

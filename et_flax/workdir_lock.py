@@ -44,6 +44,10 @@ class RunLock:
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirBusyError naming the holder."""
     self._created_workdir = not self.workdir.exists()
+    if not self._created_workdir and not self.workdir.is_dir():
+      raise NotADirectoryError(
+          f'The workdir {self.workdir} exists and is not a folder; '
+          'pass a folder (new or from an earlier run) as --workdir')
     try:
       self.workdir.mkdir(parents=True, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -311,3 +311,49 @@ def test_the_findings_follow_the_numbers():
   assert _verdicts(rmsprop)[
       'RMSprop 1e-3 cannot train E.T.: validation accuracy stays at chance'][0] == (
           findings.DISAGREES)
+
+
+def test_estimate_is_the_runs_epochs_at_the_timed_rates(monkeypatch):
+  """Each run's hours from its timed steps, by hand: plain_2 has 2 classes,
+  so 1,000 training images (batches of its batch size, the last partial one
+  dropped) and 100 validation images an epoch."""
+  from et_flax.benchmark import steps as benchmark  # pylint: disable=import-outside-toplevel
+  timed = []
+
+  def fake_time_steps(config, settings, batch_size, image_size, num_classes, steps, warmup,
+                      augment_config):
+    timed.append((config.model.name, batch_size, image_size, num_classes))
+    return {'train_step_seconds': 0.5, 'train_images_per_second': batch_size / 0.5,
+            'eval_images_per_second': 400.0}
+
+  monkeypatch.setattr(benchmark, 'time_steps', fake_time_steps)
+  experiments = reproduce.select_experiments(['plain_2', 'tanh_5'])
+  estimates = reproduce.estimate_runs(experiments, {'num_epochs': 10})
+  batch = reproduce.experiment_config('plain_2').batch_size
+  assert [t[1:] for t in timed] == [(batch, 64, 2), (batch, 64, 5)]
+  epoch_2 = (1000 // batch) * 0.5 + 100 / 400.0
+  epoch_5 = (2500 // batch) * 0.5 + 250 / 400.0
+  assert [e['run'] for e in estimates] == ['plain_2', 'tanh_5']
+  assert estimates[0]['epoch_seconds'] == pytest.approx(epoch_2, rel=1e-12)
+  assert estimates[1]['hours'] == pytest.approx(epoch_5 * 10 / 3600, rel=1e-12)
+
+
+def test_estimate_command_totals_its_runs(tmp_path):
+  """`--estimate` on one tiny run: its line and the sweep's total agree
+  (a total under 100 h keeps its tenths), and nothing is written."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'et_flax.reproduce', f'--workdir={tmp_path / "sweep"}',
+       '--estimate', '--only=plain_2', '--config.data.image_size=8',
+       '--config.model.num_modules=1', '--config.batch_size=16',
+       '--config.num_epochs=20000'],  # 0.1-100 h on any CPU
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  run_line = next(line for line in output.splitlines() if line.startswith('plain_2: '))
+  total_line = next(line for line in output.splitlines() if line.startswith('The sweep: '))
+  run_hours = float(run_line.rsplit(': ', 1)[1].removesuffix(' h'))
+  total_hours = float(total_line.split()[2])
+  assert 0.1 <= run_hours < 100, run_line
+  assert total_line.split()[2] == f'{run_hours:.1f}' and total_line.split()[3] == 'h'
+  assert not (tmp_path / 'sweep').exists()

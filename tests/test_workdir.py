@@ -32,6 +32,23 @@ def test_a_held_workdir_names_its_holder(tmp_path):
     pass
 
 
+def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
+  workdir = tmp_path / 'notes.txt'
+  workdir.write_text('kept')
+  with pytest.raises(NotADirectoryError,
+                     match=f'^The workdir {workdir} exists and is not a folder; pass a folder'):
+    workdir_lock.RunLock(workdir).acquire()
+  assert workdir.read_text() == 'kept'
+  # The command says so in one line, before any work is done.
+  result = subprocess.run(
+      [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
+       f'--workdir={workdir}'], capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1, result.stderr
+  assert f'error: The workdir {workdir} exists and is not a folder' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert workdir.read_text() == 'kept'
+
+
 def _main(workdir, data_dir, num_epochs):
   return [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
