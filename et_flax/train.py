@@ -441,7 +441,7 @@ class _Run:
                                              lambda s: report_progress(int(s.step)))
       state = epoch_run.state
       if epoch_run.stopped_by is not None:
-        self._save_and_stop(epoch, epoch_run, learning_rate)
+        self._save_and_stop(epoch, epoch_run, learning_rate, start)
       summary = self._evaluate(epoch, epoch_run, data, learning_rate, start)
       self._record(epoch, state, summary)
     self.writer.flush()
@@ -473,13 +473,21 @@ class _Run:
                        progress=progress, stop=self.stop, train_metrics=train_metrics,
                        steps_done=steps_done, after_step=after_step), learning_rate
 
-  def _save_and_stop(self, epoch: int, epoch_run: EpochRun, learning_rate: float) -> None:
+  def _seconds_before(self, epoch: int) -> float:
+    """The seconds epoch `epoch` ran before a stop, when this run resumed it."""
+    within = self.progress.within
+    return within.get('seconds', 0.0) if within and within['epoch'] == epoch else 0.0
+
+  def _save_and_stop(self, epoch: int, epoch_run: EpochRun, learning_rate: float,
+                     start: float) -> None:
     """Saves a run stopped by a signal where it stands, and raises TrainingInterrupted."""
     saved_epoch, steps_done = self.progress.saved_epoch, epoch_run.steps_done
     if saved_epoch != epoch - 1 or steps_done:
       interrupted = {'global_step': int(epoch_run.state.step), 'epoch': epoch,
                      'steps_done': steps_done, 'learning_rate': learning_rate,
-                     'train_metrics': _metrics_to_json(epoch_run.train_metrics)}
+                     'train_metrics': _metrics_to_json(epoch_run.train_metrics),
+                     # The resumed epoch's time and rate count this part too.
+                     'seconds': self._seconds_before(epoch) + time.perf_counter() - start}
       meta = checkpoints.run_meta(self.config, self.progress, self.settings.to_dict(),
                                   interrupted)
       self.run_checkpoints.save_interrupted(
@@ -501,6 +509,8 @@ class _Run:
     """The epoch's summary: its training metrics (finite, or a stop), val's, timing."""
     config = self.config
     train_summary = {k: float(v) for k, v in epoch_run.train_metrics.compute().items()}
+    # An epoch resumed after a stop: the part before it counts too.
+    start -= self._seconds_before(epoch)
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
       raise FloatingPointError(

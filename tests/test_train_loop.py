@@ -17,6 +17,7 @@ import pytest
 from helpers import tiny_config
 from et_flax import checkpoints
 from et_flax import distributed
+from et_flax import interrupts
 from et_flax import optim
 from et_flax import train
 
@@ -343,3 +344,33 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
   assert _history(tmp_path / 'reference') == _history(workdir)
   assert not (workdir / checkpoints.INTERRUPTED).exists() or not list(
       (workdir / checkpoints.INTERRUPTED).iterdir())
+
+
+def test_a_resumed_epoch_counts_its_time_before_the_stop(digits_data_dir, tmp_path,
+                                                         monkeypatch):
+  """SIGTERM after step 5 of the first epoch, 5 s into it; the resumed epoch's
+  seconds and rate include those 5 s, as an uninterrupted epoch's would."""
+  original = train.train_epoch
+  steps = []
+
+  def stopped_after_five(*args, after_step=None, **kwargs):
+    def after(state):
+      after_step(state)
+      steps.append(int(state.step))
+      if len(steps) == 5:
+        time.sleep(5.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, after_step=after, **kwargs)
+
+  monkeypatch.setattr(train, 'train_epoch', stopped_after_five)
+  config = tiny_config(digits_data_dir, num_epochs=1)
+  with pytest.raises(interrupts.TrainingInterrupted):
+    train.train_and_evaluate(config, str(tmp_path))
+  part = checkpoints.latest_meta(tmp_path)['interrupted']
+  assert 5 <= part['steps_done'] < 21 and part['seconds'] >= 5.0
+  monkeypatch.setattr(train, 'train_epoch', original)
+  train.train_and_evaluate(config, str(tmp_path))
+  (entry,) = map(json.loads, (tmp_path / checkpoints.HISTORY_FILE).read_text().splitlines())
+  assert entry['epoch_seconds'] > part['seconds']
+  steps_per_epoch = 1347 // config.batch_size  # the digits' training split
+  assert entry['train_images_per_second'] < steps_per_epoch * config.batch_size / 5.0
