@@ -387,6 +387,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.workdir is None and not FLAGS.estimate:
+    raise ValueError('--workdir is required: the sweep runs in <workdir>/<config name>/ '
+                     '(only --estimate runs without one)')
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
   overrides = config_flags.get_override_values(FLAGS['config'])
@@ -420,7 +423,7 @@ def main(argv):
 
 def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'The sweep: each run in <workdir>/<config name>/, '
-                      'the table and status.json in it.')
+                      'the table and status.json in it (required, except with --estimate).')
   # Overrides for every run, typed by configs/default.py. The file is put on the
   # command line so that absl parses the overrides with the other flags (a
   # typo is then one error line from console.run).
@@ -443,7 +446,6 @@ def define_flags() -> None:
   flags.DEFINE_bool('evaluate', True, "Evaluate each finished run's best checkpoint and "
                     'draw its figures (curves, confusion matrix, misclassified images).')
   host_memory.define_flag()
-  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':

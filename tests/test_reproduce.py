@@ -339,15 +339,23 @@ def test_estimate_is_the_runs_epochs_at_the_timed_rates(monkeypatch):
 
 
 def test_estimate_command_totals_its_runs(tmp_path):
-  """`--estimate` on one tiny run: its line and the sweep's total agree
-  (a total under 100 h keeps its tenths), and nothing is written."""
+  """`--estimate` on one tiny run, with no --workdir: its line and the
+  sweep's total agree (a total under 100 h keeps its tenths), and nothing is
+  written; without --estimate, --workdir is required."""
   result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.reproduce', f'--workdir={tmp_path / "sweep"}',
+      [sys.executable, '-m', 'et_flax.reproduce', '--only=plain_2'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: --workdir is required: the sweep runs in'), (
+      result.stderr[-3000:])
+  result = subprocess.run(
+      [sys.executable, '-m', 'et_flax.reproduce',
        '--estimate', '--only=plain_2', '--config.data.image_size=8',
        '--config.model.num_modules=1', '--config.batch_size=16',
        '--config.num_epochs=20000'],  # 0.1-100 h on any CPU
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-      env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-3000:]
   output = result.stdout + result.stderr
   run_line = next(line for line in output.splitlines() if line.startswith('plain_2: '))
@@ -356,4 +364,4 @@ def test_estimate_command_totals_its_runs(tmp_path):
   total_hours = float(total_line.split()[2])
   assert 0.1 <= run_hours < 100, run_line
   assert total_line.split()[2] == f'{run_hours:.1f}' and total_line.split()[3] == 'h'
-  assert not (tmp_path / 'sweep').exists()
+  assert not list(tmp_path.iterdir())
