@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import tempfile
@@ -390,18 +391,34 @@ def _flag_error(error: flags.Error, argv: list[str]) -> str:
   (`--config.batch_size=abc`), what the field takes instead of Python's
   conversion error."""
   text = str(error)
-  for arg in argv[1:]:
-    name, _, value = arg.partition('=')
-    if not (text.startswith(f'flag {arg}: ') and name.startswith('--') and '.' in name):
-      continue
-    flag, *path = name[2:].split('.')
-    field = flags.FLAGS[flag].value if flag in flags.FLAGS else None
-    for part in path:
-      field = field.get(part) if hasattr(field, 'get') else None
-    if type(field) in _EXPECTED:
-      return (f'error: {arg}: {".".join([flag, *path])} takes {_EXPECTED[type(field)]} '
-              f'(its value now: {field!r}), not {value!r}')
+  match = re.match(r'flag --(\w+)\.([\w.]+)=', text)
+  if match:
+    flag, path = match.group(1), match.group(2).split('.')
+    parent = flags.FLAGS[flag].value if flag in flags.FLAGS else None
+    for part in path[:-1]:
+      parent = parent.get(part) if hasattr(parent, 'get_type') else None
+    # The field's declared type: a placeholder's too, whose value is None.
+    if hasattr(parent, 'get_type') and path[-1] in parent:
+      kind, value = parent.get_type(path[-1]), _given_value(argv, match.group(0)[7:-1])
+      if kind in _EXPECTED and value is not None:
+        now = parent[path[-1]]
+        return (f'error: --{flag}.{".".join(path)}={value}: {flag}.{".".join(path)} takes '
+                f'{_EXPECTED[kind]}' + (f' (its value now: {now!r})' if now is not None
+                                        else '') + f', not {value!r}')
   return f'error: {text}'
+
+
+def _given_value(argv: list[str], name: str) -> str | None:
+  """The value given to flag `name` on the command line (`--name=value`,
+  `-name=value` or `--name value`), the last one if several."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    for dashes in ('--', '-'):
+      if arg.startswith(f'{dashes}{name}='):
+        value = arg[len(dashes) + len(name) + 1:]
+      elif arg == f'{dashes}{name}' and i + 1 < len(argv):
+        value = argv[i + 1]
+  return value
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

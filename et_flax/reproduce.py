@@ -388,17 +388,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.workdir is None and not FLAGS.estimate:
-    raise ValueError('--workdir is required: the sweep runs in <workdir>/<config name>/ '
-                     '(only --estimate runs without one)')
+    sys.exit('error: --workdir is required: the sweep runs in <workdir>/<config name>/ '
+             '(only --estimate runs without one)')
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
     estimates = estimate_runs(experiments, overrides)
     hours = sum(e['hours'] for e in estimates)
-    # Whole hours where the per-run lines' tenths would not change them.
+    # Under 100 h, the tenths the per-run lines show; whole hours above.
     console.info('The sweep: %s h (%.1f days) of training and validation on %s',
-                 f'{hours:.0f}' if hours >= 100 else f'{hours:.1f}', hours / 24,
+                 f'{hours:.1f}' if round(hours, 1) < 100 else f'{hours:.0f}', hours / 24,
                  jax.devices()[0].device_kind)
     return
   try:

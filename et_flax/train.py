@@ -473,10 +473,11 @@ class _Run:
                        progress=progress, stop=self.stop, train_metrics=train_metrics,
                        steps_done=steps_done, after_step=after_step), learning_rate
 
-  def _seconds_before(self, epoch: int) -> float:
-    """The seconds epoch `epoch` ran before a stop, when this run resumed it."""
+  def _before(self, epoch: int, field: str) -> float:
+    """What epoch `epoch` took before a stop ('seconds', 'wait_seconds'), when
+    this run resumed it (0 for checkpoints that did not record it)."""
     within = self.progress.within
-    return within.get('seconds', 0.0) if within and within['epoch'] == epoch else 0.0
+    return within.get(field, 0.0) if within and within['epoch'] == epoch else 0.0
 
   def _save_and_stop(self, epoch: int, epoch_run: EpochRun, learning_rate: float,
                      start: float) -> None:
@@ -487,7 +488,9 @@ class _Run:
                      'steps_done': steps_done, 'learning_rate': learning_rate,
                      'train_metrics': _metrics_to_json(epoch_run.train_metrics),
                      # The resumed epoch's time and rate count this part too.
-                     'seconds': self._seconds_before(epoch) + time.perf_counter() - start}
+                     'seconds': self._before(epoch, 'seconds') + time.perf_counter() - start,
+                     'wait_seconds': (self._before(epoch, 'wait_seconds')
+                                      + epoch_run.wait_seconds)}
       meta = checkpoints.run_meta(self.config, self.progress, self.settings.to_dict(),
                                   interrupted)
       self.run_checkpoints.save_interrupted(
@@ -510,7 +513,8 @@ class _Run:
     config = self.config
     train_summary = {k: float(v) for k, v in epoch_run.train_metrics.compute().items()}
     # An epoch resumed after a stop: the part before it counts too.
-    start -= self._seconds_before(epoch)
+    start -= self._before(epoch, 'seconds')
+    wait_seconds = self._before(epoch, 'wait_seconds') + epoch_run.wait_seconds
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
       raise FloatingPointError(
@@ -526,7 +530,7 @@ class _Run:
             'learning_rate': learning_rate,
             'epoch_seconds': time.perf_counter() - start,
             'train_images_per_second': steps_per_epoch * config.batch_size / train_seconds,
-            'input_wait_fraction': epoch_run.wait_seconds / train_seconds}
+            'input_wait_fraction': wait_seconds / train_seconds}
 
   def _record(self, epoch: int, state: TrainState, summary: dict[str, Any]) -> None:
     """The epoch's line, history entry, TensorBoard scalars and checkpoints."""

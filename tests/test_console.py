@@ -252,18 +252,23 @@ def test_a_config_typo_is_a_short_error(tmp_path):
 
 
 @pytest.mark.parametrize('override, expected', [
-    ('--config.batch_size=abc',
-     "config.batch_size takes an integer (its value now: 32), not 'abc'"),
-    ('--config.model.batch_norm=maybe',
+    (['--config.batch_size=abc'], "--config.batch_size=abc: config.batch_size takes an "
+     "integer (its value now: 32), not 'abc'"),
+    (['--config.batch_size', 'abc'], "--config.batch_size=abc: config.batch_size takes an "
+     "integer (its value now: 32), not 'abc'"),
+    (['--config.model.batch_norm=maybe'], "--config.model.batch_norm=maybe: "
      "config.model.batch_norm takes true or false (its value now: False), not 'maybe'"),
+    # A placeholder: typed, with no value yet.
+    (['--config.augment.rotation_range=abc'], "--config.augment.rotation_range=abc: "
+     "config.augment.rotation_range takes a number, not 'abc'"),
 ])
 def test_a_config_value_of_the_wrong_type_says_what_the_field_takes(tmp_path, override,
                                                                       expected):
   code, output = _run('-m', 'et_flax.main', '--config=configs/quickstart.py',
-                      f'--workdir={tmp_path / "run"}', override)
+                      f'--workdir={tmp_path / "run"}', *override)
   assert code == 1
   assert 'Traceback' not in output, output
-  assert output.splitlines()[0] == f'error: {override}: {expected}'
+  assert output.splitlines()[0] == f'error: {expected}'
   assert not (tmp_path / 'run').exists()
 
 

@@ -349,11 +349,12 @@ def test_estimate_command_totals_its_runs(tmp_path):
   assert result.returncode == 1
   assert result.stderr.startswith('error: --workdir is required: the sweep runs in'), (
       result.stderr[-3000:])
+  assert len(result.stderr.splitlines()) == 1, result.stderr
   result = subprocess.run(
       [sys.executable, '-m', 'et_flax.reproduce',
        '--estimate', '--only=plain_2', '--config.data.image_size=8',
        '--config.model.num_modules=1', '--config.batch_size=16',
-       '--config.num_epochs=20000'],  # 0.1-100 h on any CPU
+       '--config.num_epochs=20000'],  # under 100 h on any CPU
       cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
       env={**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -362,6 +363,6 @@ def test_estimate_command_totals_its_runs(tmp_path):
   total_line = next(line for line in output.splitlines() if line.startswith('The sweep: '))
   run_hours = float(run_line.rsplit(': ', 1)[1].removesuffix(' h'))
   total_hours = float(total_line.split()[2])
-  assert 0.1 <= run_hours < 100, run_line
+  assert run_hours < 100, run_line
   assert total_line.split()[2] == f'{run_hours:.1f}' and total_line.split()[3] == 'h'
   assert not list(tmp_path.iterdir())

@@ -348,29 +348,44 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
 
 def test_a_resumed_epoch_counts_its_time_before_the_stop(digits_data_dir, tmp_path,
                                                          monkeypatch):
-  """SIGTERM after step 5 of the first epoch, 5 s into it; the resumed epoch's
-  seconds and rate include those 5 s, as an uninterrupted epoch's would."""
+  """Two stops in the first epoch (SIGTERM 2 s after a run's third step),
+  then a run that finishes it: the epoch's seconds, rate and input wait
+  include every part, as an uninterrupted epoch's would."""
   original = train.train_epoch
-  steps = []
+  resumed_seconds = []
 
-  def stopped_after_five(*args, after_step=None, **kwargs):
+  def stopped_after_three(*args, after_step=None, **kwargs):
+    steps = []
+
     def after(state):
       after_step(state)
       steps.append(int(state.step))
-      if len(steps) == 5:
-        time.sleep(5.0)
+      if len(steps) == 3:
+        time.sleep(2.0)
         os.kill(os.getpid(), signal.SIGTERM)
     return original(*args, after_step=after, **kwargs)
 
-  monkeypatch.setattr(train, 'train_epoch', stopped_after_five)
+  def timed(*args, **kwargs):
+    start = time.perf_counter()
+    result = original(*args, **kwargs)
+    resumed_seconds.append(time.perf_counter() - start)
+    return result
+
   config = tiny_config(digits_data_dir, num_epochs=1)
-  with pytest.raises(interrupts.TrainingInterrupted):
-    train.train_and_evaluate(config, str(tmp_path))
-  part = checkpoints.latest_meta(tmp_path)['interrupted']
-  assert 5 <= part['steps_done'] < 21 and part['seconds'] >= 5.0
-  monkeypatch.setattr(train, 'train_epoch', original)
+  steps_per_epoch = 1347 // config.batch_size  # the digits' training split: 21
+  parts = []
+  monkeypatch.setattr(train, 'train_epoch', stopped_after_three)
+  for _ in range(2):
+    with pytest.raises(interrupts.TrainingInterrupted):
+      train.train_and_evaluate(config, str(tmp_path))
+    parts.append(checkpoints.latest_meta(tmp_path)['interrupted'])
+  assert parts[0]['steps_done'] < parts[1]['steps_done'] < steps_per_epoch
+  assert parts[0]['seconds'] >= 2.0 and parts[1]['seconds'] >= parts[0]['seconds'] + 2.0
+  assert 0 < parts[0]['wait_seconds'] < parts[1]['wait_seconds']
+  monkeypatch.setattr(train, 'train_epoch', timed)
   train.train_and_evaluate(config, str(tmp_path))
   (entry,) = map(json.loads, (tmp_path / checkpoints.HISTORY_FILE).read_text().splitlines())
-  assert entry['epoch_seconds'] > part['seconds']
-  steps_per_epoch = 1347 // config.batch_size  # the digits' training split
-  assert entry['train_images_per_second'] < steps_per_epoch * config.batch_size / 5.0
+  assert entry['epoch_seconds'] > parts[1]['seconds'] + resumed_seconds[0]
+  train_seconds = steps_per_epoch * config.batch_size / entry['train_images_per_second']
+  assert train_seconds > parts[1]['seconds'] + resumed_seconds[0]
+  assert entry['input_wait_fraction'] * train_seconds > parts[1]['wait_seconds']
