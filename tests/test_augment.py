@@ -67,14 +67,19 @@ def test_jit_affine_equals_keras(image, params):
 def test_jit_shift_moves_the_axis_keras_moves(image):
   """Keras's quirk, kept: tx (from height_shift_range) moves columns, ty rows.
 
-  By whole pixels the shift is exact, with the edge replicated.
+  Eager and jitted against Keras's `apply_affine_transform`, and by whole
+  pixels against the exact shift with the edge replicated (what Keras gives
+  too, so a quirk Keras dropped would show here as well as a swap of ours).
   """
-  eager, _ = _ours(image, tx=2.0)
-  np.testing.assert_allclose(eager[:, :-2], image[:, 2:], atol=1e-4)
-  np.testing.assert_allclose(eager[:, -2:], np.repeat(image[:, -1:], 2, axis=1),
-                             atol=1e-4)
-  eager, _ = _ours(image, ty=-3.0)
-  np.testing.assert_allclose(eager[3:], image[:-3], atol=1e-4)
+  for params, shifted in (
+      ({'tx': 2.0}, np.concatenate([image[:, 2:], np.repeat(image[:, -1:], 2, axis=1)],
+                                   axis=1)),
+      ({'ty': -3.0}, np.concatenate([np.repeat(image[:1], 3, axis=0), image[:-3]],
+                                    axis=0))):
+    expected = _keras(image, **params)
+    np.testing.assert_allclose(expected, shifted, atol=1e-4)
+    for got in _ours(image, **params):
+      np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_jit_identity_transform_is_exact(image):
@@ -261,13 +266,30 @@ def test_sampled_parameters_stay_in_range(preset):
     assert abs(np.corrcoef(params['zx'], params['zy'])[0, 1]) < 0.1
 
 
-def test_jit_none_is_the_identity(image):
+def test_jit_none_is_the_identity(image, monkeypatch):
+  """'none' through the whole per-image path, with the short-cut turned off.
+
+  `augment_batch` returns an identity config's input untouched; this runs
+  what it would run otherwise (sampling with every range zero, the affine and
+  crop matrices, bilinear resampling, channel shift, flips) and expects the
+  input back exactly, so the short-cut only saves time: it hides no offset.
+  Bilinear sampling at whole-pixel coordinates with weights 1 and 0 is exact.
+  """
+  # The real config path: every range of a preset set to zero is 'none'.
+  config = augment.config_from({
+      'preset': 'heavy', 'rotation_range': 0.0, 'width_shift_range': 0.0,
+      'height_shift_range': 0.0, 'shear_range': 0.0, 'zoom_range': 0.0,
+      'channel_shift_range': 0.0, 'horizontal_flip': False, 'vertical_flip': False,
+      'crop_min_area': 1.0})
+  assert config == augment.PRESETS['none'] and config.is_identity
+  monkeypatch.setattr(augment.AugmentConfig, 'is_identity', property(lambda self: False))
   batch = jnp.asarray(np.stack([image, image[::-1]]))
-  config = augment.PRESETS['none']
-  np.testing.assert_array_equal(augment.augment_batch(jax.random.key(0), batch, config),
-                                batch)
-  got = jax.jit(augment.augment_batch, static_argnums=2)(jax.random.key(0), batch, config)
-  np.testing.assert_array_equal(got, batch)
+  # A fresh function for jit: JAX's trace cache must not hand back a trace made
+  # with the short-cut (another test may have jitted augment_batch with 'none').
+  run = lambda key, images: augment.augment_batch(key, images, config)
+  assert len(jax.make_jaxpr(run)(jax.random.key(0), batch).eqns) > 10  # no short-cut
+  for fn in (run, jax.jit(run)):
+    np.testing.assert_array_equal(fn(jax.random.key(0), batch), batch)
 
 
 def test_augment_batch_eager_equals_compiled_and_varies_per_image(image):
