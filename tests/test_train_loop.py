@@ -226,7 +226,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     from et_flax import distributed, models, optim, train
     assert jax.device_count() == 4, jax.devices()
     model = models.ETNet(num_classes=10, num_modules=1)
-    tx = optim.create_optimizer({'name': 'adam', 'learning_rate': 1e-2})
+    # Plain SGD, not Adam: its update is in proportion to the gradient, so a
+    # gradient summed over the 4 devices instead of averaged moves every
+    # parameter 4x as far (Adam's normalised update would hide it but for eps).
+    tx = optim.create_optimizer({'name': 'sgd', 'learning_rate': 0.1})
     state = train.create_train_state(jax.random.key(0), model, 8, tx)
     rng = np.random.default_rng(0)
     batches = [{'image': rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
@@ -255,14 +258,20 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
           lambda x: x.reshape(4, -1, *x.shape[1:]), b), key)
     pmapped = jax.tree.map(lambda x: x[0], pmapped)
 
+    def leaves(tree):
+      return [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(tree))]
+
     def max_diff(a, b):
-      pairs = zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
-      return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
-                 for x, y in pairs)
+      # In units of how far the one-device run moved each array: a gradient
+      # 4x too large shows as ~3 units, float32 rounding as ~1e-5.
+      return max(float(np.max(np.abs(x - y)) / np.max(np.abs(x - s)))
+                 for x, y, s in zip(leaves(a), leaves(b), leaves(state.params)))
     print(json.dumps({
         'mesh': max_diff(single.params, meshed.params),
         'pmap': max_diff(single.params, pmapped.params),
-        'moved': max_diff(state.params, single.params)}))
+        # Each array's movement in units of its size (biases start at 0).
+        'moved': min(float(np.max(np.abs(x - s)) / max(np.max(np.abs(s)), np.max(np.abs(x))))
+                     for x, s in zip(leaves(single.params), leaves(state.params)))}))
 ''')
 
 
@@ -273,11 +282,14 @@ def test_four_devices_equal_one_through_mesh_and_pmap():
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   diffs = json.loads(result.stdout.strip().splitlines()[-1])
-  assert diffs['moved'] > 1e-3  # three Adam steps did change the params
+  assert diffs['moved'] > 5e-4  # three SGD steps moved every array (measured 1.3e-3)
   # Same maths; only the order of the float32 sums over the batch differs
-  # (per-device partial sums, then an all-reduce), after 3 Adam steps.
+  # (per-device partial sums, then an all-reduce). Measured, in units of the
+  # one-device run's movement: 2.6e-5 (mesh) and 1.1e-5 (pmap), the float32
+  # rounding of parameters ~1e3 times their movement. Gradients summed over
+  # the devices instead of averaged (psum for pmean in train_step): 3.4.
   for name in ('mesh', 'pmap'):
-    assert diffs[name] < 1e-5, diffs
+    assert diffs[name] < 1e-3, diffs
 
 
 def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
