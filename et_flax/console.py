@@ -43,8 +43,8 @@ from ml_collections.config_flags import config_flags
 
 from et_flax import workdir_lock
 
-# TensorFlow's C++ logging reads its level once, when TensorFlow loads: the
-# commands import this module before anything imports TensorFlow. '2' keeps
+# TensorFlow's C++ logging reads its level once, when TensorFlow loads (at
+# the first `import_tensorflow`, after this module is imported). '2' keeps
 # its INFO and WARNING lines (CPU instruction notes, tf.data's end-of-sequence
 # notes) off the console; a TF_CPP_MIN_LOG_LEVEL already set, or --verbose on
 # the command line (not yet parsed here), leaves TensorFlow's own default.
@@ -53,17 +53,19 @@ if _QUIET:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
+class TensorFlowMissingError(ValueError):
+  """TensorFlow is needed (to prepare or decode data) but not installed."""
+
+
 def _import_tensorflow_quietly() -> list[str]:
   """Imports TensorFlow, keeping what its native code writes to stderr meanwhile.
 
   Its shared libraries log a few lines while they load, before TensorFlow
   applies TF_CPP_MIN_LOG_LEVEL (TensorFlow 2.21: oneDNN's 'custom operations
   are on' note, behind absl's 'All log messages before absl::InitializeLog()'
-  line). They are written to file descriptor 2 directly; `setup_logging`
-  passes them on to the log file. A failed import shows them at once.
+  line). They are written to file descriptor 2 directly; they go to the log
+  file instead. A failed import shows them at once.
   """
-  if 'tensorflow' in sys.modules or importlib.util.find_spec('tensorflow') is None:
-    return []
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as capture:
@@ -82,8 +84,37 @@ def _import_tensorflow_quietly() -> list[str]:
     return capture.read().decode(errors='replace').splitlines()
 
 
-# Commands import this module before anything imports TensorFlow.
-_native_startup_lines = _import_tensorflow_quietly() if _QUIET else []
+# What TensorFlow's native code wrote while it loaded, until a log file takes it.
+_native_startup_lines: list[str] = []
+
+
+def import_tensorflow(purpose: str, module: str = 'tensorflow') -> Any:
+  """`module` (TensorFlow, or tensorflow_datasets, which imports it), imported
+  for `purpose` ('decoding the val split', say), quietly.
+
+  TensorFlow prepares and decodes data only: everything else in et_flax runs
+  without it (a run whose splits are decoded and cached imports none).
+
+  Raises:
+    TensorFlowMissingError: it is not installed, saying what needed it and
+      how to install it.
+  """
+  if 'tensorflow' not in sys.modules:
+    if importlib.util.find_spec('tensorflow') is None:
+      raise TensorFlowMissingError(
+          f'TensorFlow is not installed, and {purpose} needs it (et_flax prepares and '
+          "decodes data with tf.data). Install it with `pip install -e '.[tf]'` (the CPU "
+          'build) or `pip install tensorflow`, or run where the splits are already '
+          'decoded and cached (see Data in README.md)')
+    lines = _import_tensorflow_quietly() if _QUIET else []
+    if _log is not None:
+      for line in lines:
+        logging.getLogger('tensorflow').info('(while loading) %s', line)
+    else:
+      _native_startup_lines.extend(lines)
+    _quiet_tensorflow_loggers()
+  return importlib.import_module(module)
+
 
 CONSOLE_LOGGER = 'et_flax.console'
 LOG_FILE = 'log.txt'
@@ -250,16 +281,6 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
     absl_handler.addFilter(_not_on_console)  # the console handler shows those
   else:
     root.removeHandler(absl_handler)
-    # TensorFlow gives its logger a handler of its own when loaded before any.
-    loggers = [root, *logging.Logger.manager.loggerDict.values()]
-    for logger in loggers:
-      for handler in list(getattr(logger, 'handlers', ())):
-        if (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
-            and handler.stream in (sys.stderr, sys.stdout)):
-          logger.removeHandler(handler)
-    tfds = sys.modules.get('tensorflow_datasets')
-    if tfds is not None:
-      tfds.disable_progress_bar()
   # Every INFO record to the log file (a notebook's root logger starts at WARNING).
   if root.level == logging.NOTSET or root.level > logging.INFO:
     root.setLevel(logging.INFO)
@@ -268,6 +289,7 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
   logging.captureWarnings(True)
   _log = WorkdirLog(workdir, log_file_name(process_index))
   _verbose = verbose
+  _quiet_tensorflow_loggers()
   _installed.extend([_log, ConsoleHandler()])
   for handler in _installed:
     root.addHandler(handler)
@@ -276,6 +298,22 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
       datetime.datetime.now().isoformat(timespec='seconds'), os.getpid(), ' '.join(sys.argv))
   for line in _native_startup_lines:
     logging.getLogger('tensorflow').info('(while loading) %s', line)
+  _native_startup_lines.clear()
+
+
+def _quiet_tensorflow_loggers() -> None:
+  """Keeps the console to et_flax's lines once TensorFlow is loaded (not --verbose)."""
+  if _log is None or _verbose:
+    return
+  # TensorFlow gives its logger a handler of its own when loaded before any.
+  for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+    for handler in list(getattr(logger, 'handlers', ())):
+      if (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
+          and handler.stream in (sys.stderr, sys.stdout)):
+        logger.removeHandler(handler)
+  tfds = sys.modules.get('tensorflow_datasets')
+  if tfds is not None:
+    tfds.disable_progress_bar()
 
 
 class _LogWriter(io.TextIOBase):

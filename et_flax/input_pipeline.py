@@ -1,30 +1,40 @@
-"""tf.data input: prepare the tfds dataset, decode it once, then batch it.
+"""Input: prepare the tfds dataset, decode each split once, then batch it.
 
 Both datasets go through the `tiny_imagenet` tfds builder: Tiny ImageNet from
 its extracted folder, its zip or (when allowed) its URL, and the embedded
-digits from the tree `et_flax.digits` writes in the same layout. Images are
-decoded once (in parallel, by tf.data) and kept as uint8 in host memory:
-Tiny ImageNet's training split is 1.2 GB that way. Each training epoch is a
-fresh permutation drawn from (seed, epoch), so a run resumed at
-epoch e sees exactly the batches it would have seen; evaluation batches are
-padded to full size and carry a mask, so every image counts exactly once.
+digits from the tree `et_flax.digits` writes in the same layout. A split is
+decoded once (in parallel, by tf.data) into uint8, and cached beside the
+prepared dataset as memory-mapped NumPy files, keyed by the source's
+fingerprint, the image size, the classes and the host's share
+(`DecodedCache`): a later run reads the cache and imports no TensorFlow at
+all. Tiny ImageNet's training split is 1.2 GB that way.
+
+Batches are gathered from the decoded arrays with NumPy. Each training epoch
+is a fresh order drawn from (seed, epoch), so a run resumed at epoch e sees
+exactly the batches it would have seen; evaluation batches are padded to full
+size and carry a mask, so every image counts exactly once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
+import queue
+import shutil
+import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from absl import logging
 
+from et_flax import console
 from et_flax import digits
 from et_flax import preparation
 from et_flax import tiny_imagenet
@@ -32,16 +42,24 @@ from et_flax import tiny_imagenet
 DATASETS = ('digits', 'tiny_imagenet')
 DEFAULT_TFDS_DIR = os.path.join('~', 'tensorflow_datasets')
 _DECODE_BATCH = 1024
+# Training batches gathered ahead of the step on a background thread.
+_PREFETCH_BATCHES = 2
 
+
+def _tensorflow(purpose: str) -> tuple[Any, Any]:
+  """TensorFlow and tensorflow-datasets, set up for `purpose` (once per process)."""
+  tf = console.import_tensorflow(purpose)
+  tfds = console.import_tensorflow(purpose, 'tensorflow_datasets')
+  _setup(tf, tfds)
+  return tf, tfds
 
 
 @functools.cache
-def setup() -> None:
-  """Keeps TensorFlow to tf.data on the CPU, and tfds quiet; once per process.
+def _setup(tf: Any, tfds: Any) -> None:
+  """Keeps TensorFlow to tf.data on the CPU, and tfds quiet.
 
   TensorFlow must never take GPU memory that JAX needs (a no-op with
   tensorflow-cpu, but not with a GPU build of TensorFlow, as in Colab).
-  Called by `get_dataset_info`, before TensorFlow touches a device.
   """
   tf.config.set_visible_devices([], 'GPU')
   tfds.disable_progress_bar()
@@ -50,11 +68,14 @@ def setup() -> None:
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What a run needs to know about its data before decoding any image."""
-  builder: tfds.core.DatasetBuilder
+  data_dir: str  # the prepared dataset: <tfds_dir>/tiny_imagenet/<config>/<version>
+  config_name: str  # the tfds builder config it was prepared under
+  all_wnids: tuple[str, ...]  # the prepared dataset's labels, in order
   wnids: tuple[str, ...]  # label i is wnids[i]
   class_names: tuple[str, ...]
   image_size: int
-  source_labels: tuple[int, ...]  # label i is source_labels[i] in the builder
+  source_labels: tuple[int, ...]  # label i is source_labels[i] in the prepared dataset
+  source_key: str  # the fingerprint key of what it was prepared from
 
   @property
   def num_classes(self) -> int:
@@ -70,7 +91,8 @@ class Split:
 
   A whole split, or (on one host of several) a share of it: then `indices`
   are the held examples' positions in the whole split, in increasing order,
-  and `split_size` is the whole split's size.
+  and `split_size` is the whole split's size. The arrays may be memory-mapped
+  from the decoded cache.
   """
   images: np.ndarray
   labels: np.ndarray
@@ -134,79 +156,130 @@ def select_classes(wnids: tuple[str, ...], classes: Any) -> tuple[str, ...]:
                    f'(on the command line: n01443537,n01629819), got {classes!r}')
 
 
-def _builder(data_config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder for `config.data` (preparing it once).
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where `config.data`'s dataset is prepared, and what from (no tfds needed)."""
+  name: str
+  tfds_dir: str
+  config_name: str
+  fingerprint: tiny_imagenet.SourceFingerprint | None  # None: no data.data_dir
+  extracted_dir: pathlib.Path | None = None
+  manual_dir: pathlib.Path | None = None  # the folder holding the zip
+  image_size: int | None = None  # a tree's stored image side
+
+  @property
+  def prepared_dir(self) -> pathlib.Path:
+    return (pathlib.Path(self.tfds_dir).expanduser() / tiny_imagenet.BUILDER_NAME
+            / self.config_name / tiny_imagenet.VERSION)
+
+
+def _locate(data_config: Mapping[str, Any]) -> _Source:
+  """`config.data`'s source and where it is (or will be) prepared.
 
   The source's fingerprint is stored with the prepared dataset. The digits
   and trees not in the official layout are prepared under a config named by
   the fingerprint's key, so that each tree, and each change of one, is
   prepared apart; the official layout keeps its name, and one prepared from
-  another source is refused (`preparation.prepare`).
+  another source is refused (`preparation`).
   """
   name = data_config.get('name')
   data_dir = str(data_config.get('data_dir') or '')
-  manual_dir = extracted_dir = source = extract_dir = None
   if name == 'digits':
     if not data_dir:
       raise ValueError('data.data_dir must name a folder to write the digits to')
     extracted_dir = digits.write_digits_tree(data_dir, data_config['image_size'])
     source = tiny_imagenet.tree_fingerprint(extracted_dir)
-    config = tiny_imagenet.digits_builder_config(data_config['image_size'], source.key)
-    tfds_dir = data_config.get('tfds_dir') or str(pathlib.Path(data_dir).expanduser() / 'tfds')
-  elif name == 'tiny_imagenet':
-    if data_dir:
-      path = pathlib.Path(data_dir).expanduser()
-      if (path / 'wnids.txt').exists():
-        extracted_dir = path
-        source = tiny_imagenet.tree_fingerprint(path)
-      elif (path / tiny_imagenet.ZIP_NAME).exists():
-        manual_dir = path
-        source = tiny_imagenet.zip_fingerprint(path / tiny_imagenet.ZIP_NAME)
-      else:
-        raise FileNotFoundError(
-            f'data.data_dir {path} holds neither wnids.txt (the extracted '
-            f'{tiny_imagenet.TREE_NAME}/ folder) nor {tiny_imagenet.ZIP_NAME}')
-    config = tiny_imagenet.TinyImagenet.BUILDER_CONFIGS[0]
-    if extracted_dir is not None:
-      # A tree in the layout with other classes or image sizes (a test tree,
-      # a user's own subset) is prepared under a config of its own.
-      num_classes = len(source.wnids)
-      size = tiny_imagenet.stored_image_size(extracted_dir)
-      if (num_classes, size) != (config.num_classes, config.image_size):
-        config = tiny_imagenet.TinyImagenetConfig(
-            name=f'layout_{num_classes}_classes_{size}px_{source.key}',
-            num_classes=num_classes, image_size=size)
-    tfds_dir = data_config.get('tfds_dir') or DEFAULT_TFDS_DIR
-  else:
+    return _Source(name, data_config.get('tfds_dir') or
+                   str(pathlib.Path(data_dir).expanduser() / 'tfds'),
+                   tiny_imagenet.digits_config_name(data_config['image_size'], source.key),
+                   source, extracted_dir=extracted_dir, image_size=data_config['image_size'])
+  if name != 'tiny_imagenet':
     raise ValueError(f'Unknown dataset {name!r} in config.data.name; valid names: '
                      f'{list(DATASETS)}')
-  if manual_dir is not None:
+  tfds_dir = data_config.get('tfds_dir') or DEFAULT_TFDS_DIR
+  if not data_dir:
+    return _Source(name, tfds_dir, tiny_imagenet.OFFICIAL_CONFIG, None)
+  path = pathlib.Path(data_dir).expanduser()
+  if (path / tiny_imagenet.ZIP_NAME).exists() and not (path / 'wnids.txt').exists():
+    return _Source(name, tfds_dir, tiny_imagenet.OFFICIAL_CONFIG,
+                   tiny_imagenet.zip_fingerprint(path / tiny_imagenet.ZIP_NAME),
+                   manual_dir=path)
+  if not (path / 'wnids.txt').exists():
+    raise FileNotFoundError(
+        f'data.data_dir {path} holds neither wnids.txt (the extracted '
+        f'{tiny_imagenet.TREE_NAME}/ folder) nor {tiny_imagenet.ZIP_NAME}')
+  source = tiny_imagenet.tree_fingerprint(path)
+  # A tree in the layout with other classes or image sizes (a test tree, a
+  # user's own subset) is prepared under a config of its own.
+  num_classes, size = len(source.wnids), tiny_imagenet.stored_image_size(path)
+  config_name = tiny_imagenet.OFFICIAL_CONFIG
+  if (num_classes, size) != (tiny_imagenet.OFFICIAL_NUM_CLASSES,
+                             tiny_imagenet.OFFICIAL_IMAGE_SIZE):
+    config_name = tiny_imagenet.layout_config_name(num_classes, size, source.key)
+  return _Source(name, tfds_dir, config_name, source, extracted_dir=path, image_size=size)
+
+
+def _prepare(source: _Source, allow_download: bool) -> dict[str, Any]:
+  """Prepares `source` with tfds (once), returning the prepared metadata."""
+  _, tfds = _tensorflow(f'preparing {source.name} in {source.prepared_dir}')
+  # pylint: disable-next=import-outside-toplevel
+  from et_flax import tiny_imagenet_builder
+  extract_dir = None
+  if source.manual_dir is not None:
     # tfds names an extraction by the zip's file name alone, and would reuse
     # one of another zip of that name: one folder per zip content.
-    extract_dir = (pathlib.Path(tfds_dir).expanduser() / 'downloads' / 'extracted'
-                   / f'tiny_imagenet_{source.key}')
+    extract_dir = (pathlib.Path(source.tfds_dir).expanduser() / 'downloads' / 'extracted'
+                   / f'tiny_imagenet_{source.fingerprint.key}')
+  if source.name == 'digits':
+    config = tiny_imagenet_builder.digits_builder_config(source.image_size,
+                                                         source.fingerprint.key)
+  elif source.config_name == tiny_imagenet.OFFICIAL_CONFIG:
+    config = tiny_imagenet_builder.TinyImagenet.BUILDER_CONFIGS[0]
+  else:
+    config = tiny_imagenet_builder.TinyImagenetConfig(
+        name=source.config_name, num_classes=len(source.fingerprint.wnids),
+        image_size=source.image_size)
   make_builder = functools.partial(
-      tiny_imagenet.TinyImagenet, extracted_dir=extracted_dir,
-      allow_download=name == 'tiny_imagenet' and bool(data_config.get('download')),
-      source=source, config=config, data_dir=tfds_dir)
-  return preparation.prepare(make_builder, source, tfds.download.DownloadConfig(
-      manual_dir=manual_dir, extract_dir=extract_dir, try_download_gcs=False))
+      tiny_imagenet_builder.TinyImagenet, extracted_dir=source.extracted_dir,
+      allow_download=allow_download, source=source.fingerprint, config=config,
+      data_dir=source.tfds_dir)
+  builder = preparation.prepare(
+      make_builder, source.fingerprint, tfds.download.DownloadConfig(
+          manual_dir=source.manual_dir, extract_dir=extract_dir, try_download_gcs=False))
+  metadata = dict(builder.info.metadata)
+  metadata.setdefault('wnids', list(builder.info.features['label'].names))
+  metadata.setdefault(tiny_imagenet.FINGERPRINT_KEY, None)
+  return metadata
 
 
 def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
-  """Prepares (once) the dataset named by `config.data` and selects its classes."""
-  setup()
+  """Prepares (once) the dataset named by `config.data` and selects its classes.
+
+  A dataset already prepared (with its source's fingerprint) is read as
+  plain JSON: only preparing imports tensorflow-datasets.
+  """
   image_size = data_config.get('image_size')
   if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
     raise ValueError(f'data.image_size must be a positive integer, got {image_size!r}')
-  builder = _builder(data_config)
-  all_wnids = tuple(builder.info.features['label'].names)
-  names = dict(zip(all_wnids, builder.info.metadata['class_names']))
+  source = _locate(data_config)
+  prepared_dir = source.prepared_dir
+  metadata = preparation.read_prepared_metadata(prepared_dir)
+  if metadata is None:
+    metadata = _prepare(source, source.name == 'tiny_imagenet'
+                        and bool(data_config.get('download')))
+  elif source.fingerprint is not None:
+    preparation.check_stored_source(prepared_dir, source.config_name, metadata,
+                                    source.fingerprint)
+  all_wnids = tuple(metadata['wnids'])
+  names = dict(zip(all_wnids, metadata['class_names']))
   wnids = select_classes(all_wnids, data_config.get('classes'))
-  return DatasetInfo(builder=builder, wnids=wnids,
-                     class_names=tuple(names[w] for w in wnids),
-                     image_size=image_size,
-                     source_labels=tuple(all_wnids.index(w) for w in wnids))
+  stored = metadata.get(tiny_imagenet.FINGERPRINT_KEY)
+  return DatasetInfo(
+      data_dir=str(prepared_dir), config_name=source.config_name, all_wnids=all_wnids,
+      wnids=wnids, class_names=tuple(names[w] for w in wnids), image_size=image_size,
+      source_labels=tuple(all_wnids.index(w) for w in wnids),
+      source_key=(tiny_imagenet.SourceFingerprint.from_json(stored).key if stored
+                  else 'unknown'))
 
 
 def save_class_mapping(info: DatasetInfo, workdir: str | os.PathLike) -> pathlib.Path:
@@ -230,8 +303,119 @@ def save_class_mapping(info: DatasetInfo, workdir: str | os.PathLike) -> pathlib
   return path
 
 
-def _decoder(info: DatasetInfo, split: str):
-  remap = np.full(len(info.builder.info.features['label'].names), -1, np.int32)
+# ---------------------------------------------------------------------------
+# Decoding, once per (source, split, size, classes, share): the cache.
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """The examples of a split one host of several decodes (`train_share`,
+  `eval_share`): `select(split_size)` gives their positions, increasing;
+  `key` names the choice in the decoded cache."""
+  key: str
+  select: Callable[[int], np.ndarray]
+
+  def __call__(self, split_size: int) -> np.ndarray:
+    return self.select(split_size)
+
+
+CACHE_FOLDER = 'decoded'
+_CACHE_FORMAT = 1
+
+
+class DecodedCache:
+  """Decoded splits beside the prepared dataset: `<data_dir>/decoded/<key>/`.
+
+  Each entry holds `images.npy` (uint8), `labels.npy`, `indices.npy` (a
+  share's positions) and `meta.json` (what it was decoded from, the file
+  names); it is written to a temporary folder and renamed into place, so a
+  killed run leaves nothing that passes for an entry. The key covers the
+  source's fingerprint, the split, the image size, the classes and the
+  share: a change of any of them decodes anew. Removing the prepared dataset
+  removes its cache.
+  """
+
+  def __init__(self, info: DatasetInfo, split: str, share: Share | None):
+    self.description = {
+        'format': _CACHE_FORMAT, 'source_key': info.source_key, 'split': split,
+        'image_size': info.image_size, 'source_labels': list(info.source_labels),
+        'share': None if share is None else share.key}
+    digest = hashlib.sha256(json.dumps(self.description).encode()).hexdigest()[:16]
+    self.path = pathlib.Path(info.data_dir) / CACHE_FOLDER / f'{split}_{digest}'
+
+  def read(self) -> Split | None:
+    """The cached split (memory-mapped), or None if it is not cached."""
+    meta_path = self.path / 'meta.json'
+    if self.description['source_key'] == 'unknown' or not meta_path.is_file():
+      return None
+    meta = json.loads(meta_path.read_text())
+    if meta['description'] != self.description:
+      raise ValueError(f'{self.path} holds another decoded split than its name says '
+                       f'({meta["description"]}, expected {self.description}): remove it')
+    images = np.load(self.path / 'images.npy', mmap_mode='r')
+    labels = np.load(self.path / 'labels.npy')
+    indices = np.load(self.path / 'indices.npy') if meta['split_size'] is not None else None
+    if len(images) != len(labels) or len(labels) != len(meta['file_names']):
+      raise ValueError(f'{self.path} is inconsistent ({len(images)} images, '
+                       f'{len(labels)} labels, {len(meta["file_names"])} names): remove it')
+    return Split(images=images, labels=labels, file_names=tuple(meta['file_names']),
+                 indices=indices, split_size=meta['split_size'])
+
+  def write(self, split: Split) -> None:
+    """Writes `split` as this entry; a folder that cannot be written is
+    warned about (the split is decoded again next time)."""
+    if self.description['source_key'] == 'unknown':
+      return
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{self.path.name}.', dir=self.path.parent))
+    except OSError as error:
+      console.warning('cannot cache the decoded split in %s (%s): it will be decoded '
+                      'again by the next run', self.path.parent, error.strerror or error)
+      return
+    try:
+      np.save(tmp / 'images.npy', split.images)
+      np.save(tmp / 'labels.npy', split.labels)
+      if split.indices is not None:
+        np.save(tmp / 'indices.npy', split.indices)
+      (tmp / 'meta.json').write_text(json.dumps({
+          'description': self.description, 'split_size': split.split_size,
+          'file_names': list(split.file_names)}))
+      os.rename(tmp, self.path)
+    except OSError as error:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if self.path.is_dir():  # another process cached the same split meanwhile
+        return
+      raise OSError(error.errno, f'Cannot write the decoded split to {self.path}: '
+                    f'{error.strerror}') from error
+    logging.info('Cached the decoded %s split in %s', self.description['split'], self.path)
+
+
+def load_split(info: DatasetInfo, split: str, share: Share | None = None) -> Split:
+  """Every image of `split` (of the selected classes), decoded.
+
+  `share` selects the examples this host needs (`train_share`,
+  `eval_share`): only those are decoded. None decodes the whole split. Read
+  from the decoded cache when there; decoded with tf.data and cached
+  otherwise.
+  """
+  if split not in tiny_imagenet.SPLITS:
+    raise ValueError(f'Unknown split {split!r}; valid splits: {list(tiny_imagenet.SPLITS)}')
+  cache = DecodedCache(info, split, share)
+  cached = cache.read()
+  if cached is not None:
+    logging.info('Read the decoded %s split from %s', split, cache.path)
+    return cached
+  console.info('Decoding the %s split of %s at %dx%d%s (once: cached in %s)', split,
+               info.data_dir, info.image_size, info.image_size,
+               '' if share is None else f' ({share.key}: this host\'s share)',
+               cache.path.parent)
+  decoded = _decode_split(info, split, share)
+  cache.write(decoded)
+  return decoded
+
+
+def _decoder(tf: Any, info: DatasetInfo, split: str):
+  remap = np.full(len(info.all_wnids), -1, np.int32)
   remap[list(info.source_labels)] = np.arange(info.num_classes)
   remap = tf.constant(remap)
   size = info.image_size
@@ -259,18 +443,13 @@ def _decoder(info: DatasetInfo, split: str):
   return decode, keep
 
 
-def load_split(info: DatasetInfo, split: str,
-               share: Callable[[int], np.ndarray] | None = None) -> Split:
-  """Decodes every image of `split` (of the selected classes) into memory.
 
-  `share`, given the split's size, returns the positions (increasing) of the
-  examples this host needs: only those are decoded (`train_share`,
-  `eval_share`). None decodes the whole split.
-  """
-  if split not in tiny_imagenet.SPLITS:
-    raise ValueError(f'Unknown split {split!r}; valid splits: {list(tiny_imagenet.SPLITS)}')
-  decode, keep = _decoder(info, split)
-  records = (info.builder.as_dataset(split=split, shuffle_files=False,
+def _decode_split(info: DatasetInfo, split: str, share: Share | None) -> Split:
+  """`split` decoded by tf.data (TensorFlow imported here, and only here)."""
+  tf, tfds = _tensorflow(f'decoding the {split} split of {info.data_dir}')
+  decode, keep = _decoder(tf, info, split)
+  builder = tfds.builder_from_directory(info.data_dir)
+  records = (builder.as_dataset(split=split, shuffle_files=False,
                                      decoders={'image': tfds.decode.SkipDecoding()})
              .filter(keep))
   split_size = indices = None
@@ -293,19 +472,13 @@ def load_split(info: DatasetInfo, split: str,
     labels.append(batch['label'])
     file_names += [f.decode() for f in batch['file_name']]
   if not images and (share is None or not split_size):
-    raise ValueError(f'The {split} split of {info.builder.data_dir} holds no images '
+    raise ValueError(f'The {split} split of {info.data_dir} holds no images '
                      'of the selected classes')
   if not images:  # a host whose rows of the last batch are all padding
     size = info.image_size
     images, labels = [np.zeros((0, size, size, 3), np.uint8)], [np.zeros(0, np.int32)]
   return Split(images=np.concatenate(images), labels=np.concatenate(labels),
                file_names=tuple(file_names), indices=indices, split_size=split_size)
-
-
-def _gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor,
-            batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  batch.update(image=tf.gather(images, indices), label=tf.gather(labels, indices))
-  return batch
 
 
 def train_lanes(num_examples: int, batch_size: int, seed: int) -> np.ndarray:
@@ -338,21 +511,59 @@ def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np
   return shuffled[:num_examples // batch_size]
 
 
-def train_share(batch_size: int, seed: int, rows: slice) -> Callable[[int], np.ndarray]:
+def train_share(batch_size: int, seed: int, rows: slice) -> Share:
   """For `load_split`: the examples of the lanes that feed `rows` of each batch."""
   def share(num_examples: int) -> np.ndarray:
     lanes = train_lanes(num_examples, batch_size, seed)[:, rows]
     return np.sort(lanes[lanes >= 0])
-  return share
+  return Share(f'train lanes: batch {batch_size}, seed {seed}, rows {rows.start}-'
+               f'{rows.stop - 1}', share)
 
 
-def eval_share(batch_size: int, rows: slice) -> Callable[[int], np.ndarray]:
+def eval_share(batch_size: int, rows: slice) -> Share:
   """For `load_split`: the examples at `rows` of each padded eval batch."""
   def share(num_examples: int) -> np.ndarray:
     positions = np.arange(num_examples)
     row = positions % batch_size
     return positions[(row >= rows.start) & (row < rows.stop)]
-  return share
+  return Share(f'eval rows: batch {batch_size}, rows {rows.start}-{rows.stop - 1}', share)
+
+
+def prefetched(batches: Iterator[Any], size: int = _PREFETCH_BATCHES) -> Iterator[Any]:
+  """`batches`, each made ahead on a background thread (at most `size` ahead).
+
+  An error there is raised here, at the batch it stopped; closing this
+  generator (a run stopped within an epoch) stops the thread.
+  """
+  ready: queue.Queue = queue.Queue(size)
+  done = object()
+  stopped = threading.Event()
+
+  def produce():
+    try:
+      for batch in batches:
+        while not stopped.is_set():
+          try:
+            ready.put(batch, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stopped.is_set():
+          return
+      ready.put(done)
+    except BaseException as error:  # pylint: disable=broad-except
+      ready.put(error)  # raised in the consumer, with its traceback
+
+  thread = threading.Thread(target=produce, daemon=True, name='et_flax-batches')
+  thread.start()
+  try:
+    while (item := ready.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stopped.set()
+    thread.join()
 
 
 def _check_rows(rows: slice | None, batch_size: int) -> slice:
@@ -379,18 +590,13 @@ class TrainInput:
                        'training images: no full batch to train on')
     self.seed = seed
     self._split = split
-    self._images = tf.constant(split.images)
-    self._labels = tf.constant(split.labels)
 
   def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's rows of `epoch`'s batches: {'image': uint8, 'label': int32}."""
     order = epoch_order(self.num_examples, self.batch_size, self.seed, epoch)
     local = self._split.positions(order[:, self.rows])
-    dataset = (tf.data.Dataset.from_tensor_slices(local)
-               .map(lambda i: _gather(self._images, self._labels, i, {}),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-               .prefetch(tf.data.AUTOTUNE))
-    return dataset.as_numpy_iterator()
+    images, labels = self._split.images, self._split.labels
+    return prefetched({'image': images[rows], 'label': labels[rows]} for rows in local)
 
 
 class DeviceTrainInput:
@@ -448,9 +654,7 @@ def eval_batches(split: Split, batch_size: int, rows: slice | None = None
   if not len(split):  # every row of this host is padding: gather a blank
     images = np.zeros((1, *images.shape[1:]), images.dtype)
     labels = np.zeros(1, labels.dtype)
-  images, labels = tf.constant(images), tf.constant(labels)
-  dataset = (tf.data.Dataset.from_tensor_slices((indices, mask))
-             .batch(rows.stop - rows.start)
-             .map(lambda i, m: _gather(images, labels, i, {'mask': m}))
-             .prefetch(tf.data.AUTOTUNE))
-  return dataset.as_numpy_iterator()
+  step = rows.stop - rows.start
+  for start in range(0, len(indices), step):
+    batch = indices[start:start + step]
+    yield {'image': images[batch], 'label': labels[batch], 'mask': mask[start:start + step]}

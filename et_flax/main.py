@@ -11,26 +11,20 @@ The console shows a header, a progress bar and one line per epoch; the
 libraries' logs go to <workdir>/log.txt (--verbose shows them too).
 """
 
-import importlib.util
 import sys
 
-# TensorFlow comes with the `tf` extra (or the environment's own): say so
-# before the imports that need it.
-if importlib.util.find_spec('tensorflow') is None:
-  sys.exit("error: TensorFlow is not installed; et_flax reads its data with tf.data. "
-           "Install it with `pip install -e '.[tf]'` (the CPU build) or `pip install tensorflow`.")
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from et_flax import console  # noqa: E402
-from et_flax import distributed  # noqa: E402
-from et_flax import host_memory  # noqa: E402
-from et_flax import interrupts  # noqa: E402
-from et_flax import train  # noqa: E402
+from et_flax import console
+from et_flax import distributed
+from et_flax import host_memory
+from et_flax import interrupts
+from et_flax import settings
+from et_flax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None,
@@ -51,6 +45,7 @@ flags.DEFINE_integer('heartbeat_timeout_seconds',
 flags.DEFINE_integer('initialization_timeout_seconds', 300,
                      'Multi-process run: how long to wait for every process to join.')
 host_memory.define_flag()
+settings.define_deterministic_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -63,6 +58,7 @@ def main(argv):
       bool(FLAGS.config.get('distributed')), FLAGS.heartbeat_timeout_seconds,
       FLAGS.initialization_timeout_seconds)
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
+  settings.configure_determinism(FLAGS.deterministic)
   distributed.initialize(launch)
   if launch.auto_detect:  # this process's log file, now that its index is known
     console.setup_logging(FLAGS.workdir, FLAGS.verbose, jax.process_index())

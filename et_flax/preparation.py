@@ -5,7 +5,9 @@ run, two runs started together) prepare it in turn under a file lock: the
 first prepares, the others wait and then reuse it. A prepared dataset keeps
 the fingerprint of its source (`tiny_imagenet.SourceFingerprint`), and a
 later run given another source is refused rather than silently trained on
-the data prepared before.
+the data prepared before. Only `prepare` needs tensorflow-datasets (and
+TensorFlow); `check_stored_source` reads a prepared dataset's stored
+fingerprint as plain JSON.
 """
 
 from __future__ import annotations
@@ -13,21 +15,24 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import tensorflow_datasets as tfds
 from absl import logging
 
 from et_flax import console
 from et_flax import filelock
 from et_flax import tiny_imagenet
 
-Builder = tiny_imagenet.TinyImagenet
+Builder = Any  # tiny_imagenet_builder.TinyImagenet, whose module imports tfds
 Fingerprint = tiny_imagenet.SourceFingerprint
+# tensorflow-datasets' names for a prepared dataset's files (tfds.core.constants).
+DATASET_INFO_FILENAME = 'dataset_info.json'
+METADATA_FILENAME = 'metadata.json'
 
 
 def prepare(make_builder: Callable[[], Builder], source: Fingerprint | None,
-            download_config: tfds.download.DownloadConfig) -> Builder:
+            download_config: Any) -> Builder:
   """The builder `make_builder` makes, prepared once and checked against `source`.
 
   Preparing runs under an exclusive lock, `.<version>.lock` beside the
@@ -41,6 +46,7 @@ def prepare(make_builder: Callable[[], Builder], source: Fingerprint | None,
     ValueError: the dataset is prepared from another source than `source`
       (see `check_source`). None (no data.data_dir) uses it as it is.
   """
+  tfds = console.import_tensorflow('preparing the dataset', 'tensorflow_datasets')
   builder = make_builder()
   if not builder.is_prepared():
     config_dir = pathlib.Path(builder.data_dir).parent
@@ -82,8 +88,7 @@ def _prepared_before(builder: Builder, source: Fingerprint | None) -> pathlib.Pa
   if source is None or not name.endswith(f'_{source.key}'):
     return None
   dataset_dir = pathlib.Path(builder.data_dir).parent.parent
-  pattern = (f'{name[:-len(source.key)]}*/{builder.version}/'
-             f'{tfds.core.constants.METADATA_FILENAME}')
+  pattern = f'{name[:-len(source.key)]}*/{builder.version}/{METADATA_FILENAME}'
   for metadata in sorted(dataset_dir.glob(pattern)):
     try:
       stored = json.loads(metadata.read_text()).get(tiny_imagenet.FINGERPRINT_KEY)
@@ -107,33 +112,55 @@ def check_source(builder: Builder, source: Fingerprint) -> None:
   Raises:
     ValueError: naming the prepared folder, what differs and what to do.
   """
-  stored = builder.info.metadata.get(tiny_imagenet.FINGERPRINT_KEY)
-  if stored is not None:
-    stored_from = stored['path']
-    differences = Fingerprint.from_json(stored).differences(source)
-  else:
-    stored_from = 'unknown: prepared by an older et_flax'
-    differences = []
-    wnids = tuple(builder.info.metadata.get('wnids', ()))
-    if wnids != source.wnids:
-      differences.append(f'wnids: {len(wnids)} prepared (first {list(wnids[:3])}), '
-                         f'{len(source.wnids)} in the source (first '
-                         f'{list(source.wnids[:3])})')
-    prepared_sizes = {split: builder.info.splits[split].num_examples
-                      for split in tiny_imagenet.SPLITS}
-    if prepared_sizes != source.split_sizes():
-      differences.append(f'split sizes: {prepared_sizes} prepared, '
-                         f'{source.split_sizes()} in the source')
-    if not differences:
-      logging.warning(
-          '%s was prepared by an older et_flax, which kept no fingerprint of its source: '
-          'its wnids and split sizes match %s, so it is used, but its files could not '
-          'be checked (remove that folder to prepare it again with a fingerprint)',
-          builder.data_dir, source.path)
+  metadata = builder.info.metadata
+  if metadata.get(tiny_imagenet.FINGERPRINT_KEY) is not None:
+    check_stored_source(builder.data_dir, builder.builder_config.name, metadata, source)
+    return
+  differences = []
+  wnids = tuple(metadata.get('wnids', ()))
+  if wnids != source.wnids:
+    differences.append(f'wnids: {len(wnids)} prepared (first {list(wnids[:3])}), '
+                       f'{len(source.wnids)} in the source (first '
+                       f'{list(source.wnids[:3])})')
+  prepared_sizes = {split: builder.info.splits[split].num_examples
+                    for split in tiny_imagenet.SPLITS}
+  if prepared_sizes != source.split_sizes():
+    differences.append(f'split sizes: {prepared_sizes} prepared, '
+                       f'{source.split_sizes()} in the source')
+  if not differences:
+    logging.warning(
+        '%s was prepared by an older et_flax, which kept no fingerprint of its source: '
+        'its wnids and split sizes match %s, so it is used, but its files could not '
+        'be checked (remove that folder to prepare it again with a fingerprint)',
+        builder.data_dir, source.path)
+  _refuse(builder.data_dir, builder.builder_config.name,
+          'unknown: prepared by an older et_flax', source, differences)
+
+
+def check_stored_source(data_dir: str | pathlib.Path, config_name: str,
+                        metadata: Mapping[str, Any], source: Fingerprint) -> None:
+  """Refuses the dataset prepared in `data_dir` (its `metadata`, holding a
+  stored fingerprint) when its source differs from `source`."""
+  stored = metadata[tiny_imagenet.FINGERPRINT_KEY]
+  _refuse(data_dir, config_name, stored['path'], source,
+          Fingerprint.from_json(stored).differences(source))
+
+
+def read_prepared_metadata(data_dir: pathlib.Path) -> dict[str, Any] | None:
+  """The metadata of the dataset prepared in `data_dir` (None: not prepared
+  there, or prepared without a stored fingerprint), read without tfds."""
+  if not (data_dir / DATASET_INFO_FILENAME).is_file():
+    return None
+  metadata = json.loads((data_dir / METADATA_FILENAME).read_text())
+  return metadata if tiny_imagenet.FINGERPRINT_KEY in metadata else None
+
+
+def _refuse(data_dir: str | pathlib.Path, config_name: str, stored_from: str,
+            source: Fingerprint, differences: list[str]) -> None:
   if differences:
     raise ValueError(
-        f'{builder.data_dir} holds {builder.name}/{builder.builder_config.name} prepared '
+        f'{data_dir} holds {tiny_imagenet.BUILDER_NAME}/{config_name} prepared '
         f'from another source ({stored_from}) than data.data_dir ({source.path}): '
-        + '; '.join(differences) + f'. Remove {builder.data_dir} to prepare it from '
+        + '; '.join(differences) + f'. Remove {data_dir} to prepare it from '
         'data.data_dir, or set data.tfds_dir to another folder (an empty data.data_dir '
         'uses the prepared data as it is)')

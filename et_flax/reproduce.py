@@ -50,6 +50,7 @@ from et_flax import evaluate
 from et_flax import findings
 from et_flax import host_memory
 from et_flax import interrupts
+from et_flax import settings as settings_lib
 from et_flax import train
 from et_flax import workdir_lock
 
@@ -358,7 +359,6 @@ def estimate_runs(experiments: Sequence[findings.Experiment],
   trains nothing; compiling and checkpoints are not counted.
   """
   from et_flax import augment  # pylint: disable=import-outside-toplevel
-  from et_flax import settings as settings_lib  # pylint: disable=import-outside-toplevel
   from et_flax.benchmark import steps as benchmark  # pylint: disable=import-outside-toplevel
   estimates = []
   for experiment in experiments:
@@ -391,6 +391,7 @@ def main(argv):
     sys.exit('error: --workdir is required: the sweep runs in <workdir>/<config name>/ '
              '(only --estimate runs without one)')
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
+  settings_lib.configure_determinism(FLAGS.deterministic)
   experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
@@ -446,6 +447,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('evaluate', True, "Evaluate each finished run's best checkpoint and "
                     'draw its figures (curves, confusion matrix, misclassified images).')
   host_memory.define_flag()
+  settings_lib.define_deterministic_flag()
 
 
 if __name__ == '__main__':

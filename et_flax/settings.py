@@ -6,7 +6,9 @@ and `preprocessing` into a frozen `Settings`. It is the only place that
 knows what 'auto' means; training, evaluation, prediction and the benchmark
 use its result, the run's header shows it and the checkpoints keep it.
 `Platform.current()` is the only query of the machine (JAX's backend, its
-devices and their memory); tests pass a `Platform` of their own.
+devices, their memory and bfloat16 support); tests pass a `Platform` of
+their own. `configure_determinism` (`--deterministic`) sets XLA's
+deterministic GPU ops before JAX's backends start.
 
 `check_run_config` checks the fields a training run reads directly (sizes,
 counts, the freeze), beside it, before any image is decoded.
@@ -15,6 +17,8 @@ counts, the freeze), beside it, before any image is decoded.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,8 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import flags
+from absl import logging
+from jax._src import xla_bridge
 
 from et_flax import augment
+from et_flax import console
 from et_flax import models
 from et_flax import onednn
 
@@ -42,6 +50,36 @@ AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, 
 # 'auto' keeps the training images on the accelerator when they take less
 # than this share of its memory.
 DEVICE_RESIDENT_SHARE = 0.5
+# NVIDIA GPUs compute natively in bfloat16 from compute capability 8.0 (A100,
+# L4, H100); a T4 (7.5) emulates it, slower than float32.
+NATIVE_BFLOAT16_CAPABILITY = 8.0
+# XLA's deterministic GPU ops: deterministic convolution algorithms and
+# reductions (scatter-adds such as max-pooling's gradient included), so that
+# a resumed run equals an uninterrupted one bit for bit on GPUs too.
+DETERMINISTIC_XLA_FLAG = '--xla_gpu_deterministic_ops=true'
+DETERMINISM = ('auto', 'true', 'false')
+INSTALL_CUDA = "pip install -e '.[tf,cuda]' (see Install in README.md)"
+
+_said: set[str] = set()  # the lines `_say_once` has logged in this process
+
+
+def _say_once(message: str, *args: Any, warn: bool = False) -> None:
+  text = message % args
+  if text not in _said:
+    _said.add(text)
+    (console.warning if warn else logging.info)('%s', text)
+
+
+def nvidia_gpu_present() -> bool:
+  """Whether the machine has an NVIDIA GPU (its driver loaded), whatever JAX uses."""
+  return os.path.exists('/proc/driver/nvidia/version') or os.path.exists('/dev/nvidia0')
+
+
+def _native_bfloat16(device: jax.Device) -> bool:
+  if device.platform == 'gpu' or device.platform == 'cuda':
+    capability = getattr(device, 'compute_capability', None)
+    return capability is not None and float(capability) >= NATIVE_BFLOAT16_CAPABILITY
+  return device.platform == 'tpu'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +91,25 @@ class Platform:
   device_memory: int | None = None  # bytes on the first local device, if known
   # A Linux x86-64 machine, where et_flax's oneDNN convolution can be built.
   onednn_platform: bool = False
+  # The accelerator computes natively in bfloat16 (not emulated).
+  native_bfloat16: bool = True
+  device_kind: str = ''  # 'NVIDIA H200', 'Tesla T4', 'cpu'...
+  # XLA's deterministic GPU ops are on in this process (DETERMINISTIC_XLA_FLAG).
+  deterministic_gpu_ops: bool = False
 
   @classmethod
   def current(cls) -> Platform:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return cls(backend=jax.default_backend(), device_count=jax.device_count(),
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    backend = jax.default_backend()
+    if backend == 'cpu' and nvidia_gpu_present():
+      _say_once('an NVIDIA GPU is present, but JAX runs on the CPU (its CUDA build is not '
+                'installed): %s', INSTALL_CUDA, warn=True)
+    return cls(backend=backend, device_count=jax.device_count(),
                process_count=jax.process_count(), device_memory=stats.get('bytes_limit'),
-               onednn_platform=onednn.platform_supported())
+               onednn_platform=onednn.platform_supported(),
+               native_bfloat16=_native_bfloat16(device), device_kind=device.device_kind,
+               deterministic_gpu_ops=deterministic_gpu_ops())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +122,9 @@ class Settings:
   micro_batches: int  # parts per batch (1: whole batches)
   device_resident: bool  # training images kept on the device, batches built there
   preprocessing: str  # 'rescale' (x / 255) or 'caffe' (Keras Applications')
+  # The steps give the same bits run to run (XLA:CPU always; GPUs with XLA's
+  # deterministic ops). False only on GPUs with --deterministic=false.
+  deterministic: bool = True
 
   @property
   def dtype(self) -> Any:
@@ -90,6 +143,9 @@ class Settings:
              f'{self.preprocessing} preprocessing']
     if self.device_resident:
       parts.append('training images on the device')
+    if self.backend == 'gpu':
+      parts.append('deterministic GPU ops' if self.deterministic else
+                   'GPU ops not deterministic (--deterministic=false)')
     return ', '.join(parts)
 
   def to_dict(self) -> dict[str, Any]:
@@ -128,12 +184,20 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
                   micro_batch_size=micro,
                   micro_batches=config.batch_size // micro if micro else 1,
                   device_resident=_device_resident(config, platform, train_bytes),
-                  preprocessing=preprocessing)
+                  preprocessing=preprocessing,
+                  deterministic=platform.backend != 'gpu' or platform.deterministic_gpu_ops)
 
 
 def _compute_dtype(name: str, platform: Platform) -> str:
   if name == 'auto':
-    return 'float32' if platform.backend == 'cpu' else 'bfloat16'
+    if platform.backend == 'cpu':
+      return 'float32'
+    if not platform.native_bfloat16:
+      _say_once("compute_dtype 'auto' is float32: %s has no native bfloat16 (NVIDIA GPUs "
+                'have it from compute capability %.1f)', platform.device_kind or
+                platform.backend, NATIVE_BFLOAT16_CAPABILITY)
+      return 'float32'
+    return 'bfloat16'
   if name not in COMPUTE_DTYPES:
     raise ValueError(f'config.compute_dtype must be one of '
                      f'{["auto", *COMPUTE_DTYPES]}, got {name!r}')
@@ -271,5 +335,59 @@ def build_model(config: ml_collections.ConfigDict, settings: Settings, num_class
 
 
 def from_dict(saved: Mapping[str, Any]) -> Settings:
-  """Settings as `Settings.to_dict` wrote them (e.g. in a checkpoint)."""
+  """Settings as `Settings.to_dict` wrote them (e.g. in a checkpoint; fields
+  added since take their defaults)."""
   return Settings(**saved)
+
+
+def changes(saved: Mapping[str, Any], current: Settings) -> list[str]:
+  """'field saved -> now' for each setting a resumed run computes with otherwise."""
+  now = current.to_dict()
+  return [f'{field} {saved[field]} -> {now[field]}' for field in now
+          if field in saved and saved[field] != now[field]]
+
+
+# ---------------------------------------------------------------------------
+# Determinism on GPUs: an XLA flag, read when JAX's backends start.
+
+def define_deterministic_flag() -> None:
+  """--deterministic, for the commands that run steps."""
+  flags.DEFINE_enum('deterministic', 'auto', DETERMINISM,
+                    "XLA's deterministic GPU ops, so that a resumed run equals an "
+                    "uninterrupted one bit for bit: 'auto' and 'true' turn them on, "
+                    "'false' leaves XLA's faster choice (CPUs are deterministic "
+                    "either way; et_flax/settings.py).")
+
+
+def deterministic_gpu_ops() -> bool:
+  """Whether this process's XLA_FLAGS turn XLA's deterministic GPU ops on."""
+  found = re.findall(r'--xla_gpu_deterministic_ops(?:=(\w+))?', os.environ.get('XLA_FLAGS', ''))
+  return bool(found) and found[-1].lower() in ('', 'true', '1')
+
+
+def configure_determinism(setting: str) -> bool:
+  """Turns XLA's deterministic GPU ops on for this process ('auto', 'true'),
+  or leaves them off ('false'); returns whether they are on.
+
+  XLA reads its flags when JAX's backends start: et_flax.main,
+  et_flax.reproduce, et_flax.benchmark and the notebooks call this first.
+  The flag is harmless on CPUs, whose steps are deterministic anyway.
+
+  Raises:
+    ValueError: `setting` is not one of DETERMINISM; or 'true' after JAX's
+      backends have started without the flag.
+  """
+  setting = str(setting).lower()
+  if setting not in DETERMINISM:
+    raise ValueError(f'--deterministic must be one of {list(DETERMINISM)}, got {setting!r}')
+  if setting == 'false' or deterministic_gpu_ops():
+    return deterministic_gpu_ops()
+  if xla_bridge.backends_are_initialized():
+    if setting == 'true':
+      raise ValueError("--deterministic=true: JAX's backends have already started without "
+                       f'{DETERMINISTIC_XLA_FLAG} (configure it before the first use of JAX)')
+    logging.info("Deterministic GPU ops: left off, JAX's backends started before "
+                 '--deterministic=auto could set %s', DETERMINISTIC_XLA_FLAG)
+    return False
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_XLA_FLAG}".strip()
+  return True

@@ -13,10 +13,10 @@ Class order: label i is the i-th wnid in sorted order, which is also the order
 Keras' `flow_from_directory` gave the report's models. The embedded digits
 dataset (`et_flax.digits`) is written in this layout too.
 
-`TinyImagenet` is a tensorflow-datasets builder over such a tree (tfds has
-none for Tiny ImageNet). `SourceFingerprint` identifies the content of a tree
-or of the zip without decoding an image; the builder stores it with the
-prepared dataset.
+`SourceFingerprint` identifies the content of a tree or of the zip without
+decoding an image; the tensorflow-datasets builder over such a tree
+(`et_flax.tiny_imagenet_builder`) stores it with the prepared dataset. Nothing
+here needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 SPLITS = ('train', 'val', 'test')
@@ -272,25 +271,27 @@ def zip_fingerprint(path: pathlib.Path) -> SourceFingerprint:
 
 
 # ---------------------------------------------------------------------------
-# The tensorflow-datasets builder.
+# Where a source is prepared: names that need no tensorflow-datasets.
 
 URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 ZIP_NAME = 'tiny-imagenet-200.zip'
 TREE_NAME = 'tiny-imagenet-200'
+# The tfds builder's name and version: a prepared dataset lives in
+# <tfds_dir>/<BUILDER_NAME>/<config name>/<VERSION>/.
+BUILDER_NAME = 'tiny_imagenet'
+VERSION = '1.0.0'
+OFFICIAL_CONFIG = 'tiny_imagenet_200'
+OFFICIAL_NUM_CLASSES, OFFICIAL_IMAGE_SIZE = 200, 64
 
 
-@dataclasses.dataclass
-class TinyImagenetConfig(tfds.core.BuilderConfig):
-  """One source layout: its number of classes and image side."""
-  num_classes: int = 200
-  image_size: int = 64
-
-
-def digits_builder_config(image_size: int, key: str) -> TinyImagenetConfig:
+def digits_config_name(image_size: int, key: str) -> str:
   """The config under which the digits tree with fingerprint `key` is prepared."""
-  return TinyImagenetConfig(name=f'digits_{image_size}px_{key}', num_classes=10,
-                            image_size=image_size,
-                            description='scikit-learn digits in the Tiny ImageNet layout')
+  return f'digits_{image_size}px_{key}'
+
+
+def layout_config_name(num_classes: int, image_size: int, key: str) -> str:
+  """The config of a tree in the layout with other classes or image sizes."""
+  return f'layout_{num_classes}_classes_{image_size}px_{key}'
 
 
 def stored_image_size(root: pathlib.Path) -> int:
@@ -318,97 +319,3 @@ def read_image(path: pathlib.Path, image_size: int) -> np.ndarray:
     raise ValueError(f'{path} is {array.shape[1]}x{array.shape[0]}, expected '
                      f'{image_size}x{image_size}')
   return array
-
-
-class TinyImagenet(tfds.core.GeneratorBasedBuilder):
-  """Tiny ImageNet 200: 100k train, 10k val (labeled), 10k test (unlabeled).
-
-  Sources, in this order: the extracted `tiny-imagenet-200/` folder given as
-  `extracted_dir`; `tiny-imagenet-200.zip` in the download config's
-  `manual_dir`; the official URL, only when `allow_download` is True.
-  Labels index the sorted wnids; the test split has label -1 and wnid ''.
-  The human-readable class names are in `info.metadata['class_names']`;
-  the fingerprint of the source (`source`, or the tree read when none is
-  given) in `info.metadata['source_fingerprint']`, written with the rest of
-  the prepared dataset.
-  """
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
-  BUILDER_CONFIGS = [TinyImagenetConfig(name='tiny_imagenet_200',
-                                        description='The official dataset.')]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-  Download {ZIP_NAME} from {URL} (the CS231n course site) and place it in
-  the manual_dir, or pass the extracted {TREE_NAME}/ folder as extracted_dir.
-  """
-
-  def __init__(self, *, extracted_dir: str | os.PathLike | None = None,
-               allow_download: bool = False, source: SourceFingerprint | None = None,
-               **kwargs):
-    self._extracted_dir = pathlib.Path(extracted_dir).expanduser() if extracted_dir else None
-    self._allow_download = allow_download
-    self._source = source
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='Tiny ImageNet in the official layout (64x64, 200 classes).',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 3)),
-            'label': tfds.features.ClassLabel(num_classes=self.builder_config.num_classes),
-            'wnid': tfds.features.Text(),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.kaggle.com/c/tiny-imagenet',
-        metadata=tfds.core.MetadataDict(),
-    )
-
-  def _source_root(self, dl_manager) -> pathlib.Path:
-    if self._extracted_dir is not None:
-      if not self._extracted_dir.is_dir():
-        raise FileNotFoundError(f'{self._extracted_dir} is not a directory (expected '
-                                f'the extracted {TREE_NAME}/ folder)')
-      return self._extracted_dir
-    try:
-      manual_dir = pathlib.Path(dl_manager.manual_dir)
-    except AssertionError:
-      # tfds's way of saying that the manual_dir is missing or empty.
-      manual_dir = None
-    if manual_dir is not None and (manual_dir / ZIP_NAME).exists():
-      return pathlib.Path(dl_manager.extract(manual_dir / ZIP_NAME)) / TREE_NAME
-    if not self._allow_download:
-      raise FileNotFoundError(
-          f'No Tiny ImageNet source: no extracted_dir given and no {ZIP_NAME} in '
-          f'the manual_dir ({manual_dir or "missing or empty"}). Set '
-          f'config.data.data_dir to the extracted {TREE_NAME}/ folder or to the '
-          f'folder holding {ZIP_NAME}, or set '
-          'config.data.download=True to fetch it from the course site.')
-    return pathlib.Path(dl_manager.download_and_extract(URL)) / TREE_NAME
-
-  def _split_generators(self, dl_manager):
-    root = self._source_root(dl_manager)
-    wnids = read_wnids(root)
-    if len(wnids) != self.builder_config.num_classes:
-      raise ValueError(f'{root / "wnids.txt"} lists {len(wnids)} wnids, expected '
-                       f'{self.builder_config.num_classes}')
-    self.info.features['label'].names = list(wnids)
-    self.info.metadata['wnids'] = list(wnids)
-    self.info.metadata['class_names'] = list(read_class_names(root, wnids))
-    # A downloaded zip is fingerprinted as the tree it extracts to.
-    source = self._source or tree_fingerprint(root)
-    self.info.metadata[FINGERPRINT_KEY] = source.to_json()
-    return {split: self._generate_examples(list_split(root, split, wnids))
-            for split in SPLITS}
-
-  def _generate_examples(self, files: SplitFiles):
-    size = self.builder_config.image_size
-    for path, wnid in zip(files.paths, files.wnids):
-      yield path.name, {
-          'image': read_image(path, size),
-          'label': -1 if wnid is None else wnid,
-          'wnid': wnid or '',
-          'file_name': path.name,
-      }

@@ -24,9 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from clu import metrics
-from clu import periodic_actions
 from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,6 +33,7 @@ from et_flax import augment
 from et_flax import checkpoints
 from et_flax import console
 from et_flax import distributed
+from et_flax import events
 from et_flax import input_pipeline
 from et_flax import interrupts
 from et_flax import models
@@ -42,6 +41,11 @@ from et_flax import optim
 from et_flax import settings as settings_lib
 
 TOP_K = 5
+# The epoch loop reads nothing back from the devices but at its allowed
+# points, each an explicit `jax.device_get`: the learning rate and the step
+# once per epoch, the epoch's metrics once, the progress bar's throttled loss.
+# Tests set this to 'disallow' to prove it (an implicit read then raises).
+LOOP_TRANSFER_GUARD = 'allow'
 
 
 class TrainState(train_state.TrainState):
@@ -76,6 +80,17 @@ def _metrics(outputs: Mapping[str, jax.Array], axis_name: str | None,
   if axis_name is None:
     return Metrics.single_from_model_output(mask=mask, **outputs)
   return Metrics.gather_from_model_output(axis_name=axis_name, mask=mask, **outputs)
+
+
+@jax.jit
+def merge_metrics(total: Metrics, new: Metrics) -> Metrics:
+  """`total` and `new` merged on the device, in one dispatch."""
+  return total.merge(new)
+
+
+def read_metrics(total: Metrics) -> dict[str, float]:
+  """The metrics' values, read from the devices in one transfer."""
+  return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +258,9 @@ def train_epoch(state: TrainState, rng: jax.Array, batches: Iterator[Any],
   """Steps over `batches` until they end or a stop is requested.
 
   `feed` puts a host batch on the devices; `train_metrics` and `steps_done`
-  carry on an epoch a stopped run had begun.
+  carry on an epoch a stopped run had begun. Nothing is read back from the
+  devices but the progress bar's loss (at most every
+  `console.BAR_STATS_INTERVAL_SECONDS`): the steps queue up on the devices.
   """
   wait_seconds = 0.0
   while True:
@@ -257,9 +274,10 @@ def train_epoch(state: TrainState, rng: jax.Array, batches: Iterator[Any],
     if batch is None:
       break
     state, step_metrics = train_step_fn(state, feed(batch), rng)
-    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    train_metrics = (step_metrics if train_metrics is None
+                     else merge_metrics(train_metrics, step_metrics))
     steps_done += 1
-    progress.update(steps_done, loss=lambda: train_metrics.compute()['loss'])
+    progress.update(steps_done, loss=lambda: read_metrics(train_metrics)['loss'])
     if after_step is not None:
       after_step(state)
   progress.close()
@@ -277,8 +295,8 @@ def evaluate(state: TrainState, split: input_pipeline.Split, batch_size: int,
   rows = distributed.batch_rows(mesh, batch_size)
   for batch in input_pipeline.eval_batches(split, batch_size, rows):
     batch_metrics = eval_step_fn(state, distributed.shard_batch(batch, mesh, batch_size))
-    total = batch_metrics if total is None else total.merge(batch_metrics)
-  return {k: float(v) for k, v in total.compute().items()}
+    total = batch_metrics if total is None else merge_metrics(total, batch_metrics)
+  return read_metrics(total)
 
 
 def _metrics_to_json(train_metrics: Metrics | None) -> list[float] | None:
@@ -286,7 +304,7 @@ def _metrics_to_json(train_metrics: Metrics | None) -> list[float] | None:
   JSON numbers."""
   if train_metrics is None:
     return None
-  return [np.asarray(leaf).item() for leaf in jax.tree.leaves(train_metrics)]
+  return [np.asarray(leaf).item() for leaf in jax.device_get(jax.tree.leaves(train_metrics))]
 
 
 def _metrics_from_json(saved: list[float] | None, mesh: jax.sharding.Mesh
@@ -294,7 +312,7 @@ def _metrics_from_json(saved: list[float] | None, mesh: jax.sharding.Mesh
   if saved is None:
     return None
   template = Metrics.empty()
-  leaves = [np.asarray(value, np.asarray(like).dtype)
+  leaves = [np.asarray(value, like.dtype)
             for value, like in zip(saved, jax.tree.leaves(template), strict=True)]
   return distributed.replicate(jax.tree.unflatten(jax.tree.structure(template), leaves),
                                mesh)
@@ -317,9 +335,6 @@ def _load_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetIn
   train_rows = distributed.batch_rows(mesh, config.batch_size)
   val_rows = distributed.batch_rows(mesh, config.eval_batch_size)
   whole = jax.process_count() == 1
-  console.info('Decoding %s at %dx%d%s', info.builder.data_dir, info.image_size,
-               info.image_size, '' if whole else
-               f' (this host: rows {train_rows.start}-{train_rows.stop - 1} of each batch)')
   train_split = input_pipeline.load_split(
       info, 'train',
       None if whole else input_pipeline.train_share(config.batch_size, config.seed,
@@ -339,7 +354,7 @@ def _load_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetIn
                'batches built on %s', train_split.total, val_split.total,
                '' if whole else f' ({len(train_split)} and {len(val_split)} on this host)',
                info.num_classes, train_input.steps_per_epoch,
-               'the device' if settings.device_resident else 'the host (tf.data)')
+               'the device' if settings.device_resident else 'the host')
   return _Data(train_input, val_split, settings)
 
 
@@ -417,6 +432,11 @@ class _Run:
     state = create_train_state(init_rng, model, info.image_size, tx, variables)
     state, rng, self.progress = checkpoints.restore_or_init(
         self.run_checkpoints, saved_meta, state, rng, replicated)
+    changed = settings_lib.changes((saved_meta or {}).get('settings', {}), self.settings)
+    if changed:
+      # Another platform or dtype computes the same maths with other rounding.
+      console.info('Resumed with other settings than the checkpoint was written with: %s',
+                   ', '.join(changed))
     # The history file is rewritten from the checkpoint: epochs after it that a
     # killed run had logged are dropped, and will be logged again when redone.
     if self.is_chief:
@@ -428,34 +448,29 @@ class _Run:
         distributed.replicate(np.asarray(jax.random.key_data(rng)), mesh))
     self.steps = make_steps(self.settings, loss_fn, augment_config)
     # TensorBoard events from the first host; the console line is logged below.
-    self.writer = (metric_writers.SummaryWriter(str(workdir)) if self.is_chief
-                   else metric_writers.MultiWriter([]))
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=steps_per_epoch * config.num_epochs, writer=self.writer,
-        every_secs=60)
+    self.writer = events.EventWriter(workdir) if self.is_chief else events.NoWriter()
     summary = self.progress.history[-1] if self.progress.history else {}
     self.stop.training = True
-    for epoch in range(self.progress.epoch + 1, config.num_epochs + 1):
-      start = time.perf_counter()
-      epoch_run, learning_rate = self._train(epoch, state, data,
-                                             lambda s: report_progress(int(s.step)))
-      state = epoch_run.state
-      if epoch_run.stopped_by is not None:
-        self._save_and_stop(epoch, epoch_run, learning_rate, start)
-      summary = self._evaluate(epoch, epoch_run, data, learning_rate, start)
-      self._record(epoch, state, summary)
-    self.writer.flush()
+    with jax.transfer_guard_device_to_host(LOOP_TRANSFER_GUARD):
+      for epoch in range(self.progress.epoch + 1, config.num_epochs + 1):
+        start = time.perf_counter()
+        epoch_run, learning_rate = self._train(epoch, state, data)
+        state = epoch_run.state
+        if epoch_run.stopped_by is not None:
+          self._save_and_stop(epoch, epoch_run, learning_rate, start)
+        summary = self._evaluate(epoch, epoch_run, data, learning_rate, start)
+        self._record(epoch, state, summary)
+    self.writer.close()
     self.run_checkpoints.close()
     self._log_closing()
     return summary
 
-  def _train(self, epoch: int, state: TrainState, data: _Data,
-             after_step: Callable[[TrainState], None]) -> tuple[EpochRun, float]:
+  def _train(self, epoch: int, state: TrainState, data: _Data) -> tuple[EpochRun, float]:
     """Epoch `epoch`'s steps (from where a stopped run left it), and its rate."""
     config = self.config
     steps_per_epoch = data.train.steps_per_epoch
-    learning_rate = float(optim.current_learning_rate(
-        state.opt_state, config.optimizer, steps_per_epoch, config.num_epochs))
+    learning_rate = float(jax.device_get(optim.current_learning_rate(
+        state.opt_state, config.optimizer, steps_per_epoch, config.num_epochs)))
     batches = data.train.epoch(epoch)
     steps_done, train_metrics = 0, None
     within = self.progress.within
@@ -471,7 +486,7 @@ class _Run:
                               batch_size=config.batch_size))
     return train_epoch(state, self.rng, batches, self.steps.train, feed=feed,
                        progress=progress, stop=self.stop, train_metrics=train_metrics,
-                       steps_done=steps_done, after_step=after_step), learning_rate
+                       steps_done=steps_done), learning_rate
 
   def _before(self, epoch: int, field: str) -> float:
     """What epoch `epoch` took before a stop ('seconds', 'wait_seconds'), when
@@ -484,7 +499,8 @@ class _Run:
     """Saves a run stopped by a signal where it stands, and raises TrainingInterrupted."""
     saved_epoch, steps_done = self.progress.saved_epoch, epoch_run.steps_done
     if saved_epoch != epoch - 1 or steps_done:
-      interrupted = {'global_step': int(epoch_run.state.step), 'epoch': epoch,
+      global_step = int(jax.device_get(epoch_run.state.step))
+      interrupted = {'global_step': global_step, 'epoch': epoch,
                      'steps_done': steps_done, 'learning_rate': learning_rate,
                      'train_metrics': _metrics_to_json(epoch_run.train_metrics),
                      # The resumed epoch's time and rate count this part too.
@@ -494,13 +510,13 @@ class _Run:
       meta = checkpoints.run_meta(self.config, self.progress, self.settings.to_dict(),
                                   interrupted)
       self.run_checkpoints.save_interrupted(
-          int(epoch_run.state.step), checkpoints.state_dict(epoch_run.state, self.rng), meta)
+          global_step, checkpoints.state_dict(epoch_run.state, self.rng), meta)
       saved = f'saved in {self.workdir / checkpoints.INTERRUPTED}'
     elif saved_epoch:
       saved = f'epoch {saved_epoch} is saved in {self.workdir / checkpoints.LATEST}'
     else:
       saved = 'nothing to save yet'
-    self.writer.flush()
+    self.writer.close()
     self.run_checkpoints.close()
     signum = epoch_run.stopped_by
     raise interrupts.TrainingInterrupted(
@@ -511,7 +527,7 @@ class _Run:
                 start: float) -> dict[str, Any]:
     """The epoch's summary: its training metrics (finite, or a stop), val's, timing."""
     config = self.config
-    train_summary = {k: float(v) for k, v in epoch_run.train_metrics.compute().items()}
+    train_summary = read_metrics(epoch_run.train_metrics)
     # An epoch resumed after a stop: the part before it counts too.
     start -= self._before(epoch, 'seconds')
     wait_seconds = self._before(epoch, 'wait_seconds') + epoch_run.wait_seconds
@@ -524,7 +540,7 @@ class _Run:
     val_summary = evaluate(epoch_run.state, data.val, config.eval_batch_size,
                            self.steps.eval, self.mesh)
     steps_per_epoch = data.train.steps_per_epoch
-    return {'epoch': epoch, 'step': int(epoch_run.state.step),
+    return {'epoch': epoch, 'step': int(jax.device_get(epoch_run.state.step)),
             **{f'train_{k}': v for k, v in train_summary.items()},
             **{f'val_{k}': v for k, v in val_summary.items()},
             'learning_rate': learning_rate,

@@ -21,6 +21,7 @@ from et_flax import digits
 from et_flax import filelock
 from et_flax import input_pipeline
 from et_flax import tiny_imagenet
+from et_flax import tiny_imagenet_builder
 from et_flax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def test_two_trees_in_one_tfds_dir_each_give_their_own_data(tmp_path):
     info = input_pipeline.get_dataset_info(_config(tmp_path, root))
     assert info.wnids == tuple(sorted(wnids))
     assert re.fullmatch(r'layout_3_classes_8px_[0-9a-f]{8}',
-                        info.builder.builder_config.name)
+                        info.config_name)
     _check_images(input_pipeline.load_split(info, 'train'), wnids, count)
 
     config = tiny_config(root, batch_size=4, num_epochs=1)
@@ -71,8 +72,8 @@ def test_a_changed_tree_is_prepared_anew(tmp_path, caplog):
   (root / 'train' / 'n02' / 'images' / 'n02_3.JPEG').unlink()
   with caplog.at_level(logging.INFO):
     after = input_pipeline.get_dataset_info(_config(tmp_path, root))
-  assert after.builder.data_dir != before.builder.data_dir
-  assert f'{root} changed since it was prepared in {before.builder.data_dir}' in caplog.text
+  assert after.data_dir != before.data_dir
+  assert f'{root} changed since it was prepared in {before.data_dir}' in caplog.text
   train_split = input_pipeline.load_split(after, 'train')
   _check_images(train_split, WNIDS_A, 11)
   assert 'n02_3.JPEG' not in train_split.file_names
@@ -80,16 +81,18 @@ def test_a_changed_tree_is_prepared_anew(tmp_path, caplog):
   caplog.clear()
   with caplog.at_level(logging.INFO):
     again = input_pipeline.get_dataset_info(_config(tmp_path, root))
-  assert again.builder.data_dir == after.builder.data_dir
+  assert again.data_dir == after.data_dir
   assert 'Preparing' not in caplog.text and 'changed since' not in caplog.text
 
 
 @pytest.fixture
 def official_is_3_classes_8px(monkeypatch):
   """Makes a 3-class 8px tree count as the official layout."""
-  official = tiny_imagenet.TinyImagenet.BUILDER_CONFIGS[0]
+  official = tiny_imagenet_builder.TinyImagenet.BUILDER_CONFIGS[0]
   monkeypatch.setattr(official, 'num_classes', 3)
   monkeypatch.setattr(official, 'image_size', 8)
+  monkeypatch.setattr(tiny_imagenet, 'OFFICIAL_NUM_CLASSES', 3)
+  monkeypatch.setattr(tiny_imagenet, 'OFFICIAL_IMAGE_SIZE', 8)
   return official
 
 
@@ -97,7 +100,7 @@ def test_official_layout_from_another_source_is_refused(tmp_path, official_is_3_
   tree_a = _tree(tmp_path / 'a', WNIDS_A)
   tree_b = _tree(tmp_path / 'b', WNIDS_B)
   info = input_pipeline.get_dataset_info(_config(tmp_path, tree_a))
-  prepared = pathlib.Path(info.builder.data_dir)
+  prepared = pathlib.Path(info.data_dir)
   assert prepared.parent.name == 'tiny_imagenet_200'
   files = sorted(prepared.iterdir())
 
@@ -131,7 +134,7 @@ def test_official_layout_without_a_stored_fingerprint(tmp_path, official_is_3_cl
   """Prepared by an older et_flax: its wnids and split sizes are checked."""
   tree_a = _tree(tmp_path / 'a', WNIDS_A)
   prepared = pathlib.Path(
-      input_pipeline.get_dataset_info(_config(tmp_path, tree_a)).builder.data_dir)
+      input_pipeline.get_dataset_info(_config(tmp_path, tree_a)).data_dir)
   metadata = prepared / 'metadata.json'
   stored = json.loads(metadata.read_text())
   del stored[tiny_imagenet.FINGERPRINT_KEY]
@@ -209,7 +212,7 @@ def test_official_layout_from_the_zip_then_its_tree(tmp_path, official_is_3_clas
     input_pipeline.get_dataset_info(_config(tmp_path, downloads))
   # Removed as the refusal says, it is prepared from the new zip, not from
   # tfds's cached extraction of the first (named after the zip's file name).
-  shutil.rmtree(info.builder.data_dir)
+  shutil.rmtree(info.data_dir)
   info = input_pipeline.get_dataset_info(_config(tmp_path, downloads))
   assert info.wnids == ('n04', 'n05', 'n06')
   _check_images(input_pipeline.load_split(info, 'train'), WNIDS_B, 12)
@@ -291,7 +294,7 @@ def test_stale_folders_of_a_killed_preparer_do_not_break_the_next(tmp_path, capl
   (stale_prepare / 'dataset_info.json').write_text('{"half": ')
   info = input_pipeline.get_dataset_info(
       {'name': 'digits', 'data_dir': str(data_dir), 'image_size': 8})
-  assert info.builder.data_dir == str(config_dir / '1.0.0')
+  assert info.data_dir == str(config_dir / '1.0.0')
   assert len(input_pipeline.load_split(info, 'val')) == 270
   assert not stale_prepare.exists()
 

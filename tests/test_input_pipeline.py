@@ -104,7 +104,7 @@ def test_tfds_builder_counts_labels_names_and_determinism(tmp_path):
   for i in range(2):
     info = input_pipeline.get_dataset_info(
         _tiny_config(tmp_path, root, tfds_dir=str(tmp_path / f'tfds{i}')))
-    builders.append(info.builder)
+    builders.append(tfds.builder_from_directory(info.data_dir))
   builder = builders[0]
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
       'train': 12, 'val': 5, 'test': 3}

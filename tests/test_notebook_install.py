@@ -59,24 +59,6 @@ def test_requirements_are_setup_cfgs_with_the_tf_extra_and_markers_apply(tmp_pat
     notebook_install.requirements(tmp_path / 'not-a-clone')
 
 
-def test_main_without_tensorflow_says_how_to_install_it(tmp_path):
-  # A `tensorflow` that cannot be found, as in an environment without the `tf` extra.
-  (tmp_path / 'sitecustomize.py').write_text(
-      'import importlib.util\n'
-      'find_spec = importlib.util.find_spec\n'
-      "importlib.util.find_spec = lambda name, *a: None if name == 'tensorflow' "
-      'else find_spec(name, *a)\n')
-  result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.main', '--workdir', str(tmp_path / 'w')],
-      capture_output=True, text=True, timeout=120, cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=f'{tmp_path}:{ROOT}'))
-  assert result.returncode == 1
-  assert result.stderr.splitlines() == [
-      "error: TensorFlow is not installed; et_flax reads its data with tf.data. Install it "
-      "with `pip install -e '.[tf]'` (the CPU build) or `pip install tensorflow`."]
-  assert not (tmp_path / 'w').exists()
-
-
 def _run(command, **kwargs):
   result = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
   assert result.returncode == 0, f'{command[:4]}: {result.stdout[-3000:]}{result.stderr[-6000:]}'

@@ -6,9 +6,8 @@ import sys
 from absl import app
 from absl import flags
 
-# Before anything imports TensorFlow: its start-up lines stay off the console.
-from et_flax import console  # noqa: F401  pylint: disable=unused-import
-from et_flax import host_memory  # noqa: E402
+from et_flax import host_memory
+from et_flax import settings
 
 PARTS = ('steps', 'report_models', 'pipeline', 'conv_variants')
 
@@ -23,10 +22,12 @@ def main() -> None:
   module = importlib.import_module(f'et_flax.benchmark.{part}')
   module.define_flags()
   host_memory.define_flag()
+  settings.define_deterministic_flag()
 
   def run(argv):
     # As training runs: before JAX's backends start.
     host_memory.configure(flags.FLAGS.host_memory)
+    settings.configure_determinism(flags.FLAGS.deterministic)
     return module.main(argv)
 
   app.run(run, argv=[f'{sys.argv[0]} {part}', *args])
