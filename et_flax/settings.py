@@ -361,7 +361,8 @@ def define_deterministic_flag() -> None:
 
 def deterministic_gpu_ops() -> bool:
   """Whether this process's XLA_FLAGS turn XLA's deterministic GPU ops on."""
-  found = re.findall(r'--xla_gpu_deterministic_ops(?:=(\w+))?', os.environ.get('XLA_FLAGS', ''))
+  found = re.findall(r'--xla_gpu_deterministic_ops(?:=(\w+))?(?=\s|$)',
+                     os.environ.get('XLA_FLAGS', ''))
   return bool(found) and found[-1].lower() in ('', 'true', '1')
 
 

@@ -22,6 +22,7 @@ run on random data: speed does not depend on the pixels.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Mapping
 import json
 import pathlib
@@ -38,8 +39,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from et_flax import augment
+from et_flax import console
 from et_flax import distributed
 from et_flax import input_pipeline
+from et_flax import interrupts
 from et_flax import onednn
 from et_flax import optim
 from et_flax import fake_data
@@ -175,6 +178,7 @@ def time_keras(config, batch: dict[str, np.ndarray], num_classes: int, steps: in
   same batch; with `augment_config`, also fed by ImageDataGenerator. Returns
   the results and the timed steps ('keras', 'keras_augmented'), to time
   again."""
+  console.import_tensorflow('timing the steps in Keras (--keras=false skips it)')
   import keras  # pylint: disable=import-outside-toplevel
 
   image_size = batch['image'].shape[1]
@@ -269,10 +273,22 @@ def time_device_epoch(config, batch_size: int, image_size: int, num_images: int,
     state, metrics = compiled(state, batch, key)
   jax.block_until_ready(metrics)
   seconds = time.perf_counter() - start
-  timing['state'] = state
+  # The same epoch through the run's own loop (`train.train_epoch`: the
+  # metrics merged on the device, the stop checks, the progress lines).
+  progress = console.EpochProgress(2, 2, device_input.steps_per_epoch, batch_size,
+                                   mode='lines', stream=io.StringIO())
+  start = time.perf_counter()
+  with interrupts.StopRequests() as stop:
+    epoch_run = train.train_epoch(state, key, device_input.epoch(2), compiled,
+                                  feed=lambda batch: batch, progress=progress, stop=stop)
+  train.read_metrics(epoch_run.train_metrics)
+  loop_seconds = time.perf_counter() - start
+  timing['state'] = epoch_run.state
   images = device_input.steps_per_epoch * batch_size
   return {'device_epoch_images': images, 'device_epoch_seconds': seconds,
-          'device_epoch_images_per_second': images / seconds}
+          'device_epoch_images_per_second': images / seconds,
+          'loop_epoch_seconds': loop_seconds,
+          'loop_epoch_images_per_second': images / loop_seconds}
 
 
 def _peak_memory() -> dict[str, Any]:
@@ -374,6 +390,9 @@ def format_table(results: dict[str, Any]) -> str:
     rows.append((f'device-resident epoch, {results["device_epoch_images"]} img (s)',
                  f'{results["device_epoch_seconds"]:.2f} '
                  f'({results["device_epoch_images_per_second"]:.0f} img/s)'))
+    rows.append(('the same through the training loop (s)',
+                 f'{results["loop_epoch_seconds"]:.2f} '
+                 f'({results["loop_epoch_images_per_second"]:.0f} img/s)'))
   rows.append(('peak host memory (MB)', f'{results["peak_host_megabytes"]:.0f}'))
   if results['peak_device_megabytes'] is not None:
     rows.append(('peak device memory (MB)', f'{results["peak_device_megabytes"]:.0f}'))
