@@ -11,10 +11,15 @@ resumes from the previous one.
 Every array is saved as a global array, by all processes of a multi-process
 run together, and restored with shardings built for the devices at hand: a
 checkpoint written by any number of devices and processes resumes, evaluates
-and warm-starts on any other number (one CPU device included). Saves take the
-workdir's checkpoint lock exclusively and reads take it shared
-(`workdir_lock.checkpoint_access`), so `evaluate` during training never reads
-a checkpoint that is being deleted.
+and warm-starts on any other number (one CPU device included).
+
+Saves are asynchronous: `RunCheckpoints.save` returns once the arrays are
+copied off the devices, and the files are written while the next epoch
+trains. A save takes the workdir's checkpoint lock exclusively and holds it
+until the checkpoint is finalized (renamed, and the ones past `max_to_keep`
+deleted); reads take it shared (`workdir_lock.checkpoint_access`), so
+`evaluate` during training never reads a checkpoint that is being written or
+deleted. Every other call of a `RunCheckpoints` first waits for a pending save.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -86,11 +92,18 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+  """A manager whose saves finish in background threads."""
   return ocp.CheckpointManager(
       directory.absolute(), item_handlers=_item_handlers(),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-          enable_async_checkpointing=False))
+          enable_async_checkpointing=True,
+          # The background threads of a multi-process save meet at barriers
+          # named after the step folder ('3') and the manager's state, the same
+          # for every manager: the latest and the best checkpoints of one epoch
+          # are finalized together, so each manager's barriers get its own name.
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=f'et_flax_{directory.name}')))
 
 
 def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
@@ -110,11 +123,25 @@ def _local_sharding() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+def _wait_for(managers: Sequence[ocp.CheckpointManager]) -> None:
+  """Waits for every manager's save, then raises the first one's error."""
+  errors = []
+  for manager in managers:
+    try:
+      manager.wait_until_finished()
+    except Exception as error:  # the others' saves are waited for all the same
+      errors.append(error)
+  if errors:
+    raise errors[0]
+
+
 class RunCheckpoints:
   """The latest and the best checkpoints of one workdir, indexed by epoch.
 
   In a multi-process run every process makes one and calls `save` and
-  `restore` together, as Orbax expects.
+  `restore` together, as Orbax expects. `save` returns before the files are
+  written; every other method first waits for it. `close` (or leaving a
+  `with` block) waits for everything.
   """
 
   def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3):
@@ -123,6 +150,23 @@ class RunCheckpoints:
     self.latest = _manager(self.workdir / LATEST, max_to_keep)
     self.best = _manager(self.workdir / BEST, 1)
     self._interrupted: ocp.CheckpointManager | None = None
+    # The managers whose save is under way, and (process 0) the thread that
+    # releases the checkpoint lock once they are finalized, with its error.
+    self._pending: list[ocp.CheckpointManager] = []
+    self._releaser: threading.Thread | None = None
+    self._releaser_error: Exception | None = None
+    # The interrupted checkpoint is older than a regular save under way; it
+    # is removed once that save is finalized (by the next call that locks).
+    self._interrupted_outdated = False
+    self._closed = False
+
+  def __enter__(self) -> RunCheckpoints:
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    # On an error, pending saves are still waited for, but the other
+    # processes of a run may be gone: no removal, which meets them at a barrier.
+    self._close(tidy=exc_type is None)
 
   def _interrupted_manager(self) -> ocp.CheckpointManager:
     # Made on first use: a run that is never interrupted has no such folder.
@@ -130,7 +174,60 @@ class RunCheckpoints:
       self._interrupted = _manager(self.workdir / INTERRUPTED, 1)
     return self._interrupted
 
+  def _exclusive_lock(self) -> contextlib.ExitStack:
+    """The checkpoint lock taken exclusively (by process 0): closing releases it."""
+    lock = contextlib.ExitStack()
+    if self._is_writer:
+      lock.enter_context(workdir_lock.checkpoint_access(self.workdir, exclusive=True))
+    return lock
+
+  def _release_when_finalized(self, lock: contextlib.ExitStack) -> None:
+    """Releases `lock` from a thread once the pending saves are finalized.
+
+    At once, not at the next call: readers wait for a save, not for an epoch.
+    """
+    managers = list(self._pending)
+
+    def release() -> None:
+      try:
+        _wait_for(managers)
+      except Exception as error:  # raised in the caller's thread by _finish_pending
+        self._releaser_error = error
+      finally:
+        lock.close()
+
+    self._releaser = threading.Thread(target=release, name='et_flax-checkpoint-lock')
+    self._releaser.start()
+
+  def _finish_pending(self) -> None:
+    """Waits until the pending save is finalized and its lock released.
+
+    Raises the save's error, if it failed.
+    """
+    releaser, self._releaser = self._releaser, None
+    managers, self._pending = self._pending, []
+    if releaser is not None:
+      releaser.join()
+    error, self._releaser_error = self._releaser_error, None
+    # Here too: Orbax raises a failed save's error once in each thread that
+    # waits for it, and only process 0 has a releaser.
+    _wait_for(managers)
+    if error is not None:
+      raise error
+
+  def _remove_outdated_interrupted(self) -> None:
+    """Removes an interrupted checkpoint older than a finalized regular one.
+
+    Called with the lock held and no save pending; by every process.
+    """
+    if self._interrupted_outdated:
+      interrupted = self._interrupted_manager()
+      for step in interrupted.all_steps():
+        interrupted.delete(step)
+      self._interrupted_outdated = False
+
   def latest_epoch(self) -> int | None:
+    self._finish_pending()
     return self.latest.latest_step()
 
   def check_fits(self, meta: Mapping[str, Any], abstract_state: Mapping[str, Any]) -> None:
@@ -139,6 +236,7 @@ class RunCheckpoints:
     For the checkpoint `meta` describes, as `restore` chooses it; called
     before `restore`, whose own error is hundreds of lines from inside Orbax.
     """
+    self._finish_pending()
     if 'interrupted' in meta:
       manager, step = self._interrupted_manager(), meta['interrupted']['global_step']
     else:
@@ -146,36 +244,63 @@ class RunCheckpoints:
     check_resumable_shapes(manager.item_metadata(step)['state'], abstract_state,
                            pathlib.Path(manager.directory) / str(step), self.workdir)
 
+  @staticmethod
+  def _save_args(state: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
+    # The meta is written in the background: a copy of it, as it is now (the
+    # caller's history list grows by the next epoch). Orbax copies the arrays.
+    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(json.loads(json.dumps(meta))))
+
   def save(self, epoch: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            *, best: bool) -> None:
-    """Saves `state` (global arrays) and `meta` as `epoch`, and as best if `best`."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(dict(meta)))
-    with (workdir_lock.checkpoint_access(self.workdir, exclusive=True)
-          if self._is_writer else contextlib.nullcontext()):
+    """Starts saving `state` (global arrays) and `meta` as `epoch`, and as best if `best`.
+
+    Returns once the arrays are copied off the devices; the files are written
+    in the background, under the exclusive checkpoint lock until finalized.
+    """
+    self._finish_pending()
+    args = self._save_args(state, meta)
+    lock = self._exclusive_lock()
+    try:
+      self._remove_outdated_interrupted()
       if best and epoch not in self.best.all_steps():
         self.best.save(epoch, args=args)
-        self.best.wait_until_finished()
+        self._pending.append(self.best)
       # A run resumed from an older checkpoint redoes epochs bit for bit, so a
-      # step that exists already holds the same values.
+      # step that exists already holds the same values. (No save is pending
+      # here: the steps listed are finalized ones.)
       if epoch not in self.latest.all_steps():
         self.latest.save(epoch, args=args)
-        self.latest.wait_until_finished()
-      if (self.workdir / INTERRUPTED).is_dir():  # now older than this one
-        interrupted = self._interrupted_manager()
-        for step in interrupted.all_steps():
-          interrupted.delete(step)
+        self._pending.append(self.latest)
+      if (self.workdir / INTERRUPTED).is_dir():  # older than this one, once it is written
+        self._interrupted_outdated = True
+        if not self._pending:
+          self._remove_outdated_interrupted()
+    except BaseException:
+      # What was started is finished before the lock goes (waiting for a
+      # manager with nothing under way returns at once).
+      self._pending = []
+      try:
+        _wait_for((self.best, self.latest))
+      finally:
+        lock.close()
+      raise
+    if self._pending and self._is_writer:
+      self._release_when_finalized(lock)
+    else:
+      lock.close()
 
   def save_interrupted(self, step: int, state: Mapping[str, Any],
                        meta: Mapping[str, Any]) -> None:
-    """Saves a run stopped within an epoch, as optimizer step `step`."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(dict(meta)))
-    with (workdir_lock.checkpoint_access(self.workdir, exclusive=True)
-          if self._is_writer else contextlib.nullcontext()):
+    """Saves a run stopped within an epoch, as optimizer step `step`; returns when written."""
+    self._finish_pending()
+    args = self._save_args(state, meta)
+    with self._exclusive_lock():
+      self._remove_outdated_interrupted()
       manager = self._interrupted_manager()
       if step not in manager.all_steps():
         manager.save(step, args=args)
+        # The process is about to exit: written before the lock goes.
         manager.wait_until_finished()
 
   def restore(self, which: int | Mapping[str, Any], abstract_state: Mapping[str, Any]
@@ -186,6 +311,7 @@ class RunCheckpoints:
     interrupted checkpoint). Restored with the shapes, dtypes and shardings
     of `abstract_state`.
     """
+    self._finish_pending()
     if isinstance(which, int):
       manager, step = self.latest, which
     elif 'interrupted' in which:
@@ -197,10 +323,22 @@ class RunCheckpoints:
     return restored['state'], restored['meta']
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
-    if self._interrupted is not None:
-      self._interrupted.close()
+    """Waits for the pending save (raising its error) and closes the managers."""
+    self._close(tidy=True)
+
+  def _close(self, tidy: bool) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._finish_pending()
+      if tidy and self._interrupted_outdated:
+        with self._exclusive_lock():
+          self._remove_outdated_interrupted()
+    finally:
+      for manager in (self.latest, self.best, self._interrupted):
+        if manager is not None:
+          manager.close()
 
 
 def _newest_meta(directory: pathlib.Path) -> dict[str, Any] | None:
