@@ -421,47 +421,48 @@ class _Run:
         config, lambda: init_variables(init_rng, model, info.image_size), replicated)
     if self.is_chief:
       input_pipeline.save_class_mapping(info, workdir)
-    self.run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
-    data = _load_data(config, info, mesh, self.platform)
-    self.settings = data.settings
-    steps_per_epoch = data.train.steps_per_epoch
-    tx = optim.create_optimizer(
-        config.optimizer, steps_per_epoch, config.num_epochs,
-        frozen_steps=config.get('freeze_backbone_epochs', 0) * steps_per_epoch,
-        frozen=models.backbone_mask)
-    state = create_train_state(init_rng, model, info.image_size, tx, variables)
-    state, rng, self.progress = checkpoints.restore_or_init(
-        self.run_checkpoints, saved_meta, state, rng, replicated)
-    changed = settings_lib.changes((saved_meta or {}).get('settings', {}), self.settings)
-    if changed:
-      # Another platform or dtype computes the same maths with other rounding.
-      console.info('Resumed with other settings than the checkpoint was written with: %s',
-                   ', '.join(changed))
-    # The history file is rewritten from the checkpoint: epochs after it that a
-    # killed run had logged are dropped, and will be logged again when redone.
-    if self.is_chief:
-      checkpoints.write_history(self.history_path, self.progress.history)
-    _log_header(config, self.settings, state.params)
-    # Global arrays, as a multi-host checkpoint needs them.
-    state = distributed.replicate(state, mesh)
-    self.rng = jax.random.wrap_key_data(
-        distributed.replicate(np.asarray(jax.random.key_data(rng)), mesh))
-    self.steps = make_steps(self.settings, loss_fn, augment_config)
-    # TensorBoard events from the first host; the console line is logged below.
-    self.writer = events.EventWriter(workdir) if self.is_chief else events.NoWriter()
-    summary = self.progress.history[-1] if self.progress.history else {}
-    self.stop.training = True
-    with jax.transfer_guard_device_to_host(LOOP_TRANSFER_GUARD):
-      for epoch in range(self.progress.epoch + 1, config.num_epochs + 1):
-        start = time.perf_counter()
-        epoch_run, learning_rate = self._train(epoch, state, data)
-        state = epoch_run.state
-        if epoch_run.stopped_by is not None:
-          self._save_and_stop(epoch, epoch_run, learning_rate, start)
-        summary = self._evaluate(epoch, epoch_run, data, learning_rate, start)
-        self._record(epoch, state, summary)
-    self.writer.close()
-    self.run_checkpoints.close()
+    # Saves are written in the background; leaving this block, however it is
+    # left, waits for the last one.
+    with checkpoints.RunCheckpoints(workdir, config.max_to_keep) as self.run_checkpoints:
+      data = _load_data(config, info, mesh, self.platform)
+      self.settings = data.settings
+      steps_per_epoch = data.train.steps_per_epoch
+      tx = optim.create_optimizer(
+          config.optimizer, steps_per_epoch, config.num_epochs,
+          frozen_steps=config.get('freeze_backbone_epochs', 0) * steps_per_epoch,
+          frozen=models.backbone_mask)
+      state = create_train_state(init_rng, model, info.image_size, tx, variables)
+      state, rng, self.progress = checkpoints.restore_or_init(
+          self.run_checkpoints, saved_meta, state, rng, replicated)
+      changed = settings_lib.changes((saved_meta or {}).get('settings', {}), self.settings)
+      if changed:
+        # Another platform or dtype computes the same maths with other rounding.
+        console.info('Resumed with other settings than the checkpoint was written with: %s',
+                     ', '.join(changed))
+      # The history file is rewritten from the checkpoint: epochs after it that a
+      # killed run had logged are dropped, and will be logged again when redone.
+      if self.is_chief:
+        checkpoints.write_history(self.history_path, self.progress.history)
+      _log_header(config, self.settings, state.params)
+      # Global arrays, as a multi-host checkpoint needs them.
+      state = distributed.replicate(state, mesh)
+      self.rng = jax.random.wrap_key_data(
+          distributed.replicate(np.asarray(jax.random.key_data(rng)), mesh))
+      self.steps = make_steps(self.settings, loss_fn, augment_config)
+      # TensorBoard events from the first host; the console line is logged below.
+      self.writer = events.EventWriter(workdir) if self.is_chief else events.NoWriter()
+      summary = self.progress.history[-1] if self.progress.history else {}
+      self.stop.training = True
+      with jax.transfer_guard_device_to_host(LOOP_TRANSFER_GUARD):
+        for epoch in range(self.progress.epoch + 1, config.num_epochs + 1):
+          start = time.perf_counter()
+          epoch_run, learning_rate = self._train(epoch, state, data)
+          state = epoch_run.state
+          if epoch_run.stopped_by is not None:
+            self._save_and_stop(epoch, epoch_run, learning_rate, start)
+          summary = self._evaluate(epoch, epoch_run, data, learning_rate, start)
+          self._record(epoch, state, summary)
+      self.writer.close()
     self._log_closing()
     return summary
 

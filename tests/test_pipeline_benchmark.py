@@ -21,7 +21,9 @@ def test_pipeline_benchmark_writes_its_table_and_json(tmp_path):
   assert results['train_images'] == 20
   assert results['cache_megabytes'] == 20 * 64 * 64 * 3 / 2**20
   assert len(results['epoch_images_per_second']) == 2
-  assert 'decode + cache train (per run)' in result.stdout
+  assert 'decode + cache train (once)' in result.stdout
+  assert 'read train from the cache (a run)' in result.stdout
+  assert results['read_cached_seconds'] > 0
   tree = tmp_path / 'tiny-imagenet-200'
   assert len((tree / 'wnids.txt').read_text().split()) == 4
   assert len((tree / 'val' / 'val_annotations.txt').read_text().splitlines()) == 3

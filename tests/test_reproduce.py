@@ -354,7 +354,7 @@ def test_estimate_command_totals_its_runs(tmp_path):
       [sys.executable, '-m', 'et_flax.reproduce',
        '--estimate', '--only=plain_2', '--config.data.image_size=8',
        '--config.model.num_modules=1', '--config.batch_size=16',
-       '--config.num_epochs=20000'],  # under 100 h on any CPU
+       '--config.num_epochs=20000'],
       cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
       env={**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -363,6 +363,8 @@ def test_estimate_command_totals_its_runs(tmp_path):
   total_line = next(line for line in output.splitlines() if line.startswith('The sweep: '))
   run_hours = float(run_line.rsplit(': ', 1)[1].removesuffix(' h'))
   total_hours = float(total_line.split()[2])
-  assert run_hours < 100, run_line
-  assert total_line.split()[2] == f'{run_hours:.1f}' and total_line.split()[3] == 'h'
+  # Tenths under 100 h, whole hours above (which of them depends on this
+  # machine's speed; 20,000 epochs of this run were 2-20 h on the 2-core CPU).
+  expected = f'{run_hours:.1f}' if run_hours < 100 else f'{run_hours:.0f}'
+  assert total_line.split()[2:4] == [expected, 'h'], (run_line, total_line)
   assert not list(tmp_path.iterdir())
