@@ -255,6 +255,7 @@ PROCESS_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_save_together(tmp_path):
   """Each manager's background barriers are its own (else Orbax fails: 'already ongoing')."""
   with socket.socket() as s:

@@ -236,6 +236,7 @@ for config in json.loads(sys.argv[3]):
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_the_data_once(tmp_path):
   root = _tree(tmp_path / 'tree', WNIDS_A)
   configs = [{'name': 'digits', 'data_dir': str(tmp_path / 'data'), 'image_size': 8},

@@ -25,6 +25,8 @@ from et_flax import evaluate
 from et_flax import predict
 from et_flax import train
 
+# Real processes on 127.0.0.1 ports, sharing the module's runs: one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('multihost')]
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_EPOCHS = 2
 HEARTBEAT_SECONDS = 10

@@ -8,6 +8,7 @@ import pathlib
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from helpers import make_tiny_imagenet_tree
@@ -42,6 +43,7 @@ def test_every_notebook_is_tested():
       'analysis.ipynb', 'quickstart.ipynb', 'reproduce_report.ipynb']
 
 
+@pytest.mark.slow
 def test_quickstart_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_EPOCHS', '1')
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_IMAGE_SIZE', '8')
@@ -55,6 +57,7 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
           f"top-5 {report['top5_accuracy']:.4f}") in _text(outputs)
 
 
+@pytest.mark.slow
 def test_reproduce_report_notebook(tmp_path, monkeypatch):
   root = make_tiny_imagenet_tree(tmp_path / 'tiny-imagenet-200', train_per_class=8)
   monkeypatch.setenv('ET_FLAX_NOTEBOOK_ONLY', 'dropout_200')
@@ -75,6 +78,7 @@ def test_reproduce_report_notebook(tmp_path, monkeypatch):
           f"{report['top1_accuracy']:.3f} | 0.347 |") in markdown
 
 
+@pytest.mark.slow
 def test_analysis_notebook(digits_data_dir, tmp_path, monkeypatch):
   workdir = tmp_path / 'workdir'
   train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(workdir))

@@ -49,6 +49,7 @@ def _without_tensorflow(*args, cwd=ROOT, timeout=300):
                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+@pytest.mark.slow
 def test_a_cached_run_trains_evaluates_and_predicts_without_tensorflow(
     digits_data_dir, tmp_path):
   reference = train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2),

@@ -50,7 +50,8 @@ print(sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib.__version
       "flax", flax.__version__, "optax", optax.__version__, "orbax", ocp.__version__)
 print(jax.devices(), jax.devices()[0].compute_capability)'
   } > "$out/versions.txt" 2>&1
-  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+  # No pytest-xdist there: setup.cfg's addopts are replaced.
+  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts='-ra --durations=10' \
       > "$out/pytest_gpu.txt" 2>&1 || true
   for dtype in auto float32; do
     for det in auto false; do
