@@ -1,5 +1,6 @@
 """Resume, config refusal, warm start, NaN stop and multi-device steps."""
 
+import fcntl
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ from et_flax import distributed
 from et_flax import interrupts
 from et_flax import optim
 from et_flax import train
+from et_flax import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMING_FIELDS = {'epoch_seconds', 'train_images_per_second', 'input_wait_fraction'}
@@ -54,62 +56,219 @@ def _history(workdir):
 
 def _saves_in_progress(workdir):
   """Orbax writes a checkpoint under a temporary name and renames it when done."""
-  return list((pathlib.Path(workdir) / checkpoints.LATEST).glob('*.orbax-checkpoint-tmp*'))
+  return [path for folder in (checkpoints.LATEST, checkpoints.BEST)
+          for path in (pathlib.Path(workdir) / folder).glob('*.orbax-checkpoint-tmp*')]
 
 
+def _checkpoint_lock_is_free(workdir):
+  """Whether no save holds the checkpoint lock (a save holds it until finalized)."""
+  try:
+    fd = os.open(pathlib.Path(workdir) / workdir_lock.CHECKPOINT_LOCK_FILE, os.O_RDONLY)
+  except FileNotFoundError:
+    return True
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  finally:
+    os.close(fd)
+
+
+# A safety net for each wait on a run (each ends at its event: a few seconds
+# to a minute here).
+HOLD_TIMEOUT = 300
+
+# `python -m et_flax.main`, held where ET_FLAX_TEST_HOLD (JSON) says, so that
+# a test signals or kills it exactly there on any machine:
+#   {"at": "step", "count": k}  after this process's k-th training step;
+#   {"at": "evaluate"}  as its first evaluation begins;
+#   {"at": "save"}  once its first save has begun (asynchronous: the files
+#     may still be being written);
+#   {"at": "finalize", "min_epoch": e}  in Orbax's finalization of its first
+#     latest checkpoint of an epoch >= e: written, but its temporary folder
+#     not yet renamed.
+# There it writes where it is ({"epoch": ..., "step": ...}) to the file
+# ET_FLAX_TEST_REACHED and waits until a signal arrives, or for good. It
+# changes no computation: a held run trains the same bits.
+HELD_MAIN = textwrap.dedent('''
+    import json, os, pathlib, sys, threading
+    from et_flax import checkpoints, console, interrupts, main, train
+
+    hold_at = json.loads(os.environ['ET_FLAX_TEST_HOLD'])
+    reached = pathlib.Path(os.environ['ET_FLAX_TEST_REACHED'])
+    now = {'epoch': None, 'steps': 0, 'held': False}
+    signalled = threading.Event()
+
+    def hold(position):
+      if now['held']:
+        return
+      now['held'] = True
+      partial = reached.with_name(reached.name + '.partial')
+      partial.write_text(json.dumps(position))
+      os.replace(partial, reached)  # whole when the test sees it
+      signalled.wait()
+
+    arrived = interrupts.StopRequests._arrived
+
+    def counted(self, signum):  # in the thread that counts signals as they arrive
+      arrived(self, signum)
+      signalled.set()
+
+    interrupts.StopRequests._arrived = counted
+
+    run_train = train._Run._train
+
+    def epoch_train(self, epoch, *args, **kwargs):
+      now['epoch'] = epoch
+      return run_train(self, epoch, *args, **kwargs)
+
+    train._Run._train = epoch_train
+
+    train_epoch = train.train_epoch
+
+    def held_train_epoch(*args, steps_done=0, after_step=None, **kwargs):
+      in_epoch = [steps_done]
+
+      def after(state):
+        if after_step is not None:
+          after_step(state)
+        in_epoch[0] += 1
+        now['steps'] += 1
+        if hold_at['at'] == 'step' and now['steps'] == hold_at['count']:
+          hold({'epoch': now['epoch'], 'step': in_epoch[0]})
+
+      return train_epoch(*args, steps_done=steps_done, after_step=after, **kwargs)
+
+    train.train_epoch = held_train_epoch
+
+    evaluate = train.evaluate
+
+    def held_evaluate(*args, **kwargs):
+      if hold_at['at'] == 'evaluate':
+        hold({'epoch': now['epoch']})
+      return evaluate(*args, **kwargs)
+
+    train.evaluate = held_evaluate
+
+    save = checkpoints.RunCheckpoints.save
+
+    def held_save(self, epoch, *args, **kwargs):
+      save(self, epoch, *args, **kwargs)
+      if hold_at['at'] == 'save':
+        hold({'epoch': epoch})
+
+    checkpoints.RunCheckpoints.save = held_save
+
+    item_handlers = checkpoints._item_handlers
+
+    def held_item_handlers():
+      handlers = item_handlers()
+      finalize = handlers['state'].finalize
+
+      def held_finalize(directory):  # in Orbax's thread that writes the checkpoint
+        step = [p for p in pathlib.Path(str(directory)).parents
+                if p.parent.name == checkpoints.LATEST]
+        epoch = int(step[0].name.split('.')[0]) if step else None
+        if hold_at['at'] == 'finalize' and epoch and epoch >= hold_at['min_epoch']:
+          hold({'epoch': epoch})
+        finalize(directory)
+
+      handlers['state'].finalize = held_finalize
+      return handlers
+
+    checkpoints._item_handlers = held_item_handlers
+
+    sys.argv[0] = 'et_flax.main'
+    console.run(main.main)
+''')
+
+
+def _start_held(args, env, hold, log):
+  """Starts `args` (a `_main_args` command) held at `hold`: (process, where it holds).
+
+  Returns once the run holds there.
+  """
+  reached = log.with_suffix('.reached')
+  reached.unlink(missing_ok=True)  # an earlier run's
+  env = {**env, 'ET_FLAX_TEST_HOLD': json.dumps(hold), 'ET_FLAX_TEST_REACHED': str(reached)}
+  assert args[1:3] == ['-m', 'et_flax.main']
+  with log.open('w') as log_file:
+    process = subprocess.Popen([sys.executable, '-c', HELD_MAIN, *args[3:]], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=log_file)
+  deadline = time.time() + HOLD_TIMEOUT
+  while not reached.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  if not reached.exists():
+    _kill(process)
+    pytest.fail(f'the run never reached {hold}:\n{log.read_text()[-3000:]}')
+  return process, json.loads(reached.read_text())
+
+
+def _kill(process):
+  if process.poll() is None:
+    process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group('processes')
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, tmp_path):
-  """SIGKILL during a checkpoint save and within an epoch's steps, then resume."""
+  """SIGKILL during a checkpoint save and within an epoch's steps, then resume.
+
+  Each run is held where it is killed (HELD_MAIN), so the kills land there on
+  any machine.
+  """
   num_epochs = 6
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
   reference = tmp_path / 'reference'
   subprocess.run(_main_args(reference, digits_data_dir, num_epochs), cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
-  epoch_seconds = min(e['epoch_seconds'] for e in map(
-      json.loads, (reference / checkpoints.HISTORY_FILE).read_text().splitlines()))
 
   interrupted = tmp_path / 'interrupted'
+  args = _main_args(interrupted, digits_data_dir, num_epochs)
   history_path = interrupted / checkpoints.HISTORY_FILE
+  steps_per_epoch = 1347 // 64  # the digits' training split: 21
+  rng = np.random.default_rng(0)
 
   def epochs_done():
     return len(history_path.read_text().splitlines()) if history_path.exists() else 0
 
-  def start():
-    return subprocess.Popen(_main_args(interrupted, digits_data_dir, num_epochs), cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
   landed = []
-  # During a save: kill the moment a temporary checkpoint folder appears. The
-  # folder left behind proves the kill came before the save finished (a save
-  # that wins the race is simply tried again at the next epoch).
-  for _ in range(3):
-    process = start()
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not _saves_in_progress(
-        interrupted):
-      time.sleep(0.001)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    if _saves_in_progress(interrupted):
-      landed.append('save')
-      break
-  # Within an epoch: once epoch k is in the history and its checkpoint is
-  # saved, wait a quarter of an epoch (the steps come first, the short
-  # evaluation last) and kill; the history must not have reached k + 1 then.
-  process = start()
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None and not (
-      epochs_done() >= 1 and (interrupted / checkpoints.LATEST / str(epochs_done())).exists()
-      and not _saves_in_progress(interrupted)):
-    time.sleep(0.001)
-  done = epochs_done()
-  time.sleep(epoch_seconds / 4)
-  process.send_signal(signal.SIGKILL)
-  process.wait(timeout=60)
-  if epochs_done() == done and done < num_epochs and not _saves_in_progress(interrupted):
+  # During a save: in the finalization of the latest checkpoint of epoch 2 or
+  # later (saved when val top-1 improves, and at the end), once its files
+  # are written and before its temporary folder is renamed. The folder left
+  # behind, and no final one, prove that the kill came during the save.
+  process, held = _start_held(args, env, {'at': 'finalize', 'min_epoch': 2},
+                              tmp_path / 'save.log')
+  _kill(process)
+  latest = interrupted / checkpoints.LATEST
+  if (list(latest.glob(f'{held["epoch"]}.orbax-checkpoint-tmp*'))
+      and not (latest / str(held['epoch'])).exists()):
+    landed.append('save')
+  # The run resumes from the checkpoint before, finalized.
+  resumed_from = checkpoints.latest_meta(interrupted)['epoch']
+  assert 1 <= resumed_from < held['epoch']
+
+  # Within an epoch: after a random step of the second epoch the resumed run
+  # trains, once the saves under way have been finalized (a save goes on
+  # while the next epoch trains); the history must not have reached that
+  # epoch then.
+  count = int(rng.integers(steps_per_epoch + 1, 2 * steps_per_epoch))
+  process, held = _start_held(args, env, {'at': 'step', 'count': count},
+                              tmp_path / 'steps.log')
+  try:
+    deadline = time.time() + HOLD_TIMEOUT
+    while time.time() < deadline and (_saves_in_progress(interrupted)
+                                      or not _checkpoint_lock_is_free(interrupted)):
+      time.sleep(0.02)
+  finally:
+    _kill(process)
+  assert held == {'epoch': resumed_from + 2, 'step': count - steps_per_epoch}
+  if epochs_done() == held['epoch'] - 1 and not _saves_in_progress(interrupted):
     landed.append('steps')
   assert landed == ['save', 'steps'], landed
-  subprocess.run(_main_args(interrupted, digits_data_dir, num_epochs), cwd=REPO, env=env,
-                 check=True, capture_output=True, timeout=600)
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
 
   step_a, state_a = _final_state(reference)
   step_b, state_b = _final_state(interrupted)
@@ -292,9 +451,16 @@ def test_four_devices_equal_one_through_mesh_and_pmap():
     assert diffs[name] < 1e-3, diffs
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('processes')
 def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
-  """Signals at random moments: each run exits within 10 s, loses no finished
-  epoch, and the resumed run equals an uninterrupted one."""
+  """Signals at random moments of steps, an evaluation and a save: each run
+  stops at the first step boundary after the signal, loses no finished
+  epoch, and the resumed run equals an uninterrupted one.
+
+  Each run is held where it is signalled (HELD_MAIN), so the signals land
+  there on any machine.
+  """
   num_epochs = 8
   # Batches of 16: 84 steps an epoch, so that signals land within epochs too;
   # checkpoints only every 3 epochs, so that stopping must save on its own.
@@ -303,50 +469,49 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
       '--config.batch_size=16', '--config.checkpoint_every_epochs=3']
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
   subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-  # An epoch's seconds, compiling aside: the fastest of the reference run's.
-  epoch_seconds = min(e['epoch_seconds'] for e in map(
-      json.loads, (tmp_path / 'reference' / checkpoints.HISTORY_FILE).read_text().splitlines()))
+  steps_per_epoch = 1347 // 16
 
   workdir = tmp_path / 'interrupted'
   args = [a.replace(str(tmp_path / 'reference'), str(workdir)) for a in args]
+  history_path = workdir / checkpoints.HISTORY_FILE
   rng = np.random.default_rng(1)
+  # Each run from where the last stopped: during its first save (epoch 1,
+  # asynchronous: maybe still being written), after a random step of its
+  # first epoch, as its first evaluation begins (of the epoch that run had
+  # begun), after a random step of its second epoch.
+  plan = [(signal.SIGINT, {'at': 'save'}),
+          (signal.SIGTERM, {'at': 'step', 'count': int(rng.integers(1, steps_per_epoch))}),
+          (signal.SIGINT, {'at': 'evaluate'}),
+          (signal.SIGTERM, {'at': 'step', 'count': int(
+              rng.integers(steps_per_epoch + 1, 2 * steps_per_epoch))})]
   stops = 0
-  for signum in (signal.SIGINT, signal.SIGTERM) * 2:
-    log = tmp_path / 'run.log'
-    with log.open('w') as log_file:
-      process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=log_file)
+  for i, (signum, hold) in enumerate(plan):
+    log = tmp_path / f'run_{i}.log'
+    process, held = _start_held(args, env, hold, log)
     try:
-      history_path = workdir / checkpoints.HISTORY_FILE
-      deadline = time.time() + 300
-      # Wait for the loop to be under way (an epoch line: compiled), then
-      # signal at a random moment of the next epoch, its evaluation or save.
-      while time.time() < deadline and process.poll() is None:
-        if f'/{num_epochs}: train loss' in log.read_text():
-          break
-        time.sleep(0.02)
-      # Within the next epoch, so that each run finishes one or two epochs
-      # and three stops come before the last of the eight.
-      time.sleep(rng.uniform(0.0, 0.8) * epoch_seconds)
-      finished = (len(history_path.read_text().splitlines())
-                  if history_path.exists() else 0)
-      if process.poll() is not None:
-        break  # the run completed
+      finished = len(history_path.read_text().splitlines()) if history_path.exists() else 0
       process.send_signal(signum)
-      signalled = time.time()
-      code = process.wait(timeout=60)
-      assert time.time() - signalled < 10, 'took more than 10 s to stop'
+      code = process.wait(timeout=HOLD_TIMEOUT)
     finally:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-    if len(history_path.read_text().splitlines()) == num_epochs:
-      break  # the signal came after the last epoch: nothing left to stop
+      _kill(process)
     assert code == 128 + signum, log.read_text()[-3000:]
-    assert f'Stopped by {signal.Signals(signum).name} after step' in log.read_text()
+    # At the first step boundary after the signal: after the step it came in,
+    # else before the next epoch's first step.
+    if hold['at'] == 'step':
+      where = f'after step {held["step"]} of epoch {held["epoch"]}'
+    else:
+      where = f'after step 0 of epoch {held["epoch"] + 1}'
+    assert f'Stopped by {signal.Signals(signum).name} {where}:' in log.read_text(), (
+        log.read_text()[-3000:])
     stops += 1
     meta = checkpoints.latest_meta(workdir)
-    assert meta is not None and meta['epoch'] >= finished  # no finished epoch lost
+    # No finished epoch lost: not one in the history then, nor one since.
+    assert meta is not None and meta['epoch'] >= finished
+    assert meta['epoch'] == len(history_path.read_text().splitlines())
+    if hold['at'] == 'step':  # saved where it stood, not at the epoch's start
+      interrupted = meta.get('interrupted') or {}
+      assert (interrupted.get('epoch'), interrupted.get('steps_done')) == (
+          held['epoch'], held['step']), interrupted
   assert stops >= 3
   subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   step_a, state_a = _final_state(tmp_path / 'reference')

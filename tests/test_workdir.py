@@ -11,7 +11,6 @@ import pytest
 
 from et_flax import checkpoints
 from et_flax import evaluate
-from et_flax import train
 from et_flax import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -32,6 +31,7 @@ def test_a_held_workdir_names_its_holder(tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
   workdir = tmp_path / 'notes.txt'
   workdir.write_text('kept')
@@ -58,35 +58,57 @@ def _main(workdir, data_dir, num_epochs):
           '--config.checkpoint_every_epochs=1', '--config.max_to_keep=1']
 
 
+def _finalized(folder):
+  """The names of the epochs in `folder` that Orbax has finalized.
+
+  A save in progress is a '<epoch>.orbax-checkpoint-tmp-*' folder, renamed
+  to '<epoch>' when complete (an epoch's line comes before that: saves are
+  asynchronous).
+  """
+  return [p.name for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group('processes')
 def test_a_busy_workdir_refuses_a_second_run_and_serves_readers(digits_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
   log = tmp_path / 'training.log'  # a file: a pipe nobody reads would fill and block it
+  # More epochs than any machine trains while the test runs: it ends the run.
+  num_epochs = 100_000
   with log.open('w') as log_file:
-    training = subprocess.Popen(_main(workdir, digits_data_dir, 300), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=log_file)
+    training = subprocess.Popen(_main(workdir, digits_data_dir, num_epochs), cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=log_file)
   try:
-    history = workdir / checkpoints.HISTORY_FILE
+    # Under way once a latest and a best checkpoint are finalized: the readers
+    # have something to read from the start. (The deadlines of this test are
+    # safety nets; its waits end at events and counts.)
     deadline = time.time() + 300
-    while time.time() < deadline and training.poll() is None:
-      if history.exists() and history.read_text().count('\n') >= 2:
-        break
+    while training.poll() is None and time.time() < deadline and not (
+        _finalized(workdir / checkpoints.LATEST) and _finalized(workdir / checkpoints.BEST)):
       time.sleep(0.05)
     assert training.poll() is None, log.read_text()[-3000:]
+    assert _finalized(workdir / checkpoints.LATEST) and _finalized(workdir / checkpoints.BEST)
 
     started = time.time()
-    second = subprocess.run(_main(workdir, digits_data_dir, 300), cwd=REPO, env=env,
+    second = subprocess.run(_main(workdir, digits_data_dir, num_epochs), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert second.returncode != 0
     assert f'{workdir} is in use by another run (PID {training.pid} on host' in second.stderr
     assert 'Decoding' not in second.stderr  # refused before any work
+    # Not after waiting for the lock (held for the whole run): the first run
+    # is still going. (A refusal takes 3-15 s here, imports included; a run
+    # that waited for the lock would hang until the timeout above.)
     assert time.time() - started < 60
+    assert training.poll() is None, log.read_text()[-3000:]
 
-    # Readers while the run saves and deletes a checkpoint every epoch.
+    # Readers while the run saves and deletes a checkpoint every epoch, until
+    # they have read 20 times and seen 3 epochs' checkpoints.
     epochs_seen = set()
-    deadline = time.time() + 20
+    deadline = time.time() + 600
     reads = 0
-    while time.time() < deadline and training.poll() is None:
+    while (reads < 20 or len(epochs_seen) < 3) and time.time() < deadline and (
+        training.poll() is None):
       for which in ('latest', 'best'):
         _, meta = checkpoints.load_checkpoint(workdir, which)
         epochs_seen.add(meta['epoch'])
