@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from et_flax import digits  # noqa: E402
+from et_flax import filelock  # noqa: E402
 from et_flax import settings  # noqa: E402
 
 # As the commands do, before JAX's backends start: GPU runs are deterministic.
@@ -45,17 +46,35 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop('JAX_COMPILATION_CACHE_DIR'), ignore_errors=True)
 
 
+def shared_folder(tmp_path_factory, name):
+  """A folder every pytest-xdist worker of the session shares (one per session
+  without xdist)."""
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    folder = tmp_path_factory.getbasetemp().parent / name
+    folder.mkdir(exist_ok=True)
+    return folder
+  return tmp_path_factory.mktemp(name)
+
+
+def made_once(tmp_path_factory, name, make):
+  """`make(folder)`'s result, made by the first worker that asks and read
+  back (as JSON) by the others: what several tests read, made once a session."""
+  import json  # pylint: disable=import-outside-toplevel
+  folder = shared_folder(tmp_path_factory, name)
+  done = folder / '.made.json'
+  with filelock.exclusive(folder.parent / f'.{name}.lock', f'the test fixture {name}'):
+    if not done.exists():
+      done.write_text(json.dumps(make(folder)))
+  return json.loads(done.read_text())
+
+
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A data dir holding the digits at 8x8 (the size tests train at)."""
   if os.environ.get('ET_FLAX_TEST_DATA_DIR'):
     return os.environ['ET_FLAX_TEST_DATA_DIR']
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    # One folder for every worker of the session: writing and preparing it
-    # take file locks, so the first worker does it and the others reuse it.
-    data_dir = tmp_path_factory.getbasetemp().parent / 'data'
-    data_dir.mkdir(exist_ok=True)
-  else:
-    data_dir = tmp_path_factory.mktemp('data')
+  # Writing and preparing it take file locks: with several workers, the first
+  # does it and the others reuse it.
+  data_dir = shared_folder(tmp_path_factory, 'data')
   digits.write_digits_tree(data_dir, 8)
   return data_dir

@@ -69,7 +69,6 @@ def _wait_for(path, text, process):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('processes')
 def test_a_signal_is_acknowledged_at_once_and_a_second_stops_at_once(tmp_path):
   """Both within one step that never ends unless the test ends it."""
   out, err = tmp_path / 'out', tmp_path / 'err'

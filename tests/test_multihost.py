@@ -20,13 +20,12 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from et_flax import checkpoints
 from et_flax import evaluate
 from et_flax import predict
-from et_flax import train
 
-# Real processes on 127.0.0.1 ports, sharing the module's runs: one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('multihost')]
+pytestmark = pytest.mark.slow  # real processes on 127.0.0.1
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_EPOCHS = 2
 HEARTBEAT_SECONDS = 10
@@ -121,18 +120,23 @@ def _max_relative_difference(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def runs(tmp_path_factory):
-  """A 2-process run from an empty shared data cache, and the same run in one process."""
-  root = tmp_path_factory.mktemp('multihost')
-  data_dir = root / 'data'  # empty: both processes find nothing prepared
-  two = _run_processes(root, _args(root / 'two', data_dir), 'two')
-  one = subprocess.run([sys.executable, '-m', 'et_flax.main',
-                        *_args(root / 'one', data_dir)],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert one.returncode == 0, one.stderr[-3000:]
-  return {'root': root, 'data_dir': data_dir, 'two': root / 'two', 'one': root / 'one',
-          'logs': [two.log(0), two.log(1)]}
+  """A 2-process run from an empty shared data cache, and the same run in one
+  process: made once a session, whichever worker asks first."""
+  def make(root):
+    data_dir = root / 'data'  # empty: both processes find nothing prepared
+    two = _run_processes(root, _args(root / 'two', data_dir), 'two')
+    one = subprocess.run([sys.executable, '-m', 'et_flax.main',
+                          *_args(root / 'one', data_dir)],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return {'logs': [two.log(0), two.log(1)]}
+
+  root = conftest.shared_folder(tmp_path_factory, 'multihost')
+  made = conftest.made_once(tmp_path_factory, 'multihost', make)
+  return {'root': root, 'data_dir': root / 'data', 'two': root / 'two', 'one': root / 'one',
+          'logs': made['logs']}
 
 
 def test_two_processes_train_as_one(runs):

@@ -17,7 +17,6 @@ import pytest
 
 from helpers import tiny_config
 from et_flax import checkpoints
-from et_flax import distributed
 from et_flax import interrupts
 from et_flax import optim
 from et_flax import train
@@ -212,7 +211,6 @@ def _kill(process):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('processes')
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, tmp_path):
   """SIGKILL during a checkpoint save and within an epoch's steps, then resume.
 
@@ -452,7 +450,6 @@ def test_four_devices_equal_one_through_mesh_and_pmap():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('processes')
 def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
   """Signals at random moments of steps, an evaluation and a save: each run
   stops at the first step boundary after the signal, loses no finished

@@ -69,7 +69,6 @@ def _finalized(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('processes')
 def test_a_busy_workdir_refuses_a_second_run_and_serves_readers(digits_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
