@@ -77,6 +77,7 @@ class EventWriter:
         summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
         for tag, value in scalars.items()])
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self.flush()  # once an epoch: TensorBoard shows it now, and a kill loses nothing
 
   def flush(self) -> None:
     self._file.flush()

@@ -343,36 +343,54 @@ class DecodedCache:
     self.path = pathlib.Path(info.data_dir) / CACHE_FOLDER / f'{split}_{digest}'
 
   def read(self) -> Split | None:
-    """The cached split (memory-mapped), or None if it is not cached."""
-    meta_path = self.path / 'meta.json'
-    if self.description['source_key'] == 'unknown' or not meta_path.is_file():
+    """The cached split (memory-mapped), or None if it is not cached.
+
+    An entry that cannot be read (damaged by a crash or a failing disk, or
+    another user's without read permission) is warned about and decoded
+    again; a damaged one is removed first (it is derived data).
+    """
+    if self.description['source_key'] == 'unknown':
       return None
-    meta = json.loads(meta_path.read_text())
+    try:
+      if not (self.path / 'meta.json').is_file():
+        return None
+      return self._read()
+    except (OSError, ValueError, KeyError, EOFError) as error:
+      if isinstance(error, PermissionError):
+        console.warning('cannot read the decoded split in %s (%s): decoding it again',
+                        self.path, error.strerror or error)
+        return None
+      console.warning('the decoded split in %s is damaged (%s): removing it and decoding '
+                      'it again', self.path, error)
+      shutil.rmtree(self.path, ignore_errors=True)
+      return None
+
+  def _read(self) -> Split:
+    meta = json.loads((self.path / 'meta.json').read_text())
     if meta['description'] != self.description:
-      raise ValueError(f'{self.path} holds another decoded split than its name says '
-                       f'({meta["description"]}, expected {self.description}): remove it')
+      raise ValueError(f'it holds another split than its name says ({meta["description"]})')
     images = np.load(self.path / 'images.npy', mmap_mode='r')
     labels = np.load(self.path / 'labels.npy')
     indices = np.load(self.path / 'indices.npy') if meta['split_size'] is not None else None
     if len(images) != len(labels) or len(labels) != len(meta['file_names']):
-      raise ValueError(f'{self.path} is inconsistent ({len(images)} images, '
-                       f'{len(labels)} labels, {len(meta["file_names"])} names): remove it')
+      raise ValueError(f'{len(images)} images, {len(labels)} labels and '
+                       f'{len(meta["file_names"])} names')
     return Split(images=images, labels=labels, file_names=tuple(meta['file_names']),
                  indices=indices, split_size=meta['split_size'])
 
   def write(self, split: Split) -> None:
-    """Writes `split` as this entry; a folder that cannot be written is
-    warned about (the split is decoded again next time)."""
+    """Writes `split` as this entry, readable as the umask allows; where it
+    cannot be written (a read-only folder, a full disk) it is warned about,
+    and the split is decoded again by the next run."""
     if self.description['source_key'] == 'unknown':
       return
+    tmp = None
     try:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{self.path.name}.', dir=self.path.parent))
-    except OSError as error:
-      console.warning('cannot cache the decoded split in %s (%s): it will be decoded '
-                      'again by the next run', self.path.parent, error.strerror or error)
-      return
-    try:
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from other users
       np.save(tmp / 'images.npy', split.images)
       np.save(tmp / 'labels.npy', split.labels)
       if split.indices is not None:
@@ -380,13 +398,17 @@ class DecodedCache:
       (tmp / 'meta.json').write_text(json.dumps({
           'description': self.description, 'split_size': split.split_size,
           'file_names': list(split.file_names)}))
+      for name in os.listdir(tmp):  # on disk before the entry is renamed into place
+        with open(tmp / name, 'rb') as file:
+          os.fsync(file.fileno())
       os.rename(tmp, self.path)
     except OSError as error:
-      shutil.rmtree(tmp, ignore_errors=True)
-      if self.path.is_dir():  # another process cached the same split meanwhile
-        return
-      raise OSError(error.errno, f'Cannot write the decoded split to {self.path}: '
-                    f'{error.strerror}') from error
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+      if not self.path.is_dir():  # else another process cached the same split meanwhile
+        console.warning('cannot cache the decoded split in %s (%s): it will be decoded '
+                        'again by the next run', self.path.parent, error.strerror or error)
+      return
     logging.info('Cached the decoded %s split in %s', self.description['split'], self.path)
 
 
@@ -539,20 +561,24 @@ def prefetched(batches: Iterator[Any], size: int = _PREFETCH_BATCHES) -> Iterato
   done = object()
   stopped = threading.Event()
 
+  def put(item) -> bool:
+    """Queues `item` unless the consumer has stopped; whether it was queued."""
+    while not stopped.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for batch in batches:
-        while not stopped.is_set():
-          try:
-            ready.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stopped.is_set():
+        if not put(batch):
           return
-      ready.put(done)
+      put(done)
     except BaseException as error:  # pylint: disable=broad-except
-      ready.put(error)  # raised in the consumer, with its traceback
+      put(error)  # raised in the consumer, with its traceback
 
   thread = threading.Thread(target=produce, daemon=True, name='et_flax-batches')
   thread.start()

@@ -17,6 +17,7 @@ counts, the freeze), beside it, before any image is decoded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -75,10 +76,17 @@ def nvidia_gpu_present() -> bool:
   return os.path.exists('/proc/driver/nvidia/version') or os.path.exists('/dev/nvidia0')
 
 
+def _cuda_build_installed() -> bool:
+  return any(importlib.util.find_spec(name) is not None
+             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
+
+
 def _native_bfloat16(device: jax.Device) -> bool:
-  if device.platform == 'gpu' or device.platform == 'cuda':
-    capability = getattr(device, 'compute_capability', None)
-    return capability is not None and float(capability) >= NATIVE_BFLOAT16_CAPABILITY
+  if device.platform in ('gpu', 'cuda'):
+    try:  # NVIDIA's '8.0'; other vendors' GPUs name their architecture instead
+      return float(device.compute_capability) >= NATIVE_BFLOAT16_CAPABILITY
+    except (AttributeError, TypeError, ValueError):
+      return False
   return device.platform == 'tpu'
 
 
@@ -102,7 +110,9 @@ class Platform:
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     backend = jax.default_backend()
-    if backend == 'cpu' and nvidia_gpu_present():
+    # Only where nobody chose the CPU (JAX_PLATFORMS) and no CUDA build is there.
+    if (backend == 'cpu' and nvidia_gpu_present() and not jax.config.jax_platforms
+        and not _cuda_build_installed()):
       _say_once('an NVIDIA GPU is present, but JAX runs on the CPU (its CUDA build is not '
                 'installed): %s', INSTALL_CUDA, warn=True)
     return cls(backend=backend, device_count=jax.device_count(),

@@ -33,6 +33,7 @@ def test_native_bfloat16_follows_the_compute_capability():
   assert settings._native_bfloat16(Device('gpu', '9.0'))  # H100, H200
   assert settings._native_bfloat16(Device('gpu', '8.0'))  # A100
   assert not settings._native_bfloat16(Device('gpu', '7.5'))  # T4
+  assert not settings._native_bfloat16(Device('gpu', 'gfx90a'))  # not NVIDIA's numbering
   assert not settings._native_bfloat16(Device('cpu'))
   assert settings._native_bfloat16(Device('tpu'))
 
@@ -89,6 +90,7 @@ def test_a_resumed_run_names_the_settings_that_changed():
 
 def test_an_unused_nvidia_gpu_is_one_warning(monkeypatch, caplog):
   monkeypatch.setattr(settings, 'nvidia_gpu_present', lambda: True)
+  monkeypatch.setattr(settings, '_cuda_build_installed', lambda: False)
   monkeypatch.setattr(settings, '_said', set())
   with caplog.at_level(logging.INFO):
     settings.Platform.current()
@@ -97,3 +99,13 @@ def test_an_unused_nvidia_gpu_is_one_warning(monkeypatch, caplog):
   assert warnings == ["an NVIDIA GPU is present, but JAX runs on the CPU (its CUDA build "
                       "is not installed): pip install -e '.[tf,cuda]' (see Install in "
                       "README.md)"]
+
+
+def test_no_warning_where_the_cuda_build_is_installed(monkeypatch, caplog):
+  """JAX runs on the CPU there for another reason (no visible device, say)."""
+  monkeypatch.setattr(settings, 'nvidia_gpu_present', lambda: True)
+  monkeypatch.setattr(settings, '_cuda_build_installed', lambda: True)
+  monkeypatch.setattr(settings, '_said', set())
+  with caplog.at_level(logging.INFO):
+    settings.Platform.current()
+  assert 'NVIDIA GPU' not in caplog.text

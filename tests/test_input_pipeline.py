@@ -1,7 +1,9 @@
-"""The digits tree, the Tiny ImageNet layout reader and the tf.data batches."""
+"""The digits tree, the Tiny ImageNet layout reader and the batches."""
 
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -308,3 +310,35 @@ def test_hosts_evaluate_disjoint_shares_of_every_batch(num_hosts):
 def test_batch_larger_than_split_is_a_clear_error():
   with pytest.raises(ValueError, match='batch_size 64 is larger than the 10 training'):
     input_pipeline.TrainInput(counting_split(10), batch_size=64, seed=0)
+
+
+def _within(seconds, function):
+  """`function()`'s result, or a failure if it takes longer than `seconds`."""
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(value=function()), daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f'still running after {seconds} s'
+  return result.get('value')
+
+
+@pytest.mark.parametrize('taken', [0, 1, 3, 5])
+def test_prefetched_batches_stop_whenever_the_consumer_stops(taken):
+  """A run stopped at any step, the last ones included, closes its batches at once."""
+  def take():
+    batches = input_pipeline.prefetched(iter(range(5)), size=2)
+    got = [next(batches) for _ in range(taken)]
+    time.sleep(0.3)  # the producer runs ahead and fills the queue
+    batches.close()
+    return got
+  assert _within(10, take) == list(range(taken))
+
+
+def test_prefetched_batches_raise_the_producers_error_in_order():
+  def failing():
+    yield 1
+    raise OSError('disk gone')
+  batches = input_pipeline.prefetched(failing())
+  assert next(batches) == 1
+  with pytest.raises(OSError, match='disk gone'):
+    next(batches)

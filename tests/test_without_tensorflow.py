@@ -7,6 +7,7 @@ TensorFlow is needed and missing, one line says so.
 """
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -113,3 +114,28 @@ def test_the_decoded_cache_is_keyed_by_classes_size_and_share(digits_data_dir, t
   keys = {input_pipeline.DecodedCache(info, 'train', s).path
           for s in (None, share, input_pipeline.train_share(64, 1, slice(0, 32)))}
   assert len(keys) == 3
+
+
+def test_a_damaged_or_unwritable_cache_is_decoded_again(digits_data_dir, tmp_path, caplog):
+  config = tiny_config(digits_data_dir).data
+  config.classes = 4  # an entry of this test's own
+  info = input_pipeline.get_dataset_info(config)
+  whole = input_pipeline.load_split(info, 'val')
+  entry = input_pipeline.DecodedCache(info, 'val', None).path
+  (entry / 'images.npy').write_bytes(b'')  # as a crash before the data reached the disk
+  with caplog.at_level(logging.WARNING):
+    again = input_pipeline.load_split(info, 'val')
+  assert f'the decoded split in {entry} is damaged' in caplog.text
+  np.testing.assert_array_equal(again.images, whole.images)
+  assert isinstance(input_pipeline.load_split(info, 'val').images, np.memmap)  # cached anew
+
+  # A prepared dataset in a folder this process cannot write: a warning, no cache.
+  cache = input_pipeline.DecodedCache(info, 'val', input_pipeline.eval_share(64, slice(0, 32)))
+  blocked = tmp_path / 'read-only'
+  blocked.write_text('a file where the cache folder would go')
+  cache.path = blocked / 'entry'
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    cache.write(whole)
+  assert f'cannot cache the decoded split in {blocked}' in caplog.text
+  assert cache.read() is None
