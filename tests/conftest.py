@@ -9,6 +9,13 @@ import shutil
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# pytest-xdist's workers share the cores: each gets its share of oneDNN's
+# OpenMP threads (set before anything loads the library). A full share each
+# makes their parallel regions wait on each other's descheduled threads, the
+# collapse docs/performance.md measures under load.
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _WORKERS > 1:
+  os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
