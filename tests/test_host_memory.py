@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # A fresh process (JAX's backends not started): `configure(mode)`, then a jitted
 # step whose temporary buffer is above glibc's 32 MB mmap threshold, run until
-# steady; prints the buffer's size and the minor page faults of the last calls.
+# steady; prints the buffer's size and the minor page faults of the next 6 calls.
 STEPS = """
 import json, resource, sys
 from et_flax import host_memory
@@ -34,7 +34,7 @@ temp = compiled.memory_analysis().temp_size_in_bytes
 for _ in range(3):
   compiled(x).block_until_ready()
 faults = []
-for _ in range(3):
+for _ in range(6):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   compiled(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -69,7 +69,11 @@ def test_reused_host_memory_faults_no_pages_per_step(mode, xla_flags, applied):
   assert out['temp'] > 48 << 20  # above glibc's largest mmap threshold (32 MB)
   assert out['applied'] == applied
   if applied == 'reuse':
-    assert max(out['faults']) < pages // 20, out
+    # No call maps its buffer afresh, but for at most one: a small allocation
+    # that splits the freed buffer makes the heap grow once by a step-sized
+    # region (host_memory's docstring), after which both are reused.
+    faulting = [count for count in out['faults'] if count >= pages // 20]
+    assert len(faulting) <= 1 and max(faulting, default=0) < pages * 1.1, out
   elif not xla_flags and not _transparent_huge_pages_always():
     # The system's defaults: each call maps (and faults) its buffer afresh
     # (in 4 KiB pages; with huge pages always on, in 2 MiB ones).
