@@ -20,6 +20,13 @@ until the checkpoint is finalized (renamed, and the ones past `max_to_keep`
 deleted); reads take it shared (`workdir_lock.checkpoint_access`), so
 `evaluate` during training never reads a checkpoint that is being written or
 deleted. Every other call of a `RunCheckpoints` first waits for a pending save.
+
+A checkpoint is read whole (every array and the meta) before it is used: one
+damaged on disk (a file missing, truncated or unreadable, as a broken copy
+leaves it) is passed over for the newest intact one, with a console line. A
+resumed run moves the damaged ones to `checkpoints_damaged/` (never deletes
+them); readers leave them in place. A full disk or quota while writing is a
+`console.StorageFullError` saying what was being written (`writing`).
 """
 
 from __future__ import annotations
@@ -29,14 +36,16 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from et_flax import console
 from et_flax import keras_import
@@ -47,6 +56,9 @@ BEST = 'checkpoints_best'
 # The one checkpoint of a run stopped by SIGINT or SIGTERM within an epoch,
 # indexed by optimizer step; removed by the next regular save.
 INTERRUPTED = 'checkpoints_interrupted'
+# Damaged checkpoints a resumed run found, moved out of the folders above:
+# <workdir>/checkpoints_damaged/<folder>/<step>.
+DAMAGED = 'checkpoints_damaged'
 
 # Config fields a resumed run may change: run length, logging, data location.
 RESUMABLE_CHANGES = frozenset({
@@ -135,6 +147,139 @@ def _wait_for(managers: Sequence[ocp.CheckpointManager]) -> None:
     raise errors[0]
 
 
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+  """Turns a full disk or quota met while writing `what` into a StorageFullError."""
+  try:
+    yield
+  except console.StorageFullError:
+    raise
+  except Exception as error:
+    reason = console.storage_full(error)
+    if reason is None:
+      raise
+    raise console.StorageFullError(f'{reason} while writing {what}') from error
+
+
+def complete_epochs(workdir: pathlib.Path) -> list[int]:
+  """The epochs whose checkpoints are complete (Orbax names a step's folder
+  when it is written), oldest first."""
+  directory = workdir / LATEST
+  if not directory.is_dir():
+    return []
+  return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+
+
+def storage_full_message(error: BaseException, workdir: pathlib.Path) -> str:
+  """One line for a run stopped by a full disk: what was being written, what is saved."""
+  what = next((str(cause) for cause in _causes(error)
+               if isinstance(cause, console.StorageFullError)),
+              f'{console.storage_full(error)} while writing in {workdir}')
+  epochs = complete_epochs(workdir)
+  saved = (f"epoch {epochs[-1]}'s checkpoint ({workdir / LATEST / str(epochs[-1])}) is "
+           'the last complete one' if epochs else 'no checkpoint was completed yet')
+  return (f'{what}; {saved}. Free space (or raise the quota) and run the same command '
+          'to resume.')
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+class DamagedCheckpointError(ValueError):
+  """Checkpoints are there, but none that was asked for can be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+  """A checkpoint that could not be read whole, and why."""
+  path: pathlib.Path  # its step folder
+  reason: str
+
+
+def _read_failure(error: Exception) -> str | None:
+  """Why a checkpoint's files could not be read (missing, truncated, not
+  JSON...), on one line; None for an error that is not about its files.
+
+  Orbax and TensorStore raise OSError or ValueError for those (the latter
+  with TensorStore's status: DATA_LOSS, NOT_FOUND, OUT_OF_RANGE...), at times
+  behind a plain Exception.
+  """
+  for cause in _causes(error):
+    if isinstance(cause, (OSError, ValueError)):
+      text = ' '.join(str(cause).split()) or type(cause).__name__
+      return text if len(text) <= 200 else text[:197] + '...'
+  return None
+
+
+def _read_whole(manager: ocp.CheckpointManager, step: int,
+                sharding: jax.sharding.Sharding) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Every array (as saved, with `sharding`) and the meta of `step`."""
+  abstract = abstract_like(manager.item_metadata(step)['state'], sharding)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  if restored['meta'] is None:
+    raise FileNotFoundError(f'{manager.directory / str(step)} has no meta')
+  return restored['state'], restored['meta']
+
+
+def _newest_intact(candidates: Sequence[tuple[ocp.CheckpointManager, int]],
+                   sharding: jax.sharding.Sharding, damaged: list[Damage]
+                   ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+  """(index, state, meta) of the first candidate that reads whole; the ones
+  before it go to `damaged`. None if none does."""
+  for index, (manager, step) in enumerate(candidates):
+    try:
+      state, meta = _read_whole(manager, step, sharding)
+    except Exception as error:  # only a read failure is passed over
+      reason = _read_failure(error)
+      if reason is None:
+        raise
+      damaged.append(Damage(pathlib.Path(manager.directory) / str(step), reason))
+      continue
+    return index, state, meta
+  return None
+
+
+def _shown(path: str | os.PathLike, workdir: pathlib.Path) -> pathlib.Path:
+  """`path` as the user names it: under `workdir` as given."""
+  return workdir / os.path.relpath(path, workdir.absolute())
+
+
+def _named(paths: Sequence[pathlib.Path], workdir: pathlib.Path) -> str:
+  names = [str(_shown(path, workdir)) for path in paths]
+  return names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' and ' + names[-1]
+
+
+def _damage_line(damaged: Sequence[Damage], workdir: pathlib.Path) -> str:
+  verb = 'is' if len(damaged) == 1 else 'are'
+  return (f'{_named([d.path for d in damaged], workdir)} {verb} damaged '
+          f'({damaged[0].reason})')
+
+
+def _no_intact_error(damaged: Sequence[Damage], workdir: pathlib.Path,
+                     what: str, advice: str) -> DamagedCheckpointError:
+  return DamagedCheckpointError(
+      f'{what}: {_damage_line(damaged, workdir)}. '
+      f'{"It is" if len(damaged) == 1 else "They are"} left in place. {advice}')
+
+
+def _move_aside(damage: Damage, workdir: pathlib.Path) -> pathlib.Path:
+  """Moves a damaged step folder to checkpoints_damaged/<folder>/ (a free name)."""
+  folder = workdir / DAMAGED / damage.path.parent.name
+  folder.mkdir(parents=True, exist_ok=True)
+  target, copy = folder / damage.path.name, 1
+  while target.exists():
+    copy += 1
+    target = folder / f'{damage.path.name}.{copy}'
+  os.rename(damage.path, target)
+  return target
+
+
 class RunCheckpoints:
   """The latest and the best checkpoints of one workdir, indexed by epoch.
 
@@ -155,6 +300,8 @@ class RunCheckpoints:
     self._pending: list[ocp.CheckpointManager] = []
     self._releaser: threading.Thread | None = None
     self._releaser_error: Exception | None = None
+    # What the pending save writes, for the message of a full disk.
+    self._pending_what = ''
     # The interrupted checkpoint is older than a regular save under way; it
     # is removed once that save is finalized (by the next call that locks).
     self._interrupted_outdated = False
@@ -209,11 +356,12 @@ class RunCheckpoints:
     if releaser is not None:
       releaser.join()
     error, self._releaser_error = self._releaser_error, None
-    # Here too: Orbax raises a failed save's error once in each thread that
-    # waits for it, and only process 0 has a releaser.
-    _wait_for(managers)
-    if error is not None:
-      raise error
+    with writing(self._pending_what):
+      # Here too: Orbax raises a failed save's error once in each thread that
+      # waits for it, and only process 0 has a releaser.
+      _wait_for(managers)
+      if error is not None:
+        raise error
 
   def _remove_outdated_interrupted(self) -> None:
     """Removes an interrupted checkpoint older than a finalized regular one.
@@ -260,18 +408,20 @@ class RunCheckpoints:
     """
     self._finish_pending()
     args = self._save_args(state, meta)
+    self._pending_what = f'the checkpoint of epoch {epoch} in {self.workdir / LATEST}'
     lock = self._exclusive_lock()
     try:
       self._remove_outdated_interrupted()
-      if best and epoch not in self.best.all_steps():
-        self.best.save(epoch, args=args)
-        self._pending.append(self.best)
-      # A run resumed from an older checkpoint redoes epochs bit for bit, so a
-      # step that exists already holds the same values. (No save is pending
-      # here: the steps listed are finalized ones.)
-      if epoch not in self.latest.all_steps():
-        self.latest.save(epoch, args=args)
-        self._pending.append(self.latest)
+      with writing(self._pending_what):
+        if best and epoch not in self.best.all_steps():
+          self.best.save(epoch, args=args)
+          self._pending.append(self.best)
+        # A run resumed from an older checkpoint redoes epochs bit for bit, so a
+        # step that exists already holds the same values. (No save is pending
+        # here: the steps listed are finalized ones.)
+        if epoch not in self.latest.all_steps():
+          self.latest.save(epoch, args=args)
+          self._pending.append(self.latest)
       if (self.workdir / INTERRUPTED).is_dir():  # older than this one, once it is written
         self._interrupted_outdated = True
         if not self._pending:
@@ -299,9 +449,10 @@ class RunCheckpoints:
       self._remove_outdated_interrupted()
       manager = self._interrupted_manager()
       if step not in manager.all_steps():
-        manager.save(step, args=args)
-        # The process is about to exit: written before the lock goes.
-        manager.wait_until_finished()
+        with writing(f'the checkpoint of step {step} in {self.workdir / INTERRUPTED}'):
+          manager.save(step, args=args)
+          # The process is about to exit: written before the lock goes.
+          manager.wait_until_finished()
 
   def restore(self, which: int | Mapping[str, Any], abstract_state: Mapping[str, Any]
               ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -375,14 +526,26 @@ def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   return max(metas, key=_global_step, default=None)
 
 
-def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
-                    sharding: jax.sharding.Sharding | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Params, batch stats and meta of a run's checkpoint.
+@dataclasses.dataclass
+class Checkpoint:
+  """A checkpoint as a reader got it."""
+  variables: dict[str, Any]  # params and batch stats
+  meta: dict[str, Any]
+  which: str  # 'best', 'latest' or the epoch: the one read (latest if best was damaged)
+  path: pathlib.Path
+
+
+def read_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
+                    sharding: jax.sharding.Sharding | None = None) -> Checkpoint:
+  """Params, batch stats and meta of a run's checkpoint, read whole.
 
   `which` is 'latest', 'best' or an epoch number (of the latest checkpoints).
-  The arrays are restored with `sharding` (default: this process's first
-  device), whatever topology wrote them.
+  A damaged 'latest' gives the newest intact epoch, a damaged 'best' the
+  latest (with a console line saying so; they are left in place); an epoch
+  asked for by number is that one or an error, as is a run whose every
+  checkpoint is damaged (DamagedCheckpointError). The arrays are restored
+  with `sharding` (default: this process's first device), whatever topology
+  wrote them.
   """
   workdir = pathlib.Path(workdir).expanduser()
   which = str(which)
@@ -392,22 +555,50 @@ def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: {workdir} holds no '
                             f'{which} checkpoint')
-  with workdir_lock.checkpoint_access(workdir, exclusive=False):
-    manager = _read_only_manager(directory)
-    try:
-      epoch = manager.latest_step() if which in ('latest', 'best') else int(which)
-      if epoch is None or epoch not in manager.all_steps():
+  damaged: list[Damage] = []
+  with workdir_lock.checkpoint_access(workdir, exclusive=False), \
+      contextlib.ExitStack() as managers:
+    manager = managers.enter_context(contextlib.closing(_read_only_manager(directory)))
+    steps = sorted(manager.all_steps(), reverse=True)
+    if which.isdigit():
+      if int(which) not in steps:
         raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has '
-                                f'{sorted(manager.all_steps())})')
-      abstract = abstract_like(manager.item_metadata(epoch)['state'],
-                               sharding or _local_sharding())
-      restored = manager.restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    finally:
-      manager.close()
-  state = restored['state']
-  return ({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
-          restored['meta'])
+                                f'{sorted(steps)})')
+      candidates = [(manager, int(which))]
+    else:
+      candidates = [(manager, step) for step in steps[:1 if which == 'best' else None]]
+    if which == 'best' and (workdir / LATEST).is_dir():
+      latest = managers.enter_context(contextlib.closing(_read_only_manager(workdir / LATEST)))
+      candidates += [(latest, step) for step in sorted(latest.all_steps(), reverse=True)]
+    if not candidates:
+      raise FileNotFoundError(f'{directory} holds no checkpoint {which!r} (has [])')
+    found = _newest_intact(candidates, sharding or _local_sharding(), damaged)
+  if found is None:
+    raise _no_intact_error(
+        damaged, workdir, f'no intact {which} checkpoint in {workdir}',
+        'Copy an intact checkpoint back (from a backup), or ask for another with '
+        '--checkpoint.' if which.isdigit() else
+        'Copy intact checkpoints back (from a backup), or train the run again.')
+  index, state, meta = found
+  manager, step = candidates[index]
+  path = pathlib.Path(manager.directory) / str(step)
+  used = 'latest' if path.parent.name == LATEST and which == 'best' else which
+  if damaged:
+    console.warning('%s, left in place; using %s (epoch %d) instead',
+                    _damage_line(damaged, workdir), _shown(path, workdir), meta['epoch'])
+  elif used != which:
+    console.warning('%s holds no checkpoint; using %s (epoch %d) instead', directory,
+                    _shown(path, workdir), meta['epoch'])
+  return Checkpoint({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
+                    meta, used, path)
+
+
+def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
+                    sharding: jax.sharding.Sharding | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Params, batch stats and meta of a run's checkpoint (`read_checkpoint`)."""
+  checkpoint = read_checkpoint(workdir, which, sharding)
+  return checkpoint.variables, checkpoint.meta
 
 
 def load_variables(workdir: str | pathlib.Path, which: str | int = 'latest',
@@ -496,15 +687,119 @@ class RunProgress:
   saved_epoch: int | None = 0
 
 
+def _resume_candidates(managers: Mapping[str, ocp.CheckpointManager],
+                       damaged: list[Damage]) -> list[tuple[ocp.CheckpointManager, int]]:
+  """The interrupted and latest checkpoints, newest first (by global step, a
+  latest epoch before an interrupted one of the same step); those whose meta
+  cannot be read go to `damaged`."""
+  ranked = []
+  for folder in (LATEST, INTERRUPTED):
+    manager = managers.get(folder)
+    for step in [] if manager is None else manager.all_steps():
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+        global_step = _global_step(meta)
+      except Exception as error:  # only a read failure is passed over
+        reason = _read_failure(error)
+        if reason is None:
+          raise
+        damaged.append(Damage(pathlib.Path(manager.directory) / str(step), reason))
+        continue
+      ranked.append((global_step, folder == LATEST, manager, step))
+  ranked.sort(key=lambda entry: entry[:2], reverse=True)
+  return [(manager, step) for _, _, manager, step in ranked]
+
+
+def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
+  """The meta of the checkpoint a run in `workdir` resumes from; None for a new run.
+
+  That is the newest one (interrupted or of an epoch) that reads whole. The
+  damaged ones are moved to checkpoints_damaged/ (by process 0, under the
+  exclusive checkpoint lock) and named on one console line; so is a damaged
+  best checkpoint, which is written again from its epoch's checkpoint where
+  that is intact. Raises DamagedCheckpointError, moving nothing, when there
+  are checkpoints and none reads whole.
+  """
+  folders = [folder for folder in (LATEST, INTERRUPTED, BEST) if (workdir / folder).is_dir()]
+  if not folders:
+    return None
+  is_writer = jax.process_index() == 0
+  damaged: list[Damage] = []
+  with contextlib.ExitStack() as stack:
+    if is_writer:
+      stack.enter_context(workdir_lock.checkpoint_access(workdir, exclusive=True))
+    managers = {folder: stack.enter_context(contextlib.closing(
+        _read_only_manager(workdir / folder))) for folder in folders}
+    candidates = _resume_candidates(managers, damaged)
+    # Read whole on this process's first device; restored again for the run.
+    found = _newest_intact(candidates, _local_sharding(), damaged)
+    if found is None:
+      if not damaged:
+        return None
+      raise _no_intact_error(
+          damaged, workdir, f'no intact checkpoint to resume {workdir} from',
+          f'Move {workdir / LATEST} (and {workdir / INTERRUPTED}) elsewhere to train '
+          'this run from the start, or copy intact checkpoints back from a backup.')
+    _, _, meta = found
+    best_copy = _check_best(managers, damaged, meta)
+    if jax.process_count() > 1:  # every process has read before any folder moves
+      multihost_utils.sync_global_devices('et_flax_checkpoints_read')
+    moved = [_move_aside(damage, workdir) for damage in damaged] if is_writer else []
+    if best_copy is not None and is_writer:
+      _copy_step(*best_copy)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('et_flax_checkpoints_moved')
+  if damaged:
+    where = (f'interrupted, step {meta["interrupted"]["global_step"]}'
+             if 'interrupted' in meta else f'epoch {meta["epoch"]}')
+    console.warning(
+        '%s: moved to %s (kept, not deleted); resuming from the newest intact checkpoint '
+        '(%s)%s', _damage_line(damaged, workdir),
+        _named(moved, workdir) if moved else workdir / DAMAGED, where,
+        f'; {BEST}/{best_copy[1].name} written again from {_shown(best_copy[0], workdir)}'
+        if best_copy is not None else '')
+  return meta
+
+
+def _check_best(managers: Mapping[str, ocp.CheckpointManager], damaged: list[Damage],
+                meta: Mapping[str, Any]) -> tuple[pathlib.Path, pathlib.Path] | None:
+  """Reads the best checkpoint whole; if damaged, adds it to `damaged` and
+  returns (source, target) to write it again from its epoch's intact checkpoint."""
+  best = managers.get(BEST)
+  steps = [] if best is None else sorted(best.all_steps(), reverse=True)
+  if not steps or _newest_intact([(best, steps[0])], _local_sharding(), damaged) is not None:
+    return None
+  epoch, latest = steps[0], managers.get(LATEST)
+  if latest is None or epoch not in latest.all_steps():
+    return None
+  if epoch != meta['epoch'] or 'interrupted' in meta:  # else just read whole
+    if _newest_intact([(latest, epoch)], _local_sharding(), []) is None:
+      return None
+  return (pathlib.Path(latest.directory) / str(epoch),
+          pathlib.Path(best.directory) / str(epoch))
+
+
+def _copy_step(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Copies a step folder (a best checkpoint holds what its epoch's does), under
+  Orbax's temporary name until complete."""
+  partial = target.with_name(target.name + '.orbax-checkpoint-tmp-copy')
+  if partial.exists():
+    shutil.rmtree(partial)  # an earlier copy that did not complete
+  shutil.copytree(source, partial)
+  os.rename(partial, target)
+
+
 def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                     allow_config_change: bool) -> dict[str, Any] | None:
-  """The meta a run in `workdir` resumes from (None: a new run).
+  """The meta a run in `workdir` resumes from (None: a new run), from
+  `find_resume_point`.
 
   Raises ValueError listing the differences when the saved config differs
   from `config` in more than RESUMABLE_CHANGES and `allow_config_change` is
   not given.
   """
-  saved = latest_meta(workdir)
+  saved = find_resume_point(workdir)
   if saved is None:
     return None
   differences = config_differences(saved['config'], config_to_dict(config))

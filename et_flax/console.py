@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
 import functools
 import importlib.util
 import io
@@ -210,6 +211,8 @@ class WorkdirLog(logging.Handler):
     self.path: pathlib.Path | None = None if workdir is None else self.workdir / name
     self._held: collections.deque[str] = collections.deque(maxlen=HELD_LINES)
     self._file: TextIO | None = None
+    # Set once the file could not be written (a full disk): nothing more goes there.
+    self.stopped_by: OSError | None = None
     self._open_when_ready()
 
   def _open_when_ready(self) -> None:
@@ -225,6 +228,8 @@ class WorkdirLog(logging.Handler):
     self._held.clear()
 
   def emit(self, record: logging.LogRecord) -> None:
+    if self.stopped_by is not None:
+      return
     try:
       text = self.format(record) + '\n'
       self._open_when_ready()
@@ -233,19 +238,40 @@ class WorkdirLog(logging.Handler):
       else:
         self._file.write(text)
         self._file.flush()
+    except OSError as error:  # a full disk: said once, not a traceback per record
+      self._stop_writing(error)
     except Exception:  # pylint: disable=broad-except
       self.handleError(record)
 
+  def _stop_writing(self, error: OSError) -> None:
+    """Stops writing the log file, saying so on the console once."""
+    self.stopped_by = error
+    file, self._file = self._file, None
+    if file is not None:
+      # Closing flushes the lines the disk refused: they cannot be written either.
+      with contextlib.suppress(OSError):
+        file.close()
+    stream = sys.stderr
+    with tqdm.tqdm.external_write_mode(file=stream):
+      stream.write(f'warning: cannot write {self.path} ({error.strerror or error}): the '
+                   'log stops here; the console lines go on\n')
+      stream.flush()
+
   def written_to(self) -> pathlib.Path | None:
-    """The log file, or None while the lines are held."""
+    """The log file, or None while the lines are held or once it stopped."""
     with self.lock:
+      if self.stopped_by is not None:
+        return None
       self._open_when_ready()
       return None if self._file is None else self.path
 
   def close(self) -> None:
     with self.lock:
       if self._file is not None:
-        self._file.close()
+        try:
+          self._file.close()
+        except OSError as error:
+          self._stop_writing(error)
         self._file = None
     super().close()
 
@@ -289,6 +315,8 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
   logging.captureWarnings(True)
   _log = WorkdirLog(workdir, log_file_name(process_index))
   _verbose = verbose
+  # Exceptions Python cannot raise: to the log file, as the libraries' logs.
+  sys.unraisablehook = sys.__unraisablehook__ if verbose else _unraisable_to_log
   _quiet_tensorflow_loggers()
   _installed.extend([_log, ConsoleHandler()])
   for handler in _installed:
@@ -299,6 +327,15 @@ def setup_logging(workdir: str | os.PathLike | None, verbose: bool = False,
   for line in _native_startup_lines:
     logging.getLogger('tensorflow').info('(while loading) %s', line)
   _native_startup_lines.clear()
+
+
+def _unraisable_to_log(unraisable: Any) -> None:
+  """An exception Python cannot raise, as a log record: TensorStore's reads
+  still under way when Orbax gives up on a damaged checkpoint end on a closed
+  event loop, one traceback each."""
+  logging.getLogger('unraisable').warning(
+      '%s: %r', unraisable.err_msg or 'Exception ignored in', unraisable.object,
+      exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
 
 def _quiet_tensorflow_loggers() -> None:
@@ -358,6 +395,28 @@ def log_path() -> pathlib.Path | None:
 # ---------------------------------------------------------------------------
 # Errors.
 
+# A full disk or quota: the errnos, and the words of their messages as
+# TensorStore (under Orbax's RESOURCE_EXHAUSTED) and other libraries pass them on.
+_STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_STORAGE_FULL_WORDS = ('No space left on device', 'Disk quota exceeded')
+
+
+class StorageFullError(OSError):
+  """A write failed on a full disk or quota; the message says what and where."""
+
+
+def storage_full(error: BaseException) -> str | None:
+  """'No space left on device' (or the quota's words) if `error` or one of its
+  causes is a full disk or quota; None otherwise."""
+  for cause in _chain(error):
+    if isinstance(cause, OSError) and cause.errno in _STORAGE_FULL_ERRNOS:
+      return cause.strerror or os.strerror(cause.errno)
+    for words in _STORAGE_FULL_WORDS:
+      if words in str(cause):
+        return words
+  return None
+
+
 def _chain(error: BaseException) -> Iterator[BaseException]:
   seen = set()
   while error is not None and id(error) not in seen:
@@ -393,7 +452,7 @@ def user_error_message(error: BaseException) -> str | None:
   for cause in _chain(error):
     if isinstance(cause, OSError):
       return _message(cause)
-    if 'No space left on device' in str(cause):
+    if any(words in str(cause) for words in _STORAGE_FULL_WORDS):
       return str(cause).strip().splitlines()[-1]
   return None
 

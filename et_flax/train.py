@@ -355,6 +355,7 @@ def _load_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetIn
                '' if whole else f' ({len(train_split)} and {len(val_split)} on this host)',
                info.num_classes, train_input.steps_per_epoch,
                'the device' if settings.device_resident else 'the host')
+  console.info('Data prepared from %s', info.describe_source())
   return _Data(train_input, val_split, settings)
 
 
@@ -378,7 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   saved one in anything but run length, logging or data location is refused
   unless `allow_config_change`. Every part of the config is checked before
   any image is decoded or any step taken. The run holds the workdir's lock
-  throughout: a second run there is refused at once. Returns the last
+  throughout: a second run there is refused at once. A full disk or quota
+  stops it with a console.StorageFullError saying what it was writing and
+  which epoch's checkpoint is the last complete one. Returns the last
   epoch's metrics.
   """
   platform = settings_lib.Platform.current()
@@ -386,7 +389,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   settings = settings_lib.resolve(config, platform)  # builds oneDNN now, if asked for
   workdir = pathlib.Path(workdir)
   with distributed.hold_workdir(workdir), interrupts.StopRequests() as stop:
-    return _Run(config, workdir, platform, settings, stop).run(allow_config_change)
+    try:
+      return _Run(config, workdir, platform, settings, stop).run(allow_config_change)
+    except Exception as error:
+      if console.storage_full(error) is None:
+        raise
+      # Said once every save under way has ended: what is saved is what stays.
+      raise console.StorageFullError(
+          checkpoints.storage_full_message(error, workdir)) from error
 
 
 class _Run:
@@ -420,7 +430,8 @@ class _Run:
     variables = None if saved_meta is not None else checkpoints.starting_variables(
         config, lambda: init_variables(init_rng, model, info.image_size), replicated)
     if self.is_chief:
-      input_pipeline.save_class_mapping(info, workdir)
+      with checkpoints.writing(str(workdir / 'classes.json')):
+        input_pipeline.save_class_mapping(info, workdir)
     # Saves are written in the background; leaving this block, however it is
     # left, waits for the last one.
     with checkpoints.RunCheckpoints(workdir, config.max_to_keep) as self.run_checkpoints:
@@ -442,7 +453,8 @@ class _Run:
       # The history file is rewritten from the checkpoint: epochs after it that a
       # killed run had logged are dropped, and will be logged again when redone.
       if self.is_chief:
-        checkpoints.write_history(self.history_path, self.progress.history)
+        with checkpoints.writing(str(self.history_path)):
+          checkpoints.write_history(self.history_path, self.progress.history)
       _log_header(config, self.settings, state.params)
       # Global arrays, as a multi-host checkpoint needs them.
       state = distributed.replicate(state, mesh)
@@ -450,7 +462,8 @@ class _Run:
           distributed.replicate(np.asarray(jax.random.key_data(rng)), mesh))
       self.steps = make_steps(self.settings, loss_fn, augment_config)
       # TensorBoard events from the first host; the console line is logged below.
-      self.writer = events.EventWriter(workdir) if self.is_chief else events.NoWriter()
+      with checkpoints.writing(f'the TensorBoard events in {workdir}'):
+        self.writer = events.EventWriter(workdir) if self.is_chief else events.NoWriter()
       summary = self.progress.history[-1] if self.progress.history else {}
       self.stop.training = True
       with jax.transfer_guard_device_to_host(LOOP_TRANSFER_GUARD):
@@ -557,8 +570,10 @@ class _Run:
     is_best = summary['val_top1_accuracy'] > progress.best_top1
     progress.best_top1 = max(progress.best_top1, summary['val_top1_accuracy'])
     if self.is_chief:
-      self.writer.write_scalars(epoch, {k: v for k, v in summary.items() if k != 'epoch'})
-      with self.history_path.open('a') as history_file:
+      with checkpoints.writing(f'the TensorBoard events in {self.workdir}'):
+        self.writer.write_scalars(epoch, {k: v for k, v in summary.items() if k != 'epoch'})
+      with checkpoints.writing(str(self.history_path)), \
+          self.history_path.open('a') as history_file:
         history_file.write(json.dumps(summary) + '\n')
     console.info(
         'epoch %d/%d: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f '
