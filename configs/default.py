@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
       data_dir='',
       tfds_dir='',           # where tfds prepares it; '' = ~/tensorflow_datasets
       download=False,        # fetch the zip from the course site if no source
+      # Check tiny-imagenet-200.zip against the official size and MD5 before
+      # preparing it; False for a zip repacked on purpose (then recorded as
+      # unverified, and said so in the run's header).
+      verify_source=True,
       image_size=64,
       # 0 = all classes; n = n classes evenly spaced over the sorted wnids;
       # or a list of wnids. Saved to <workdir>/classes.json. Typed `object`

@@ -76,10 +76,15 @@ class DatasetInfo:
   image_size: int
   source_labels: tuple[int, ...]  # label i is source_labels[i] in the prepared dataset
   source_key: str  # the fingerprint key of what it was prepared from
+  source_check: str | None = None  # how it was checked (tiny_imagenet.SOURCE_CHECK_KEY)
 
   @property
   def num_classes(self) -> int:
     return len(self.wnids)
+
+  def describe_source(self) -> str:
+    """What the dataset was prepared from, and how that was checked."""
+    return tiny_imagenet.describe_source_check(self.source_check)
 
   def class_mapping(self) -> dict[str, Any]:
     return {'wnids': list(self.wnids), 'class_names': list(self.class_names)}
@@ -166,6 +171,7 @@ class _Source:
   extracted_dir: pathlib.Path | None = None
   manual_dir: pathlib.Path | None = None  # the folder holding the zip
   image_size: int | None = None  # a tree's stored image side
+  verify_source: bool = True  # check a zip against the official size and MD5
 
   @property
   def prepared_dir(self) -> pathlib.Path:
@@ -197,13 +203,20 @@ def _locate(data_config: Mapping[str, Any]) -> _Source:
     raise ValueError(f'Unknown dataset {name!r} in config.data.name; valid names: '
                      f'{list(DATASETS)}')
   tfds_dir = data_config.get('tfds_dir') or DEFAULT_TFDS_DIR
+  verify_source = data_config.get('verify_source', True)
+  if not isinstance(verify_source, bool):
+    raise ValueError(f'data.verify_source must be True or False, got {verify_source!r}')
   if not data_dir:
-    return _Source(name, tfds_dir, tiny_imagenet.OFFICIAL_CONFIG, None)
+    return _Source(name, tfds_dir, tiny_imagenet.OFFICIAL_CONFIG, None,
+                   verify_source=verify_source)
   path = pathlib.Path(data_dir).expanduser()
   if (path / tiny_imagenet.ZIP_NAME).exists() and not (path / 'wnids.txt').exists():
+    if verify_source:
+      # Its size now, before its members are read (its MD5 when it is prepared).
+      tiny_imagenet.check_official_zip(path / tiny_imagenet.ZIP_NAME, check_md5=False)
     return _Source(name, tfds_dir, tiny_imagenet.OFFICIAL_CONFIG,
                    tiny_imagenet.zip_fingerprint(path / tiny_imagenet.ZIP_NAME),
-                   manual_dir=path)
+                   manual_dir=path, verify_source=verify_source)
   if not (path / 'wnids.txt').exists():
     raise FileNotFoundError(
         f'data.data_dir {path} holds neither wnids.txt (the extracted '
@@ -241,7 +254,8 @@ def _prepare(source: _Source, allow_download: bool) -> dict[str, Any]:
         image_size=source.image_size)
   make_builder = functools.partial(
       tiny_imagenet_builder.TinyImagenet, extracted_dir=source.extracted_dir,
-      allow_download=allow_download, source=source.fingerprint, config=config,
+      allow_download=allow_download, verify_source=source.verify_source,
+      source=source.fingerprint, config=config,
       data_dir=source.tfds_dir)
   builder = preparation.prepare(
       make_builder, source.fingerprint, tfds.download.DownloadConfig(
@@ -279,7 +293,8 @@ def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
       wnids=wnids, class_names=tuple(names[w] for w in wnids), image_size=image_size,
       source_labels=tuple(all_wnids.index(w) for w in wnids),
       source_key=(tiny_imagenet.SourceFingerprint.from_json(stored).key if stored
-                  else 'unknown'))
+                  else 'unknown'),
+      source_check=metadata.get(tiny_imagenet.SOURCE_CHECK_KEY))
 
 
 def save_class_mapping(info: DatasetInfo, workdir: str | os.PathLike) -> pathlib.Path:

@@ -15,8 +15,10 @@ dataset (`et_flax.digits`) is written in this layout too.
 
 `SourceFingerprint` identifies the content of a tree or of the zip without
 decoding an image; the tensorflow-datasets builder over such a tree
-(`et_flax.tiny_imagenet_builder`) stores it with the prepared dataset. Nothing
-here needs TensorFlow.
+(`et_flax.tiny_imagenet_builder`) stores it with the prepared dataset, and
+how the source was checked (`SOURCE_CHECK_KEY`): the official zip against
+its published size and MD5 (`check_official_zip`). Nothing here needs
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -282,6 +284,79 @@ BUILDER_NAME = 'tiny_imagenet'
 VERSION = '1.0.0'
 OFFICIAL_CONFIG = 'tiny_imagenet_200'
 OFFICIAL_NUM_CLASSES, OFFICIAL_IMAGE_SIZE = 200, 64
+
+
+# ---------------------------------------------------------------------------
+# The official zip: its published size and MD5, and how a source was checked.
+
+# What the course site serves, as the dataset's published loaders check it
+# (torchvision-style `md5 = '90528d7c...'`). tfds registers a download's
+# SHA-256, which is published nowhere, so the builder checks these itself.
+ZIP_SIZE = 248_100_043
+ZIP_MD5 = '90528d7ca1a48142e341f4ef8d21d0de'
+
+# How the prepared dataset's source was checked, in its metadata.
+SOURCE_CHECK_KEY = 'source_check'
+VERIFIED, UNVERIFIED, TREE_SOURCE = 'verified zip', 'unverified zip', 'tree'
+_SOURCE_CHECKS = {
+    VERIFIED: "the official zip (its size and MD5 verified)",
+    UNVERIFIED: ("a zip NOT verified against the official size and MD5 "
+                 "(prepared with data.verify_source=False)"),
+    TREE_SOURCE: ("an extracted tree (its layout checked; a tree has no published "
+                  "digest to verify)"),
+}
+
+
+def describe_source_check(check: str | None) -> str:
+  """What a prepared dataset's `SOURCE_CHECK_KEY` says, in words."""
+  if check is None:
+    return 'a source whose check was not recorded (prepared by an older et_flax)'
+  return _SOURCE_CHECKS[check]
+
+
+def file_md5(path: pathlib.Path) -> str:
+  digest = hashlib.md5()
+  with pathlib.Path(path).open('rb') as file:
+    while chunk := file.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def official_zip_mismatch(path: pathlib.Path, check_md5: bool = True) -> str | None:
+  """How `path` differs from the official zip ('found ...'); None: it does not.
+
+  The size first, a stat; the MD5 (half a second for the real zip) only
+  when the size matches and `check_md5`.
+  """
+  size = pathlib.Path(path).stat().st_size
+  if size != ZIP_SIZE:
+    return f'found {size:,} bytes'
+  if check_md5:
+    md5 = file_md5(path)
+    if md5 != ZIP_MD5:
+      return f'found {size:,} bytes with MD5 {md5}'
+  return None
+
+
+def describe_mismatch(path: pathlib.Path, found: str) -> str:
+  """The first sentence of a refusal of `path`: expected, found."""
+  return (f'{path} is not the official {ZIP_NAME}: expected {ZIP_SIZE:,} bytes with '
+          f'MD5 {ZIP_MD5}, {found}')
+
+
+def check_official_zip(path: pathlib.Path, check_md5: bool = True) -> None:
+  """Refuses `path` unless it has the official zip's size (and MD5).
+
+  Raises:
+    ValueError: naming the file, what was expected and found, and what to do.
+  """
+  found = official_zip_mismatch(path, check_md5)
+  if found is not None:
+    raise ValueError(
+        f'{describe_mismatch(path, found)}. Download it again from {URL} (a '
+        'truncated download or a saved error page is refused so); for an archive '
+        'repacked on purpose, set --config.data.verify_source=False, and the '
+        'prepared dataset records it as unverified')
 
 
 def digits_config_name(image_size: int, key: str) -> str:

@@ -355,6 +355,7 @@ def _load_data(config: ml_collections.ConfigDict, info: input_pipeline.DatasetIn
                '' if whole else f' ({len(train_split)} and {len(val_split)} on this host)',
                info.num_classes, train_input.steps_per_epoch,
                'the device' if settings.device_resident else 'the host')
+  console.info('Data prepared from %s', info.describe_source())
   return _Data(train_input, val_split, settings)
 
 

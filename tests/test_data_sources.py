@@ -200,8 +200,9 @@ def test_zip_fingerprint_follows_the_members(tmp_path):
 def test_official_layout_from_the_zip_then_its_tree(tmp_path, official_is_3_classes_8px):
   tree = _tree(tmp_path / 'src' / 'tiny-imagenet-200', WNIDS_A)
   downloads = tmp_path / 'downloads'
+  # Zips of test trees: not the official zip's digest (tests/test_source_digest.py).
   _zip(tree, downloads / tiny_imagenet.ZIP_NAME)
-  info = input_pipeline.get_dataset_info(_config(tmp_path, downloads))
+  info = input_pipeline.get_dataset_info(_config(tmp_path, downloads, verify_source=False))
   _check_images(input_pipeline.load_split(info, 'train'), WNIDS_A, 12)
   # The extracted tree with the same content is the same source.
   assert input_pipeline.get_dataset_info(_config(tmp_path, tree)).wnids == info.wnids
@@ -209,11 +210,11 @@ def test_official_layout_from_the_zip_then_its_tree(tmp_path, official_is_3_clas
   _zip(other, downloads / tiny_imagenet.ZIP_NAME)
   with pytest.raises(ValueError, match=f'prepared from another source '
                                        f'.{re.escape(str(downloads))}'):
-    input_pipeline.get_dataset_info(_config(tmp_path, downloads))
+    input_pipeline.get_dataset_info(_config(tmp_path, downloads, verify_source=False))
   # Removed as the refusal says, it is prepared from the new zip, not from
   # tfds's cached extraction of the first (named after the zip's file name).
   shutil.rmtree(info.data_dir)
-  info = input_pipeline.get_dataset_info(_config(tmp_path, downloads))
+  info = input_pipeline.get_dataset_info(_config(tmp_path, downloads, verify_source=False))
   assert info.wnids == ('n04', 'n05', 'n06')
   _check_images(input_pipeline.load_split(info, 'train'), WNIDS_B, 12)
 
