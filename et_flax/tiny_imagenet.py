@@ -353,10 +353,9 @@ def check_official_zip(path: pathlib.Path, check_md5: bool = True) -> None:
   found = official_zip_mismatch(path, check_md5)
   if found is not None:
     raise ValueError(
-        f'{describe_mismatch(path, found)}. Download it again from {URL} (a '
-        'truncated download or a saved error page is refused so); for an archive '
-        'repacked on purpose, set --config.data.verify_source=False, and the '
-        'prepared dataset records it as unverified')
+        f'{describe_mismatch(path, found)}. Download it again from {URL}; for an '
+        'archive repacked on purpose, set --config.data.verify_source=False (the '
+        'prepared dataset then records it as unverified)')
 
 
 def digits_config_name(image_size: int, key: str) -> str:
