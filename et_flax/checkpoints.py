@@ -739,8 +739,9 @@ def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
         return None
       raise _no_intact_error(
           damaged, workdir, f'no intact checkpoint to resume {workdir} from',
-          f'Move {workdir / LATEST} (and {workdir / INTERRUPTED}) elsewhere to train '
-          'this run from the start, or copy intact checkpoints back from a backup.')
+          f'Move {" and ".join(str(workdir / f) for f in folders if f != BEST)} '
+          'elsewhere to train this run from the start, or copy intact checkpoints back '
+          'from a backup.')
     _, _, meta = found
     best_copy = _check_best(managers, damaged, meta)
     if jax.process_count() > 1:  # every process has read before any folder moves

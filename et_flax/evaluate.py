@@ -56,7 +56,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f'{workdir} is not a directory (expected a run workdir)')
-  variables, meta = checkpoints.load_checkpoint(workdir, checkpoint)
+  # A damaged best checkpoint gives the latest (said on the console): named so.
+  read = checkpoints.read_checkpoint(workdir, checkpoint)
+  variables, meta, checkpoint = read.variables, read.meta, read.which
   config = ml_collections.ConfigDict(meta['config'])
   if data_dir:
     config.data.data_dir = data_dir
@@ -174,17 +176,23 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
   except OSError as error:
     raise ReportNotWrittenError(
         f'cannot write {path}: {error.strerror or error}; the metrics were computed but '
-        'not saved (make the workdir writable, or evaluate a copy of it)', report
-    ) from error
+        f'not saved ({_remedy(error)})', report) from error
   if figures:
     try:
       _draw_figures(workdir, split, history, report, logits, data, run)
     except OSError as error:
       raise ReportNotWrittenError(
           f'cannot write {error.filename or "a figure in " + str(workdir)}: '
-          f'{error.strerror or error}; {path.name} was written, the figures were not',
+          f'{error.strerror or error}; {path.name} was written, the figures were not'
+          + (f' ({_remedy(error)})' if console.storage_full(error) else ''),
           report) from error
   return report
+
+
+def _remedy(error: OSError) -> str:
+  if console.storage_full(error):
+    return 'free space (or raise the quota) and run the same command again'
+  return 'make the workdir writable, or evaluate a copy of it'
 
 
 def _draw_figures(workdir: pathlib.Path, split: str, history: list[dict[str, Any]],

@@ -204,7 +204,10 @@ def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experi
   A run done with the same config is skipped; one stopped (killed or by a
   signal) resumes; a failure is recorded with its message and the sweep goes
   on. A signal stops the sweep after the current run saved
-  (interrupts.TrainingInterrupted, which the table is written before). With
+  (interrupts.TrainingInterrupted, which the table is written before); a
+  full disk or quota stops it at once (console.StorageFullError, the run
+  recorded as failed with its message where status.json can still be
+  written). With
   `evaluate_runs` each finished run's best checkpoint is evaluated and its
   figures drawn (evaluate.evaluate_run); `log_each_run` gives each run its
   own log.txt, as et_flax.main would.
@@ -217,9 +220,12 @@ def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experi
         _run_one(workdir, experiment, f'[{index}/{len(experiments)}]', status, quick,
                  overrides or {}, evaluate_runs, log_each_run, verbose)
         write_outputs(workdir, experiments, quick, figure=False)
-    finally:  # also when stopped: the table shows where the sweep stands
-      summary = write_outputs(workdir, experiments, quick)
-  return summary
+    except console.StorageFullError:
+      raise  # the table would not fit either: the sweep that goes on writes it
+    except BaseException:  # stopped: the table shows where the sweep stands
+      write_outputs(workdir, experiments, quick)
+      raise
+  return write_outputs(workdir, experiments, quick)
 
 
 def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: str,
@@ -258,6 +264,8 @@ def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: st
     status.set(name, status='interrupted', message=str(stopped), stopped=_now())
     raise
   except Exception as error:  # pylint: disable=broad-except
+    if console.storage_full(error):
+      _stop_on_full_disk(status, name, error)
     _record_failure(status, name, counter, error)
   else:
     status.set(name, status='done', finished=_now())
@@ -272,6 +280,23 @@ def _record_failure(status: SweepStatus, name: str, counter: str,
   _logger.error('%s failed', name, exc_info=error)  # the traceback, to the log file
   status.set(name, status='failed', message=message, stopped=_now())
   console.warning('%s %s failed, going on: %s', counter, name, message)
+
+
+def _stop_on_full_disk(status: SweepStatus, name: str, error: Exception) -> None:
+  """Records a run stopped by a full disk or quota as failed, and stops the
+  sweep (console.StorageFullError): the next runs would fail the same way."""
+  message = console.user_error_message(error)
+  _logger.error('%s failed', name, exc_info=error)  # the traceback, to the log file
+  try:
+    status.set(name, status='failed', message=message, stopped=_now())
+    recorded = f'recorded in {status.path}'
+  except OSError as status_error:
+    if console.storage_full(status_error) is None:
+      raise
+    recorded = f'{status.path} could not record it either'
+  raise console.StorageFullError(
+      f'{name} failed: {message} ({recorded}). The sweep stops here: free space and '
+      'run the same command to go on.') from error
 
 
 def load_results(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment]
