@@ -513,11 +513,12 @@ def _global_step(meta: Mapping[str, Any]) -> int:
 
 
 def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
-  """The meta of the checkpoint a run resumes from, or None; creates nothing.
+  """The newest checkpoint's meta, or None; creates nothing.
 
   That is the latest epoch's, or the interrupted one's if it is further on
   (then it has an 'interrupted' entry: the epoch under way, the steps done
-  in it and its partial metrics).
+  in it and its partial metrics). Only the meta is read: a run resumes from
+  `find_resume_point`, which reads each checkpoint whole.
   """
   workdir = pathlib.Path(workdir)
   with workdir_lock.checkpoint_access(workdir, exclusive=False):
