@@ -1,12 +1,19 @@
-"""Shared fixtures: the digits tree, written once per test session.
+"""Shared fixtures: the digits tree and the tiny runs several tests read,
+each made once per test session; a command run in the pytest process.
 
 Helpers the tests import live in helpers.py. ET_FLAX_TEST_DATA_DIR names a
 data dir whose digits are already prepared and decoded (at 8x8 and 16x16),
 for a machine without TensorFlow (tools/measure_gpu.sh makes one)."""
 
+import collections
+import logging
 import os
+import pathlib
+import runpy
 import shutil
+import sys
 import tempfile
+import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # pytest-xdist's workers share the cores: each gets its share of oneDNN's
@@ -19,10 +26,17 @@ if _WORKERS > 1:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
+from et_flax import console  # noqa: E402
 from et_flax import digits  # noqa: E402
 from et_flax import filelock  # noqa: E402
+from et_flax import host_memory  # noqa: E402
 from et_flax import settings  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # As the commands do, before JAX's backends start: GPU runs are deterministic.
 settings.configure_determinism('auto')
@@ -85,3 +99,97 @@ def digits_data_dir(tmp_path_factory):
   data_dir = shared_folder(tmp_path_factory, 'data')
   digits.write_digits_tree(data_dir, 8)
   return data_dir
+
+
+# The tiny runs several tests read, trained once a session (by whichever
+# worker asks first). A test reads one in place, or copies it
+# (shutil.copytree) to train on, evaluate into or otherwise write to.
+
+@pytest.fixture(scope='session')
+def one_epoch_run(digits_data_dir, tmp_path_factory):
+  """A workdir holding one finished epoch of `helpers.tiny_config`."""
+  def make(folder):
+    from helpers import tiny_config  # pylint: disable=import-outside-toplevel
+    from et_flax import train  # pylint: disable=import-outside-toplevel
+    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(folder / 'run'))
+    return str(folder / 'run')
+  return pathlib.Path(made_once(tmp_path_factory, 'one_epoch_run', make))
+
+
+@pytest.fixture(scope='session')
+def three_epoch_run(digits_data_dir, tmp_path_factory):
+  """A workdir holding three finished epochs of `helpers.tiny_config` whose
+  plateau (patience 1, min_delta 0.5) halves the rate: a history to evaluate
+  and draw."""
+  def make(folder):
+    from helpers import tiny_config  # pylint: disable=import-outside-toplevel
+    from et_flax import train  # pylint: disable=import-outside-toplevel
+    config = tiny_config(digits_data_dir, num_epochs=3)
+    config.optimizer.plateau.patience = 1
+    config.optimizer.plateau.min_delta = 0.5
+    train.train_and_evaluate(config, str(folder / 'run'))
+    return str(folder / 'run')
+  return pathlib.Path(made_once(tmp_path_factory, 'three_epoch_run', make))
+
+
+Command = collections.namedtuple('Command', 'code stdout stderr')
+
+
+@pytest.fixture
+def run_command(monkeypatch, capsys):
+  """`run_command(module, *args, cwd=REPO)` runs `python -m <module> <args>`
+  in this process: its exit code, stdout and stderr.
+
+  For a command stopped by an error found before any work is done: the
+  module runs as `__main__` (runpy, as `python -m` does), through its
+  `console.run`, and the flags, logging and console state that sets up are
+  undone afterwards. An exception that escapes it (an internal error, whose
+  traceback a process prints) is raised.
+  """
+  jax.devices()  # started: host_memory's 'auto' leaves this process as it is
+  monkeypatch.setattr(host_memory, '_applied', host_memory._applied)  # pylint: disable=protected-access
+  app.define_help_flags()  # absl defines them once a process: kept
+  defined = set(flags.FLAGS)
+  was_parsed = flags.FLAGS.is_parsed()
+  loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                    if isinstance(logger, logging.Logger))]
+  saved_loggers = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+  absl_handler = absl_logging.get_absl_handler()
+  saved_filters = list(absl_handler.filters)
+  warnings_were_logged = logging._warnings_showwarning is not None  # pylint: disable=protected-access
+  saved_console = (list(console._installed), console._log, console._verbose)  # pylint: disable=protected-access
+
+  def run(module, *args, cwd=REPO):
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', ['-m', *map(str, args)])
+    capsys.readouterr()
+    code = 0
+    try:
+      with warnings.catch_warnings():
+        # A process shows no DeprecationWarning raised outside __main__.
+        warnings.simplefilter('ignore', DeprecationWarning)
+        runpy.run_module(module, run_name='__main__', alter_sys=True)
+    except SystemExit as stop:
+      code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+      for handler in console._installed:  # pylint: disable=protected-access
+        if handler not in saved_console[0]:
+          handler.close()
+      console._installed[:] = saved_console[0]  # pylint: disable=protected-access
+      console._log, console._verbose = saved_console[1:]  # pylint: disable=protected-access
+      for logger, handlers, level in saved_loggers:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+      absl_handler.filters[:] = saved_filters
+      if not warnings_were_logged:
+        logging.captureWarnings(False)
+      for name in set(flags.FLAGS) - defined:
+        if name in flags.FLAGS:  # not gone with its long name
+          delattr(flags.FLAGS, name)
+      flags.FLAGS.unparse_flags()
+      if was_parsed:
+        flags.FLAGS.mark_as_parsed()
+    output = capsys.readouterr()
+    return Command(code, output.out, output.err)
+
+  return run
