@@ -1,16 +1,9 @@
 """Launch arguments of a multi-process run, checked before anything starts."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import pytest
 
 from et_flax import distributed
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize('arguments, message', [
@@ -45,14 +38,13 @@ def test_launches():
   assert distributed.check_launch(None, None, None, auto_detect=True).auto_detect
 
 
-def test_main_names_a_bad_launch_before_any_work(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
-       f'--workdir={tmp_path / "run"}', '--process_id=1'],
-      cwd=REPO, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}, capture_output=True,
-      text=True, timeout=120)
-  assert result.returncode != 0
-  assert '--process_id given without --coordinator_address, --num_processes' in result.stderr
+def test_main_names_a_bad_launch_before_any_work(tmp_path, run_command):
+  code, _, stderr = run_command('et_flax.main', '--config=configs/quickstart.py',
+                                f'--workdir={tmp_path / "run"}', '--process_id=1')
+  assert code == 1
+  assert stderr.splitlines()[0].startswith(
+      'error: --process_id given without --coordinator_address, --num_processes: ')
+  assert 'Traceback' not in stderr
   assert not (tmp_path / 'run').exists()
 
 

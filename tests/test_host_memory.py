@@ -93,15 +93,13 @@ def test_configure_refuses_what_it_cannot_do():
   assert host_memory.configure('release') == 'release'
 
 
-def test_the_commands_refuse_an_unknown_value(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
-       f'--workdir={tmp_path / "run"}', '--host_memory=keep'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert ('error: flag --host_memory=keep: value should be one of <auto|reuse|release>'
-          in result.stderr)
-  assert 'Traceback' not in result.stderr
+def test_the_commands_refuse_an_unknown_value(tmp_path, run_command):
+  code, _, stderr = run_command('et_flax.main', '--config=configs/quickstart.py',
+                                f'--workdir={tmp_path / "run"}', '--host_memory=keep')
+  assert code == 1
+  assert stderr.splitlines()[0] == (
+      'error: flag --host_memory=keep: value should be one of <auto|reuse|release>')
+  assert 'Traceback' not in stderr
   assert not (tmp_path / 'run').exists()
 
 

@@ -181,7 +181,7 @@ def test_jit_caffe_preprocessing_equals_keras():
                              rtol=1e-6, atol=1e-4)
 
 
-def test_pretrained_config_starts_from_the_keras_backbone(tmp_path):
+def test_pretrained_config_starts_from_the_keras_backbone(tmp_path, run_command):
   """vgg16_pretrained_20 on a tiny tree: with the backbone frozen for the one
   epoch, the checkpoint's backbone is the file's, and only the head moved."""
   import os
@@ -219,13 +219,14 @@ def test_pretrained_config_starts_from_the_keras_backbone(tmp_path):
   init = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   assert not np.allclose(variables['params']['predictions']['kernel'],
                          init['params']['predictions']['kernel'])
+  # A missing file: refused before anything is written (in this process).
   missing = tmp_path / 'missing.h5'
-  result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.main', '--config=configs/vgg16_pretrained_20.py',
-       f'--workdir={tmp_path / "run2"}', f'--config.data.data_dir={root}',
-       f'--config.data.tfds_dir={tmp_path / "tfds"}', '--config.data.classes=0',
-       '--config.data.image_size=32', f'--config.pretrained_weights={missing}'],
-      cwd=repo, capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode != 0
-  assert f'Keras weights file {missing} does not exist' in result.stderr
+  code, _, stderr = run_command(
+      'et_flax.main', '--config=configs/vgg16_pretrained_20.py',
+      f'--workdir={tmp_path / "run2"}', f'--config.data.data_dir={root}',
+      f'--config.data.tfds_dir={tmp_path / "tfds"}', '--config.data.classes=0',
+      '--config.data.image_size=32', f'--config.pretrained_weights={missing}')
+  assert code == 1
+  assert stderr.splitlines()[0] == f'error: Keras weights file {missing} does not exist'
+  assert 'Traceback' not in stderr
   assert not (tmp_path / 'run2').exists()

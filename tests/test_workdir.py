@@ -31,8 +31,7 @@ def test_a_held_workdir_names_its_holder(tmp_path):
     pass
 
 
-@pytest.mark.slow
-def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
+def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path, run_command):
   workdir = tmp_path / 'notes.txt'
   workdir.write_text('kept')
   with pytest.raises(NotADirectoryError,
@@ -40,12 +39,12 @@ def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
     workdir_lock.RunLock(workdir).acquire()
   assert workdir.read_text() == 'kept'
   # The command says so in one line, before any work is done.
-  result = subprocess.run(
-      [sys.executable, '-m', 'et_flax.main', '--config=configs/quickstart.py',
-       f'--workdir={workdir}'], capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 1, result.stderr
-  assert f'error: The workdir {workdir} exists and is not a folder' in result.stderr
-  assert 'Traceback' not in result.stderr
+  code, _, stderr = run_command('et_flax.main', '--config=configs/quickstart.py',
+                                f'--workdir={workdir}')
+  assert code == 1, stderr
+  assert stderr.splitlines()[0].startswith(
+      f'error: The workdir {workdir} exists and is not a folder')
+  assert 'Traceback' not in stderr
   assert workdir.read_text() == 'kept'
 
 
