@@ -63,7 +63,7 @@ DAMAGED = 'checkpoints_damaged'
 # Config fields a resumed run may change: run length, logging, data location.
 RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'checkpoint_every_epochs', 'max_to_keep', 'eval_batch_size',
-    'data.data_dir', 'data.tfds_dir', 'data.download', 'init_from',
+    'data.data_dir', 'data.tfds_dir', 'data.download', 'data.verify_source', 'init_from',
     'init_from_checkpoint', 'distributed', 'pretrained_weights', 'data.device_resident',
     # The same model and maths on another kernel (float32 rounding aside).
     'conv_impl',

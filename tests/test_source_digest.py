@@ -237,3 +237,14 @@ def test_download_prepares_only_a_complete_verified_zip(tmp_path, server, monkey
   with pytest.raises(ValueError, match='a download from the course site is always verified'):
     input_pipeline.get_dataset_info(_config(tmp_path / 'other', '', download=True,
                                             verify_source=False))
+
+
+def test_a_workdir_saved_before_verify_source_existed_resumes():
+  from configs import default
+  from et_flax import checkpoints
+  current = checkpoints.config_to_dict(default.get_config())
+  saved = json.loads(json.dumps(current))
+  del saved['data']['verify_source']
+  assert checkpoints.config_differences(saved, current) == []
+  saved['data']['verify_source'] = False  # and one may turn it off for a repacked zip
+  assert checkpoints.config_differences(saved, current) == []
