@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -38,14 +39,6 @@ def _tiny_main(workdir, data_dir, *extra):
           f'--config.data.data_dir={data_dir}', *extra]
 
 
-@pytest.fixture(scope='module')
-def trained(digits_data_dir, tmp_path_factory):
-  """A workdir holding one finished epoch of the tiny config."""
-  workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(workdir))
-  return workdir
-
-
 @pytest.fixture
 def fresh_availability():
   """`onednn.available` forgets its answer before and after the test."""
@@ -57,7 +50,8 @@ def fresh_availability():
 # ---------------------------------------------------------------------------
 # 'auto' without a C++ compiler.
 
-def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path):
+def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path, monkeypatch,
+                                                    run_command):
   """The issue's acceptance: CXX=/nonexistent/g++ and an empty cache still train."""
   cache = tmp_path / 'cache'
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'CXX': '/nonexistent/g++',
@@ -78,14 +72,18 @@ def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path):
   assert [json.loads(line)['epoch'] for line in history] == [1]
   assert not list(cache.glob('*.so'))
 
-  # Asked for by name, oneDNN still fails, with the reason.
-  explicit = subprocess.run(
-      _tiny_main(tmp_path / 'explicit', digits_data_dir, '--config.conv_impl=onednn'),
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert explicit.returncode != 0
-  assert "no C++ compiler found to build the oneDNN convolution (looked for " \
-         "$CXX='/nonexistent/g++')" in explicit.stderr
+  # Asked for by name, oneDNN still fails, with the reason (before any work:
+  # the command runs in this process, as a fresh process would, nothing loaded).
+  for name in ('CXX', 'ET_FLAX_CACHE'):
+    monkeypatch.setenv(name, env[name])
+  monkeypatch.setattr(onednn, '_loaded', None)
+  with pytest.raises(onednn.OneDNNUnavailableError,
+                     match=re.escape("no C++ compiler found to build the oneDNN convolution "
+                                     "(looked for $CXX='/nonexistent/g++')")):
+    run_command(*_tiny_main(tmp_path / 'explicit', digits_data_dir,
+                            '--config.conv_impl=onednn')[2:])
   assert not (tmp_path / 'explicit' / checkpoints.HISTORY_FILE).exists()
+  assert not list(cache.glob('*.so'))
 
 
 def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availability):
@@ -128,8 +126,10 @@ def test_auto_is_resolved_once_per_process(monkeypatch, caplog, fresh_availabili
 # ---------------------------------------------------------------------------
 # A finished run, a shape change, the NaN stop.
 
-def test_a_finished_run_says_so_before_decoding(trained, digits_data_dir, monkeypatch,
-                                                caplog):
+def test_a_finished_run_says_so_before_decoding(one_epoch_run, digits_data_dir, tmp_path,
+                                                monkeypatch, caplog):
+  trained = tmp_path / 'run'
+  shutil.copytree(one_epoch_run, trained)
   history = (trained / checkpoints.HISTORY_FILE).read_text()
   saved = [json.loads(line) for line in history.splitlines()]
 
@@ -150,10 +150,10 @@ def test_a_finished_run_says_so_before_decoding(trained, digits_data_dir, monkey
   assert (trained / checkpoints.HISTORY_FILE).read_text() == history
 
 
-def test_a_shape_change_names_the_arrays_and_cannot_resume(trained, digits_data_dir,
+def test_a_shape_change_names_the_arrays_and_cannot_resume(one_epoch_run, digits_data_dir,
                                                            tmp_path):
   workdir = tmp_path / 'run'
-  shutil.copytree(trained, workdir)
+  shutil.copytree(one_epoch_run, workdir)
   history = (workdir / checkpoints.HISTORY_FILE).read_text()
   wider = tiny_config(digits_data_dir, num_epochs=2)
   wider.model.width = 2
@@ -185,8 +185,8 @@ def test_an_optimizer_state_change_points_to_a_warm_start(tmp_path):
   assert f'--config.init_from={tmp_path}' in message
 
 
-def test_a_nan_stop_names_the_checkpoint_that_exists(trained, digits_data_dir, tmp_path,
-                                                     monkeypatch):
+def test_a_nan_stop_names_the_checkpoint_that_exists(one_epoch_run, digits_data_dir,
+                                                     tmp_path, monkeypatch):
   def nan_loss(logits, labels):
     return optim.categorical_crossentropy(logits, labels) * float('nan')
 
@@ -199,7 +199,7 @@ def test_a_nan_stop_names_the_checkpoint_that_exists(trained, digits_data_dir, t
   assert not list((fresh / checkpoints.LATEST).glob('[0-9]*'))
 
   resumed = tmp_path / 'resumed'
-  shutil.copytree(trained, resumed)
+  shutil.copytree(one_epoch_run, resumed)
   with pytest.raises(FloatingPointError) as error:
     train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(resumed))
   assert 'Training loss is nan in epoch 2' in str(error.value)
@@ -265,9 +265,9 @@ READ_ONLY_EVALUATE = textwrap.dedent('''
 ''')
 
 
-def test_evaluate_prints_then_names_the_file_it_cannot_write(trained, tmp_path):
+def test_evaluate_prints_then_names_the_file_it_cannot_write(one_epoch_run, tmp_path):
   workdir = tmp_path / 'read_only'
-  shutil.copytree(trained, workdir)
+  shutil.copytree(one_epoch_run, workdir)
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
   try:
     result = subprocess.run([sys.executable, '-c', READ_ONLY_EVALUATE, str(workdir)],
@@ -286,9 +286,9 @@ def test_evaluate_prints_then_names_the_file_it_cannot_write(trained, tmp_path):
 
 
 def test_evaluate_run_keeps_the_report_when_a_figure_cannot_be_written(
-    trained, tmp_path, monkeypatch, capsys):
+    one_epoch_run, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / 'run'
-  shutil.copytree(trained, workdir)
+  shutil.copytree(one_epoch_run, workdir)
 
   def refuse(history, path):
     raise PermissionError(13, 'Permission denied', str(path))
