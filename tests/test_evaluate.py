@@ -9,23 +9,19 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from helpers import tiny_config
 from et_flax import analysis
 from et_flax import compare
 from et_flax import evaluate
 from et_flax import input_pipeline
 from et_flax import predict
-from et_flax import train
 
 
 @pytest.fixture(scope='module')
-def run_dir(digits_data_dir, tmp_path_factory):
-  """A 3-epoch run of one-module E.T. on the 8x8 digits, with a plateau halving."""
-  workdir = tmp_path_factory.mktemp('run')
-  config = tiny_config(digits_data_dir, num_epochs=3)
-  config.optimizer.plateau.patience = 1
-  config.optimizer.plateau.min_delta = 0.5
-  train.train_and_evaluate(config, str(workdir))
+def run_dir(three_epoch_run, tmp_path_factory):
+  """A 3-epoch run of one-module E.T. on the 8x8 digits, with a plateau halving
+  (the session's, copied: these tests write reports and figures into it)."""
+  workdir = tmp_path_factory.mktemp('evaluate') / 'run'
+  shutil.copytree(three_epoch_run, workdir)
   return workdir
 
 
