@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,31 +311,32 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
   assert meta == {'epoch': 1}
 
 
-def test_changed_config_is_refused_unless_allowed(digits_data_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
-  history = (tmp_path / checkpoints.HISTORY_FILE).read_text()
+def test_changed_config_is_refused_unless_allowed(one_epoch_run, digits_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(one_epoch_run, workdir)  # one epoch of tiny_config
+  history = (workdir / checkpoints.HISTORY_FILE).read_text()
   changed = tiny_config(digits_data_dir, num_epochs=2)
   changed.model.width = 2
   changed.optimizer.learning_rate = 3e-3
   with pytest.raises(ValueError) as error:
-    train.train_and_evaluate(changed, str(tmp_path))
+    train.train_and_evaluate(changed, str(workdir))
   assert 'model.width: 1 -> 2' in str(error.value)
   assert 'optimizer.learning_rate: 0.001 -> 0.003' in str(error.value)
   assert 'num_epochs' not in str(error.value)  # run length may change
-  assert (tmp_path / checkpoints.HISTORY_FILE).read_text() == history
+  assert (workdir / checkpoints.HISTORY_FILE).read_text() == history
   # Run length alone is accepted, and the run continues.
   summary = train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2),
-                                     str(tmp_path))
+                                     str(workdir))
   assert summary['epoch'] == 2
   allowed = tiny_config(digits_data_dir, num_epochs=3)
   allowed.optimizer.learning_rate = 3e-3
-  assert train.train_and_evaluate(allowed, str(tmp_path),
+  assert train.train_and_evaluate(allowed, str(workdir),
                                   allow_config_change=True)['epoch'] == 3
 
 
-def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
-  source = tmp_path / 'source'
-  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(source))
+def test_warm_start_loads_params_not_optimizer_state(one_epoch_run, digits_data_dir,
+                                                    tmp_path):
+  source = one_epoch_run  # one epoch of tiny_config, read only
   _, source_state = _final_state(source)
   target = tmp_path / 'target'
   config = tiny_config(digits_data_dir, num_epochs=1, init_from=str(source),
@@ -360,21 +362,22 @@ def test_warm_start_loads_params_not_optimizer_state(digits_data_dir, tmp_path):
         str(tmp_path / 'third'))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_data_dir, tmp_path,
-                                                           monkeypatch):
-  train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path))
-  good_step, good_state = _final_state(tmp_path)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch_run, digits_data_dir,
+                                                           tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  shutil.copytree(one_epoch_run, workdir)  # one epoch of tiny_config
+  good_step, good_state = _final_state(workdir)
 
   def nan_loss(logits, labels):
     return optim.categorical_crossentropy(logits, labels) * np.nan
 
   monkeypatch.setitem(optim.LOSSES, 'categorical_crossentropy', nan_loss)
   with pytest.raises(FloatingPointError, match='Training loss is nan in epoch 2'):
-    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(tmp_path))
-  step, state = _final_state(tmp_path)
+    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2), str(workdir))
+  step, state = _final_state(workdir)
   assert step == good_step == 1
   jax.tree.map(np.testing.assert_array_equal, state, good_state)
-  assert len(_history(tmp_path)) == 1
+  assert len(_history(workdir)) == 1
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
