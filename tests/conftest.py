@@ -69,12 +69,13 @@ def pytest_unconfigure(config):
 
 def shared_folder(tmp_path_factory, name):
   """A folder every pytest-xdist worker of the session shares (one per session
-  without xdist)."""
+  without xdist): the same folder however often it is asked for."""
+  base = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
-    folder = tmp_path_factory.getbasetemp().parent / name
-    folder.mkdir(exist_ok=True)
-    return folder
-  return tmp_path_factory.mktemp(name)
+    base = base.parent
+  folder = base / name
+  folder.mkdir(exist_ok=True)
+  return folder
 
 
 def made_once(tmp_path_factory, name, make):
