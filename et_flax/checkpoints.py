@@ -66,7 +66,7 @@ RESUMABLE_CHANGES = frozenset({
     'data.data_dir', 'data.tfds_dir', 'data.download', 'data.verify_source', 'init_from',
     'init_from_checkpoint', 'distributed', 'pretrained_weights', 'data.device_resident',
     # The same model and maths on another kernel (float32 rounding aside).
-    'conv_impl',
+    'conv_impl', 'onednn_threads',
 })
 
 

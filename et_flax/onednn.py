@@ -31,6 +31,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.metadata
+import math
 import os
 import pathlib
 import platform
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -200,6 +202,8 @@ def load() -> ctypes.CDLL:
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
       library.EtOnednnVersion.restype = ctypes.c_char_p
+      library.EtOnednnSetThreads.argtypes = [ctypes.c_int]
+      library.EtOnednnSetThreads.restype = ctypes.c_int
       _loaded = library
   return _loaded
 
@@ -240,6 +244,115 @@ def available() -> tuple[bool, str]:
         "--config.conv_impl=xla silences this.", _one_line(str(error)))
     return False, str(error)
   return True, ''
+
+
+def set_threads(threads: int) -> int:
+  """The OpenMP team size of the oneDNN calls from the next one on
+  (threads >= 1); returns the team size of the last call (0: none yet)."""
+  if threads < 1:
+    raise ValueError(f'the oneDNN calls need at least one thread, got {threads}')
+  return load().EtOnednnSetThreads(threads)
+
+
+def _sample(cores: frozenset[int]) -> tuple[float, float, float]:
+  """(busy seconds of `cores` since boot, all processes' (/proc/stat); this
+  process's CPU seconds; a monotonic clock)."""
+  busy = 0
+  for line in pathlib.Path('/proc/stat').read_text().splitlines():
+    name, *fields = line.split()
+    if name.startswith('cpu') and name[3:].isdigit() and int(name[3:]) in cores:
+      user, nice, system, _, _, irq, softirq, steal = (int(f) for f in fields[:8])
+      busy += user + nice + system + irq + softirq + steal
+  times = os.times()
+  return busy / os.sysconf('SC_CLK_TCK'), times.user + times.system, time.monotonic()
+
+
+def _others(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+  """Cores kept busy by other processes between two `_sample`s: the cores'
+  busy time less this process's, per second."""
+  (busy0, own0, wall0), (busy1, own1, wall1) = before, after
+  return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9))
+
+
+def cores_used_by_others(interval: float, cores: frozenset[int]) -> float:
+  """How many of `cores` other processes keep busy, over `interval` seconds."""
+  before = _sample(cores)
+  time.sleep(interval)
+  return _others(before, _sample(cores))
+
+
+def threads_for(free_cores: float, cores: int) -> int:
+  """The team size for `free_cores` of `cores`: a core counts when other
+  processes leave at least 3/4 of it free; at least 1. A team larger than
+  the cores that are free waits at each of a step's hundreds of parallel
+  regions for a thread the system has paused (docs/performance.md, "Under
+  load": plain E.T. half as fast on two threads as on one beside one busy
+  core)."""
+  return max(1, min(cores, math.floor(free_cores + 0.25)))
+
+
+class FreeCoreFollower:
+  """Sets the oneDNN calls' team size to the cores other processes leave
+  free, measured every `interval` seconds on a daemon thread (from
+  /proc/stat: oneDNN runs on Linux only). The first time it takes fewer
+  threads than cores it says so in one log line; later changes are logged
+  at debug level."""
+
+  def __init__(self, interval: float = 1.0, set_threads=set_threads):
+    self._interval = interval
+    self._set = set_threads
+    self._cores = frozenset(os.sched_getaffinity(0))
+    self._stop = threading.Event()
+    self._said = False
+    self.threads = len(self._cores)
+    self._thread = threading.Thread(target=self._follow, name='onednn-free-cores',
+                                    daemon=True)
+
+  def start(self) -> FreeCoreFollower:
+    self._set(self.threads)
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def _follow(self) -> None:
+    before = _sample(self._cores)
+    while not self._stop.wait(self._interval):
+      after = _sample(self._cores)
+      others, before = _others(before, after), after
+      threads = threads_for(len(self._cores) - others, len(self._cores))
+      if threads == self.threads:
+        continue
+      log = logging.debug if self._said else logging.info
+      self._said = self._said or threads < len(self._cores)
+      log("oneDNN convolutions on %d of %d cores: other processes keep %.1f busy "
+          "(onednn_threads='auto' follows the free cores; a number keeps its count).",
+          threads, len(self._cores), others)
+      self.threads = threads
+      self._set(threads)
+
+
+_follower: FreeCoreFollower | None = None
+_follower_lock = threading.Lock()
+
+
+def use_threads(setting: int) -> None:
+  """The oneDNN calls' team size in this process: `setting` threads, or 0
+  for the cores other processes leave free (`FreeCoreFollower`, one per
+  process)."""
+  global _follower
+  with _follower_lock:
+    if not setting and _follower is not None:
+      return
+    if _follower is not None:
+      _follower.stop()
+      _follower = None
+    if setting:
+      set_threads(setting)
+    else:
+      _follower = FreeCoreFollower().start()
 
 
 def version() -> str:

@@ -1,8 +1,8 @@
 """What a run computes with: its config's 'auto' values resolved, once.
 
 `resolve(config, platform)` turns the config's performance fields
-(`conv_impl`, `compute_dtype`, `micro_batch_size`, `data.device_resident`)
-and `preprocessing` into a frozen `Settings`. It is the only place that
+(`conv_impl`, `compute_dtype`, `micro_batch_size`, `onednn_threads`,
+`data.device_resident`) and `preprocessing` into a frozen `Settings`. It is the only place that
 knows what 'auto' means; training, evaluation, prediction and the benchmark
 use its result, the run's header shows it and the checkpoints keep it.
 `Platform.current()` is the only query of the machine (JAX's backend, its
@@ -135,6 +135,9 @@ class Settings:
   # The steps give the same bits run to run (XLA:CPU always; GPUs with XLA's
   # deterministic ops). False only on GPUs with --deterministic=false.
   deterministic: bool = True
+  # The oneDNN convolutions' threads: 0 follows the cores other processes
+  # leave free ('auto'), else that many.
+  onednn_threads: int = 0
 
   @property
   def dtype(self) -> Any:
@@ -151,6 +154,9 @@ class Settings:
              f'gradients accumulated over parts of {self.micro_batch_size}'
              if self.micro_batch_size else 'whole batches',
              f'{self.preprocessing} preprocessing']
+    if self.conv_impl == 'onednn':
+      parts.append(f'oneDNN on {self.onednn_threads} threads' if self.onednn_threads
+                   else 'oneDNN on the free cores')
     if self.device_resident:
       parts.append('training images on the device')
     if self.backend == 'gpu':
@@ -186,6 +192,9 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
   dtype = _compute_dtype(config.get('compute_dtype', 'auto'), platform)
   conv_impl = _conv_impl(config.get('conv_impl', 'auto'), dtype, platform)
   micro = _micro_batch_size(config, conv_impl, platform)
+  threads = _onednn_threads(config.get('onednn_threads', 'auto'))
+  if conv_impl == 'onednn':
+    onednn.use_threads(threads)
   preprocessing = config.get('preprocessing', 'rescale')
   if preprocessing not in PREPROCESSING:
     raise ValueError(f'config.preprocessing must be one of {list(PREPROCESSING)}, got '
@@ -195,7 +204,20 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
                   micro_batches=config.batch_size // micro if micro else 1,
                   device_resident=_device_resident(config, platform, train_bytes),
                   preprocessing=preprocessing,
-                  deterministic=platform.backend != 'gpu' or platform.deterministic_gpu_ops)
+                  deterministic=platform.backend != 'gpu' or platform.deterministic_gpu_ops,
+                  onednn_threads=threads)
+
+
+def _onednn_threads(value: Any) -> int:
+  """config.onednn_threads: 'auto' (0: the free cores, followed) or a count >= 1."""
+  if isinstance(value, str) and value.isdigit():
+    value = int(value)  # --config.onednn_threads=1 on the command line
+  if value == 'auto':
+    return 0
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"config.onednn_threads must be 'auto' or a number of threads >= 1, "
+                     f'got {value!r}')
+  return value
 
 
 def _compute_dtype(name: str, platform: Platform) -> str:

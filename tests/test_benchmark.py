@@ -113,10 +113,15 @@ def test_report_models_table_goes_between_the_markers(tmp_path):
   assert table.splitlines()[2] == ('| plain E.T. | 128 | Adam | 250.0 | 200.0 | 1.25x | 240.0 '
                                    '| 120.0 | 2.00x |')
   docs = tmp_path / 'performance.md'
-  docs.write_text(f'# P\n{report_models.START}\nold\n{report_models.END}\nafter\n')
+  start, end = report_models.markers()
+  busy_start, busy_end = report_models.markers('busy:1')
+  assert (start, end) == ('<!-- REPORT_MODELS start -->', '<!-- REPORT_MODELS end -->')
+  assert busy_start == '<!-- REPORT_MODELS busy:1 start -->'
+  docs.write_text(f'# P\n{start}\nold\n{end}\n{busy_start}\nold\n{busy_end}\nafter\n')
   report_models.write_docs(table, 'measured so', docs)
-  assert docs.read_text() == (f'# P\n{report_models.START}\nmeasured so\n\n{table}\n'
-                              f'{report_models.END}\nafter\n')
+  report_models.write_docs(table, 'under load', docs, load_name='busy:1')
+  assert docs.read_text() == (f'# P\n{start}\nmeasured so\n\n{table}\n{end}\n'
+                              f'{busy_start}\nunder load\n\n{table}\n{busy_end}\nafter\n')
   docs.write_text('no markers')
   with pytest.raises(ValueError, match='no <!-- REPORT_MODELS start -->'):
     report_models.write_docs(table, 'note', docs)

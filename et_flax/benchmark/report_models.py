@@ -1,6 +1,7 @@
 """Every model the report trains, timed like for like against Keras.
 
-  python -m et_flax.benchmark report_models [--steps=5] [--rounds=3] [--write_docs]
+  python -m et_flax.benchmark report_models [--steps=5] [--rounds=3] [--load=busy:1]
+      [--write_docs]
 
 Runs the `steps` benchmark (no input pipeline) for plain E.T., wide E.T.
 (k=2 and k=4), E.T. with batch norm, VGG16 and ResNet50 at 64x64, and
@@ -8,8 +9,10 @@ prints one Markdown table: our step and Keras's without augmentation (each
 with the config's optimizer), and with the config's augmentation (ours on the
 device, Keras fed by ImageDataGenerator; 'five' for configs without one),
 each the median of --rounds rounds of --steps steps in which ours and
-Keras's take turns (`steps.interleaved_seconds`). `--write_docs` also puts the table in docs/performance.md, between its
-REPORT_MODELS markers.
+Keras's take turns (`steps.interleaved_seconds`). With --load, something
+else uses the cores all the while (`load.py`). `--write_docs` also puts the
+table in docs/performance.md, between its REPORT_MODELS markers (for a
+load, its own: REPORT_MODELS busy:1 start ...).
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from typing import Any
 import jax
 from absl import flags
 
+from et_flax.benchmark import load
 from et_flax.benchmark import steps
 
 FLAGS = flags.FLAGS
 DOCS = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'performance.md'
-START, END = '<!-- REPORT_MODELS start -->', '<!-- REPORT_MODELS end -->'
+
+
+def markers(load_name: str = 'none') -> tuple[str, str]:
+  """The comments docs/performance.md holds a table between, one pair per load."""
+  name = 'REPORT_MODELS' if load_name == 'none' else f'REPORT_MODELS {load_name}'
+  return f'<!-- {name} start -->', f'<!-- {name} end -->'
 
 
 def _config(name: str, **model_fields) -> Callable[[], Any]:
@@ -80,14 +89,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def write_docs(table: str, note: str, path: pathlib.Path = DOCS) -> None:
-  """Replaces the text between the REPORT_MODELS markers of `path`."""
+def write_docs(table: str, note: str, path: pathlib.Path = DOCS,
+               load_name: str = 'none') -> None:
+  """Replaces the text between the REPORT_MODELS markers of `path` (`markers`)."""
+  start, end = markers(load_name)
   text = path.read_text()
-  if START not in text or END not in text:
-    raise ValueError(f'{path} has no {START} ... {END} markers to write the table between')
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  path.write_text(f'{head}{START}\n{note}\n\n{table}\n{END}{tail}')
+  if start not in text or end not in text:
+    raise ValueError(f'{path} has no {start} ... {end} markers to write the table between')
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  path.write_text(f'{head}{start}\n{note}\n\n{table}\n{end}{tail}')
 
 
 def machine() -> str:
@@ -108,15 +119,20 @@ def define_flags() -> None:
   flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of --steps steps, ours and Keras\'s '
                        'in turn, that the medians are taken over.', lower_bound=1)
   flags.DEFINE_bool('write_docs', False, 'Also write the table into docs/performance.md.')
+  load.define_flag()
 
 
 def main(argv):
   del argv
-  rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
+  load.parse(FLAGS.load)  # a bad value before any work
+  with load.running(FLAGS.load):
+    rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
   table = markdown_table(rows)
   print(table)
   if FLAGS.write_docs:
+    loaded = '' if FLAGS.load == 'none' else f' --load={FLAGS.load}'
     write_docs(table, f'`python -m et_flax.benchmark report_models --steps={FLAGS.steps} '
-               f'--warmup={FLAGS.warmup} --rounds={FLAGS.rounds} --write_docs`, one run, on '
-               f"{machine()}; 64x64, 'auto' settings; each figure the median of "
-               f'{FLAGS.rounds} x {FLAGS.steps} steps, ours and Keras\'s taking turns.')
+               f'--warmup={FLAGS.warmup} --rounds={FLAGS.rounds}{loaded} --write_docs`, one '
+               f"run, on {machine()}, {load.describe(FLAGS.load)}; 64x64, 'auto' settings; "
+               f'each figure the median of {FLAGS.rounds} x {FLAGS.steps} steps, ours and '
+               "Keras's taking turns.", load_name=FLAGS.load)

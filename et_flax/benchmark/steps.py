@@ -2,7 +2,7 @@
 
   python -m et_flax.benchmark [steps] --config=configs/default.py [--batch_size=128]
       [--steps=10] [--keras=true] [--rounds=1] [--pipeline_images=10000]
-      [--epoch_images=100000] [--json=bench.json]
+      [--epoch_images=100000] [--load=busy:1] [--json=bench.json]
 
 Reports, as a table and JSON: train-step images/s (median over --steps steps
 after --warmup), eval images/s, compile time, peak host and device memory,
@@ -15,8 +15,10 @@ like: both steps are timed without augmentation; when the config augments,
 ours again with its on-device augmentation against Keras fed by
 ImageDataGenerator (as the report ran it). With --rounds=R the train steps,
 ours and Keras's, are timed again in R interleaved rounds of --steps each,
-so that the ratio holds on a machine whose speed drifts within a run. Steps
-run on random data: speed does not depend on the pixels.
+so that the ratio holds on a machine whose speed drifts within a run. With
+--load, something else uses the cores meanwhile (a busy loop, a second
+training process: et_flax/benchmark/load.py). Steps run on random data:
+speed does not depend on the pixels.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from et_flax import optim
 from et_flax import fake_data
 from et_flax import settings as settings_lib
 from et_flax import train
+from et_flax.benchmark import load
 
 FLAGS = flags.FLAGS
 
@@ -369,7 +372,8 @@ def run(config, batch_size: int, image_size: int, steps: int, warmup: int,
 def format_table(results: dict[str, Any]) -> str:
   rounds = results.get('interleaved_rounds')
   median = f'median of {rounds} interleaved rounds' if rounds else 'median'
-  rows = [('device', results['device'] + f' x{results["device_count"]}'),
+  rows = [('device', results['device'] + f' x{results["device_count"]}'
+            + (f', {results["load"]}' if results.get('load') else '')),
           ('model / batch / image', f'{results["config_model"]["name"]} / '
            f'{results["batch_size"]} / {results["image_size"]}px, '
            f'{results["compute_dtype"]}, micro-batch {results["micro_batch_size"] or "-"}, '
@@ -413,8 +417,11 @@ def main(argv):
   config = FLAGS.config
   batch_size = FLAGS.batch_size or config.batch_size
   image_size = FLAGS.image_size or config.data.image_size
-  results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
-                FLAGS.pipeline_images, FLAGS.epoch_images, FLAGS.rounds)
+  load.parse(FLAGS.load)  # a bad value before any work
+  with load.running(FLAGS.load):
+    results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
+                  FLAGS.pipeline_images, FLAGS.epoch_images, FLAGS.rounds)
+  results['load'] = load.describe(FLAGS.load)
   print(format_table(results))
   if FLAGS.json:
     pathlib.Path(FLAGS.json).write_text(json.dumps(results, indent=1))
@@ -436,5 +443,6 @@ def define_flags() -> None:
                        'Also time one device-resident epoch of this many random '
                        'images (100000: a Tiny ImageNet epoch).')
   flags.DEFINE_string('json', '', 'Also write the results here.')
+  load.define_flag()
   flags.mark_flag_as_required('config')
 

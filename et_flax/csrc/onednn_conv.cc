@@ -24,12 +24,14 @@
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
-// Primitives are built once per shape and cached; calls run one at a time
-// on one thread of their own, each on all cores (OpenMP). The caches, the
+// Primitives are built once per shape and thread count and cached; calls
+// run one at a time on one thread of their own, each on an OpenMP team of
+// the threads last set (EtOnednnSetThreads; by default all cores). The caches, the
 // engine and the call buffers are never destroyed: the executor thread may
 // still be in a call while the process exits.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <condition_variable>
 #include <cstring>
@@ -48,6 +50,10 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+// OpenMP's, from the libgomp that libdnnl links.
+extern "C" void omp_set_num_threads(int);
+extern "C" int omp_get_max_threads();
 
 namespace {
 
@@ -74,6 +80,15 @@ struct Geometry {
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
 };
+
+// The OpenMP team size of the next calls (0 until set: OpenMP's own, all
+// cores), set from Python at any time; the executor applies it between calls.
+std::atomic<int> requested_threads{0};
+std::atomic<int> applied_threads{0};  // the team size of the last call
+
+// The team size the executor's calls run with now. oneDNN fixes a
+// primitive's thread count when it is created, so it is part of every key.
+int Threads() { return omp_get_max_threads(); }
 
 dnnl::engine& Engine() {
   static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
@@ -342,6 +357,9 @@ class Executor {
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       cv_.wait(lock, [&] { return task_ != nullptr; });
+      int threads = requested_threads.load(std::memory_order_relaxed);
+      if (threads > 0 && threads != omp_get_max_threads()) omp_set_num_threads(threads);
+      applied_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
       (*task_)();
       task_ = nullptr;
       done_ = true;
@@ -398,7 +416,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
   bool residual = shortcut != nullptr;
   return Guarded([&] {
     const auto& plan = Cached<ForwardPlan>(
-        std::make_tuple(g.key(), residual, activation),
+        std::make_tuple(g.key(), residual, activation, Threads()),
         [&] { return MakeForwardPlan(g, residual, activation); });
     dnnl::stream s(Engine());
     CallMemory mem(s);
@@ -457,7 +475,7 @@ ActivationPlan MakeActivationPlan(const memory::dims& dims, int64_t activation) 
 void ActivationGradient(const Geometry& g, int64_t activation, void* dy, void* y, void* out,
                         dnnl::stream& s, CallMemory& mem) {
   const auto& plan = Cached<ActivationPlan>(
-      std::make_tuple(g.n, g.o, g.oh, g.ow, activation),
+      std::make_tuple(g.n, g.o, g.oh, g.ow, activation, Threads()),
       [&] { return MakeActivationPlan(g.dst_dims(), activation); });
   plan.prim.execute(s, {{DNNL_ARG_DIFF_DST, memory(plan.md, Engine(), dy)},
                         {DNNL_ARG_DST, memory(plan.md, Engine(), y)},
@@ -483,7 +501,8 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
         Dims(w.dimensions()) + ", y " + Dims(y.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
   return Guarded([&] {
-    const auto& plan = Cached<BackwardPlan>(g.key(), [&] { return MakeBackwardPlan(g); });
+    const auto& plan = Cached<BackwardPlan>(std::make_tuple(g.key(), Threads()),
+                                            [&] { return MakeBackwardPlan(g); });
     dnnl::stream s(Engine());
     CallMemory mem(s);
     // Without an activation the pre-activation's gradient is dy itself: g is
@@ -551,6 +570,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Ret<F32>()
                       .Ret<F32>())
         .Attr<bool>("input_gradient"));
+
+// The OpenMP team size of the calls from the next one on (n >= 1; n <= 0
+// leaves it as it is); returns the team size of the last call (0: none yet).
+extern "C" int EtOnednnSetThreads(int n) {
+  if (n > 0) requested_threads.store(n, std::memory_order_relaxed);
+  return applied_threads.load(std::memory_order_relaxed);
+}
 
 // The oneDNN version this was linked against, for logs.
 extern "C" const char* EtOnednnVersion() {

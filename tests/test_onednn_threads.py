@@ -1,0 +1,134 @@
+"""The oneDNN calls' threads: a fixed count, or the cores other processes leave free."""
+
+import itertools
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from et_flax import onednn
+from et_flax import settings
+
+pytestmark = pytest.mark.skipif(not onednn.platform_supported(),
+                                reason='the oneDNN wheels are Linux x86-64 only')
+
+
+@pytest.mark.parametrize('free, cores, threads', [
+    (2.0, 2, 2), (1.8, 2, 2), (1.7, 2, 1), (1.0, 2, 1), (0.1, 2, 1), (0.0, 2, 1),
+    (7.8, 8, 8), (3.2, 8, 3), (9.0, 8, 8),
+])
+def test_threads_for_the_free_cores(free, cores, threads):
+  assert onednn.threads_for(free, cores) == threads
+
+
+def test_others_is_the_cores_busy_time_less_this_process_per_second():
+  # 3 busy core-seconds over 2 s, of which this process used 1: 1 core.
+  assert onednn._others((100.0, 5.0, 10.0), (103.0, 6.0, 12.0)) == pytest.approx(1.0)
+  # This process's time can exceed the clock ticks' rounding: never below 0.
+  assert onednn._others((100.0, 5.0, 10.0), (100.0, 5.5, 11.0)) == 0.0
+
+
+def test_a_busy_process_on_a_core_is_counted_there():
+  # A busy loop pinned to core 0 keeps it busy, whatever else runs there;
+  # this process sleeps meanwhile. Only core 0's time is counted (not the
+  # other cores'), in seconds per second (not clock ticks).
+  core = min(os.sched_getaffinity(0))
+  busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+  try:
+    os.sched_setaffinity(busy.pid, {core})
+    time.sleep(0.3)  # started and running
+    others = onednn.cores_used_by_others(1.0, frozenset({core}))
+  finally:
+    busy.kill()
+    busy.wait(timeout=10)
+  assert 0.8 <= others <= 1.05
+
+
+def test_the_follower_takes_the_free_cores_and_says_so_once(monkeypatch, caplog):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+  others = itertools.cycle([0.1, 1.0, 0.9, 0.2])  # free: 1.9, 1, 1.1, 1.8
+  seen = []
+  monkeypatch.setattr(onednn, '_sample', lambda cores: (0.0, 0.0, 0.0))
+  monkeypatch.setattr(onednn, '_others', lambda before, after: next(others))
+  done = threading.Event()
+
+  def record(threads):
+    seen.append(threads)
+    if len(seen) == 5:
+      done.set()
+
+  caplog.set_level(logging.DEBUG)
+  follower = onednn.FreeCoreFollower(interval=0.001, set_threads=record).start()
+  try:
+    assert done.wait(timeout=30)
+  finally:
+    follower.stop()
+  # All cores at the start; then 1 while another process keeps ~1 busy.
+  assert seen[:5] == [2, 1, 2, 1, 2]
+  said = [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
+  assert [r.levelno for r in said][:4] == [logging.INFO, logging.DEBUG, logging.DEBUG,
+                                           logging.DEBUG]
+  assert said[0].getMessage().startswith('oneDNN convolutions on 1 of 2 cores: other '
+                                         'processes keep 1.0 busy')
+
+
+@pytest.mark.parametrize('value, expected', [('auto', 0), (1, 1), ('3', 3)])
+def test_the_setting(value, expected, digits_data_dir):
+  config = tiny_config(digits_data_dir, conv_impl='xla', onednn_threads=value)
+  assert settings.resolve(config).onednn_threads == expected
+
+
+@pytest.mark.parametrize('value', [0, -1, 'many', True, 1.5])
+def test_a_bad_setting_is_refused(value, digits_data_dir):
+  config = tiny_config(digits_data_dir, conv_impl='xla', onednn_threads=value)
+  with pytest.raises(ValueError, match="config.onednn_threads must be 'auto' or a number "
+                     f'of threads >= 1, got {value!r}'):
+    settings.resolve(config)
+
+
+def test_the_calls_run_on_the_team_size_set_and_agree():
+  # The handlers apply the count between calls and key their primitives by
+  # it (oneDNN fixes a primitive's threads when it is made): the same layer
+  # on 1 and on 2 threads, one after the other, gives the same values.
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.normal(size=(4, 8, 8, 16)), jax.numpy.float32)
+  kernel = jax.numpy.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jax.numpy.float32)
+  bias = jax.numpy.zeros(16, jax.numpy.float32)
+
+  def loss(x, kernel):
+    return jax.numpy.sum(onednn.conv_layer(x, kernel, bias, activation='relu') ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  results = []
+  for threads in (1, 2, 1):
+    onednn.use_threads(threads)  # (and no follower changes it meanwhile)
+    results.append(jax.block_until_ready(step(x, kernel)))
+    assert onednn.set_threads(threads) == threads  # the last call's team
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
+  onednn.use_threads(0)  # back to following the free cores, as the suite runs
+
+
+def test_the_benchmark_load_runs_while_the_block_runs_and_is_stopped():
+  from et_flax.benchmark import load
+  assert load.parse('busy:2') == ('busy', 2)
+  for bad in ('busy:0', 'busy', 'gpu', 'busy:x'):
+    with pytest.raises(ValueError, match=f"--load must be 'none', 'busy:N' .*got '{bad}'"):
+      load.parse(bad)
+  core = min(os.sched_getaffinity(0))
+  with load.running('busy:1'):
+    children = subprocess.run(['pgrep', '-P', str(os.getpid())], capture_output=True,
+                              text=True, check=False).stdout.split()
+    assert len(children) == 1
+    os.sched_setaffinity(int(children[0]), {core})
+    assert onednn.cores_used_by_others(0.5, frozenset({core})) >= 0.8
+  assert not pathlib.Path(f'/proc/{children[0]}').exists()  # killed and reaped
