@@ -117,6 +117,23 @@ def one_epoch_run(digits_data_dir, tmp_path_factory):
   return pathlib.Path(made_once(tmp_path_factory, 'one_epoch_run', make))
 
 
+TrainedRun = collections.namedtuple('TrainedRun', 'workdir summary')
+
+
+@pytest.fixture(scope='session')
+def two_epoch_run(digits_data_dir, tmp_path_factory):
+  """Two finished epochs of `helpers.tiny_config`: its workdir, and the
+  summary `train_and_evaluate` returned."""
+  def make(folder):
+    from helpers import tiny_config  # pylint: disable=import-outside-toplevel
+    from et_flax import train  # pylint: disable=import-outside-toplevel
+    summary = train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=2),
+                                       str(folder / 'run'))
+    return {'workdir': str(folder / 'run'), 'summary': summary}
+  made = made_once(tmp_path_factory, 'two_epoch_run', make)
+  return TrainedRun(pathlib.Path(made['workdir']), made['summary'])
+
+
 @pytest.fixture(scope='session')
 def three_epoch_run(digits_data_dir, tmp_path_factory):
   """A workdir holding three finished epochs of `helpers.tiny_config` whose

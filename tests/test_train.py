@@ -88,14 +88,13 @@ def test_jit_top_k_correct_equals_numpy():
                                 [1.0, 1.0])
 
 
-def test_train_and_evaluate_end_to_end(digits_data_dir, tmp_path):
-  config = tiny_config(digits_data_dir, num_epochs=2)
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_train_and_evaluate_end_to_end(two_epoch_run):
+  summary = two_epoch_run.summary  # train_and_evaluate's, for two epochs of tiny_config
   assert {'train_loss', 'train_top1_accuracy', 'val_loss', 'val_top1_accuracy',
           'val_top5_accuracy'} <= set(summary)
   assert 0.0 <= summary['val_top1_accuracy'] <= summary['val_top5_accuracy'] <= 1.0
   assert summary['val_top1_accuracy'] > 0.15  # chance is 0.1
-  assert list(tmp_path.glob('events.out.tfevents.*'))
+  assert list(two_epoch_run.workdir.glob('events.out.tfevents.*'))
 
 
 @pytest.mark.parametrize('overrides,error,message', [
