@@ -164,18 +164,37 @@ def run_command(monkeypatch, capsys):
   undone afterwards. An exception that escapes it (an internal error, whose
   traceback a process prints) is raised.
   """
+  # pylint: disable=protected-access
   jax.devices()  # started: host_memory's 'auto' leaves this process as it is
-  monkeypatch.setattr(host_memory, '_applied', host_memory._applied)  # pylint: disable=protected-access
+  monkeypatch.setattr(host_memory, '_applied', host_memory._applied)
   app.define_help_flags()  # absl defines them once a process: kept
-  defined = set(flags.FLAGS)
-  was_parsed = flags.FLAGS.is_parsed()
+  defined, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
   loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
                                     if isinstance(logger, logging.Logger))]
   saved_loggers = [(logger, list(logger.handlers), logger.level) for logger in loggers]
   absl_handler = absl_logging.get_absl_handler()
   saved_filters = list(absl_handler.filters)
-  warnings_were_logged = logging._warnings_showwarning is not None  # pylint: disable=protected-access
-  saved_console = (list(console._installed), console._log, console._verbose)  # pylint: disable=protected-access
+  warnings_were_logged = logging._warnings_showwarning is not None
+  saved_console = (list(console._installed), console._log, console._verbose)
+
+  def restore():
+    for handler in console._installed:
+      if handler not in saved_console[0]:
+        handler.close()
+    console._installed[:] = saved_console[0]
+    console._log, console._verbose = saved_console[1:]
+    for logger, handlers, level in saved_loggers:
+      logger.handlers[:] = handlers
+      logger.setLevel(level)
+    absl_handler.filters[:] = saved_filters
+    if not warnings_were_logged:
+      logging.captureWarnings(False)
+    for name in set(flags.FLAGS) - defined:
+      if name in flags.FLAGS:  # not gone with its long name
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    if was_parsed:
+      flags.FLAGS.mark_as_parsed()
 
   def run(module, *args, cwd=REPO):
     monkeypatch.chdir(cwd)
@@ -190,23 +209,7 @@ def run_command(monkeypatch, capsys):
     except SystemExit as stop:
       code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
-      for handler in console._installed:  # pylint: disable=protected-access
-        if handler not in saved_console[0]:
-          handler.close()
-      console._installed[:] = saved_console[0]  # pylint: disable=protected-access
-      console._log, console._verbose = saved_console[1:]  # pylint: disable=protected-access
-      for logger, handlers, level in saved_loggers:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-      absl_handler.filters[:] = saved_filters
-      if not warnings_were_logged:
-        logging.captureWarnings(False)
-      for name in set(flags.FLAGS) - defined:
-        if name in flags.FLAGS:  # not gone with its long name
-          delattr(flags.FLAGS, name)
-      flags.FLAGS.unparse_flags()
-      if was_parsed:
-        flags.FLAGS.mark_as_parsed()
+      restore()
     output = capsys.readouterr()
     return Command(code, output.out, output.err)
 
