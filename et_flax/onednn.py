@@ -247,10 +247,11 @@ def available() -> tuple[bool, str]:
 
 
 def set_threads(threads: int) -> int:
-  """The OpenMP team size of the oneDNN calls from the next one on
-  (threads >= 1); returns the team size of the last call (0: none yet)."""
-  if threads < 1:
-    raise ValueError(f'the oneDNN calls need at least one thread, got {threads}')
+  """The OpenMP team size of the oneDNN calls from the next one on (>= 1),
+  or OpenMP's own (0: every core, or $OMP_NUM_THREADS); returns the team
+  size of the last call (0: none yet)."""
+  if threads < 0:
+    raise ValueError(f'the oneDNN calls take 0 (OpenMP\'s own) or more threads, got {threads}')
   return load().EtOnednnSetThreads(threads)
 
 
@@ -296,11 +297,20 @@ class FreeCoreFollower:
   free, measured every `interval` seconds on a daemon thread (from
   /proc/stat: oneDNN runs on Linux only). The first time it takes fewer
   threads than cores it says so in one log line; later changes are logged
-  at debug level."""
+  at debug level.
 
-  def __init__(self, interval: float = 1.0, set_threads=set_threads):
+  With `watch_only` it changes nothing (the team stays fixed, so that the
+  steps give the same bits whatever runs beside them) and says once, in the
+  log, when other processes have kept a core busy for `patience`
+  measurements in a row.
+  """
+
+  def __init__(self, interval: float = 1.0, set_threads=set_threads,
+               watch_only: bool = False, patience: int = 5):
     self._interval = interval
     self._set = set_threads
+    self.watch_only = watch_only
+    self._patience = patience
     self._cores = frozenset(os.sched_getaffinity(0))
     self._stop = threading.Event()
     self._said = False
@@ -309,7 +319,8 @@ class FreeCoreFollower:
                                     daemon=True)
 
   def start(self) -> FreeCoreFollower:
-    self._set(self.threads)
+    if not self.watch_only:
+      self._set(self.threads)
     self._thread.start()
     return self
 
@@ -318,11 +329,21 @@ class FreeCoreFollower:
     self._thread.join()
 
   def _follow(self) -> None:
-    before = _sample(self._cores)
+    before, busy_in_a_row = _sample(self._cores), 0
     while not self._stop.wait(self._interval):
       after = _sample(self._cores)
       others, before = _others(before, after), after
       threads = threads_for(len(self._cores) - others, len(self._cores))
+      if self.watch_only:
+        busy_in_a_row = busy_in_a_row + 1 if threads < len(self._cores) else 0
+        if busy_in_a_row == self._patience:
+          logging.info(
+              'Other processes keep %.1f of the %d cores busy: the oneDNN steps, on a '
+              'fixed team of threads so that they give the same bits, run several times '
+              'slower beside them; --deterministic=false lets them follow the free cores '
+              '(docs/performance.md, "Under load").', others, len(self._cores))
+          return
+        continue
       if threads == self.threads:
         continue
       log = logging.debug if self._said else logging.info
@@ -338,21 +359,26 @@ _follower: FreeCoreFollower | None = None
 _follower_lock = threading.Lock()
 
 
+ALL_CORES, FREE_CORES = 0, -1  # `use_threads` settings besides a count
+
+
 def use_threads(setting: int) -> None:
-  """The oneDNN calls' team size in this process: `setting` threads, or 0
-  for the cores other processes leave free (`FreeCoreFollower`, one per
-  process)."""
+  """The oneDNN calls' team size in this process: `setting` threads (>= 1),
+  ALL_CORES (OpenMP's own: every core, or $OMP_NUM_THREADS; a watch-only
+  `FreeCoreFollower` says when other processes keep cores busy), or
+  FREE_CORES (a `FreeCoreFollower` sets it to the cores left free)."""
   global _follower
+  follow = setting == FREE_CORES
   with _follower_lock:
-    if not setting and _follower is not None:
-      return
     if _follower is not None:
+      if follow and not _follower.watch_only:
+        return
       _follower.stop()
       _follower = None
-    if setting:
+    if setting != FREE_CORES:
       set_threads(setting)
-    else:
-      _follower = FreeCoreFollower().start()
+    if setting in (ALL_CORES, FREE_CORES):
+      _follower = FreeCoreFollower(watch_only=not follow).start()
 
 
 def version() -> str:

@@ -8,7 +8,8 @@ use its result, the run's header shows it and the checkpoints keep it.
 `Platform.current()` is the only query of the machine (JAX's backend, its
 devices, their memory and bfloat16 support); tests pass a `Platform` of
 their own. `configure_determinism` (`--deterministic`) sets XLA's
-deterministic GPU ops before JAX's backends start.
+deterministic GPU ops before JAX's backends start, and whether 'auto' may
+give oneDNN's CPU calls only the cores other processes leave free.
 
 `check_run_config` checks the fields a training run reads directly (sizes,
 counts, the freeze), beside it, before any image is decoded.
@@ -133,10 +134,12 @@ class Settings:
   device_resident: bool  # training images kept on the device, batches built there
   preprocessing: str  # 'rescale' (x / 255) or 'caffe' (Keras Applications')
   # The steps give the same bits run to run (XLA:CPU always; GPUs with XLA's
-  # deterministic ops). False only on GPUs with --deterministic=false.
+  # deterministic ops; CPUs with a fixed oneDNN team). False only with
+  # --deterministic=false.
   deterministic: bool = True
-  # The oneDNN convolutions' threads: 0 follows the cores other processes
-  # leave free ('auto'), else that many.
+  # The oneDNN convolutions' threads: that many, or onednn.ALL_CORES (0:
+  # OpenMP's own, every core), or onednn.FREE_CORES (-1: the cores other
+  # processes leave free, followed; 'auto' under --deterministic=false).
   onednn_threads: int = 0
 
   @property
@@ -155,8 +158,9 @@ class Settings:
              if self.micro_batch_size else 'whole batches',
              f'{self.preprocessing} preprocessing']
     if self.conv_impl == 'onednn':
-      parts.append(f'oneDNN on {self.onednn_threads} threads' if self.onednn_threads
-                   else 'oneDNN on the free cores')
+      parts.append({onednn.ALL_CORES: 'oneDNN on every core',
+                    onednn.FREE_CORES: 'oneDNN on the free cores (not bit for bit)'}.get(
+                        self.onednn_threads, f'oneDNN on {self.onednn_threads} threads'))
     if self.device_resident:
       parts.append('training images on the device')
     if self.backend == 'gpu':
@@ -195,6 +199,8 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
   threads = _onednn_threads(config.get('onednn_threads', 'auto'))
   if conv_impl == 'onednn':
     onednn.use_threads(threads)
+  deterministic = (platform.deterministic_gpu_ops if platform.backend == 'gpu' else
+                   conv_impl != 'onednn' or threads != onednn.FREE_CORES)
   preprocessing = config.get('preprocessing', 'rescale')
   if preprocessing not in PREPROCESSING:
     raise ValueError(f'config.preprocessing must be one of {list(PREPROCESSING)}, got '
@@ -204,16 +210,17 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
                   micro_batches=config.batch_size // micro if micro else 1,
                   device_resident=_device_resident(config, platform, train_bytes),
                   preprocessing=preprocessing,
-                  deterministic=platform.backend != 'gpu' or platform.deterministic_gpu_ops,
-                  onednn_threads=threads)
+                  deterministic=deterministic, onednn_threads=threads)
 
 
 def _onednn_threads(value: Any) -> int:
-  """config.onednn_threads: 'auto' (0: the free cores, followed) or a count >= 1."""
+  """config.onednn_threads: a count >= 1, or 'auto': every core (bit for bit
+  whatever runs beside), or under --deterministic=false the cores other
+  processes leave free (docs/performance.md, "Under load")."""
   if isinstance(value, str) and value.isdigit():
     value = int(value)  # --config.onednn_threads=1 on the command line
   if value == 'auto':
-    return 0
+    return onednn.FREE_CORES if _speed_over_bits else onednn.ALL_CORES
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.onednn_threads must be 'auto' or a number of threads >= 1, "
                      f'got {value!r}')
@@ -380,15 +387,17 @@ def changes(saved: Mapping[str, Any], current: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Determinism on GPUs: an XLA flag, read when JAX's backends start.
+# Determinism: on GPUs an XLA flag, read when JAX's backends start; on CPUs
+# oneDNN's team of threads, fixed.
 
 def define_deterministic_flag() -> None:
   """--deterministic, for the commands that run steps."""
   flags.DEFINE_enum('deterministic', 'auto', DETERMINISM,
-                    "XLA's deterministic GPU ops, so that a resumed run equals an "
-                    "uninterrupted one bit for bit: 'auto' and 'true' turn them on, "
-                    "'false' leaves XLA's faster choice (CPUs are deterministic "
-                    "either way; et_flax/settings.py).")
+                    "Steps that give the same bits whatever else runs, so that a resumed "
+                    "run equals an uninterrupted one bit for bit: 'auto' and 'true' turn "
+                    "XLA's deterministic GPU ops on and keep oneDNN's CPU threads fixed; "
+                    "'false' leaves XLA its faster choice and lets oneDNN's threads follow "
+                    "the free cores (et_flax/settings.py).")
 
 
 def deterministic_gpu_ops() -> bool:
@@ -398,21 +407,30 @@ def deterministic_gpu_ops() -> bool:
   return bool(found) and found[-1].lower() in ('', 'true', '1')
 
 
+# --deterministic=false: 'auto' settings may trade the last bits for speed
+# (on CPUs: oneDNN's threads follow the free cores).
+_speed_over_bits = False
+
+
 def configure_determinism(setting: str) -> bool:
   """Turns XLA's deterministic GPU ops on for this process ('auto', 'true'),
   or leaves them off ('false'); returns whether they are on.
 
   XLA reads its flags when JAX's backends start: et_flax.main,
   et_flax.reproduce, et_flax.benchmark and the notebooks call this first.
-  The flag is harmless on CPUs, whose steps are deterministic anyway.
+  The XLA flag is harmless on CPUs; there 'false' lets `resolve` give
+  oneDNN's calls the cores other processes leave free
+  (config.onednn_threads='auto'), whose sums then vary with the team.
 
   Raises:
     ValueError: `setting` is not one of DETERMINISM; or 'true' after JAX's
       backends have started without the flag.
   """
+  global _speed_over_bits
   setting = str(setting).lower()
   if setting not in DETERMINISM:
     raise ValueError(f'--deterministic must be one of {list(DETERMINISM)}, got {setting!r}')
+  _speed_over_bits = setting == 'false'
   if setting == 'false' or deterministic_gpu_ops():
     return deterministic_gpu_ops()
   if xla_bridge.backends_are_initialized():

@@ -81,8 +81,9 @@ struct Geometry {
   memory::dims pad_r() const { return {pb, pr}; }
 };
 
-// The OpenMP team size of the next calls (0 until set: OpenMP's own, all
-// cores), set from Python at any time; the executor applies it between calls.
+// The OpenMP team size of the next calls (0: OpenMP's own, all cores or
+// $OMP_NUM_THREADS), set from Python at any time; the executor applies it
+// between calls.
 std::atomic<int> requested_threads{0};
 std::atomic<int> applied_threads{0};  // the team size of the last call
 
@@ -354,11 +355,13 @@ class Executor {
   Executor() : thread_([this] { Loop(); }) { thread_.detach(); }
 
   void Loop() {
+    const int default_threads = omp_get_max_threads();
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       cv_.wait(lock, [&] { return task_ != nullptr; });
       int threads = requested_threads.load(std::memory_order_relaxed);
-      if (threads > 0 && threads != omp_get_max_threads()) omp_set_num_threads(threads);
+      if (threads <= 0) threads = default_threads;
+      if (threads != omp_get_max_threads()) omp_set_num_threads(threads);
       applied_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
       (*task_)();
       task_ = nullptr;
@@ -571,10 +574,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Ret<F32>())
         .Attr<bool>("input_gradient"));
 
-// The OpenMP team size of the calls from the next one on (n >= 1; n <= 0
-// leaves it as it is); returns the team size of the last call (0: none yet).
+// The OpenMP team size of the calls from the next one on (n >= 1), or
+// OpenMP's own (n = 0); returns the team size of the last call (0: none yet).
 extern "C" int EtOnednnSetThreads(int n) {
-  if (n > 0) requested_threads.store(n, std::memory_order_relaxed);
+  requested_threads.store(n < 0 ? 0 : n, std::memory_order_relaxed);
   return applied_threads.load(std::memory_order_relaxed);
 }
 
