@@ -4,7 +4,8 @@
   --load=busy:N    N processes, each a busy Python loop (one core each)
   --load=et_flax   a second process training plain E.T. with et_flax
                    (configs/default.py, batch 128, no augmentation, its
-                   'auto' settings) step after step
+                   'auto' settings and the benchmark's --deterministic)
+                   step after step
   --load=keras     the same model trained by Keras in a second process
 
 The load starts before the timed steps, is running (the training ones past
@@ -57,21 +58,22 @@ def describe(load: str) -> str:
           'keras': 'a second Keras training process beside it'}[kind]
 
 
-def _command(kind: str) -> list[str]:
+def _command(kind: str, deterministic: str) -> list[str]:
   if kind == 'busy':
     return [sys.executable, '-c', f'print({READY!r}, flush=True)\nwhile True: pass']
-  return [sys.executable, '-m', 'et_flax.benchmark.load', kind]
+  return [sys.executable, '-m', 'et_flax.benchmark.load', kind, deterministic]
 
 
 @contextlib.contextmanager
-def running(load: str) -> Iterator[None]:
-  """Runs `load` (see the module docstring) for the duration of the block."""
+def running(load: str, deterministic: str = 'auto') -> Iterator[None]:
+  """Runs `load` (see the module docstring) for the duration of the block;
+  a second et_flax process with `deterministic` (settings.configure_determinism)."""
   kind, count = parse(load)
   processes = []
   try:
     for _ in range(count):
       processes.append(subprocess.Popen(
-          _command(kind), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+          _command(kind, deterministic), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
           text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}))
     deadline = time.monotonic() + START_SECONDS
     for process in processes:
@@ -102,7 +104,7 @@ def _wait_ready(process: subprocess.Popen, deadline: float) -> None:
       return
 
 
-def _train_forever(kind: str) -> None:
+def _train_forever(kind: str, deterministic: str) -> None:
   """Plain E.T.'s train step at batch 128, 64x64, forever (et_flax's or Keras's)."""
   import importlib  # pylint: disable=import-outside-toplevel
 
@@ -124,6 +126,7 @@ def _train_forever(kind: str) -> None:
     step = timers['keras']
   else:
     host_memory.configure('auto')  # as a training run does
+    settings_lib.configure_determinism(deterministic)
     step = steps.time_steps(config, settings_lib.resolve(config), 128, 64, 200, steps=1,
                             warmup=1)['train_once']
   print(READY, flush=True)
@@ -132,4 +135,4 @@ def _train_forever(kind: str) -> None:
 
 
 if __name__ == '__main__':
-  _train_forever(sys.argv[1])
+  _train_forever(*sys.argv[1:3])

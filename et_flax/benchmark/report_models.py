@@ -125,12 +125,13 @@ def define_flags() -> None:
 def main(argv):
   del argv
   load.parse(FLAGS.load)  # a bad value before any work
-  with load.running(FLAGS.load):
+  with load.running(FLAGS.load, FLAGS.deterministic):
     rows = measure(steps_count=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
   table = markdown_table(rows)
   print(table)
   if FLAGS.write_docs:
-    loaded = '' if FLAGS.load == 'none' else f' --load={FLAGS.load}'
+    loaded = ('' if FLAGS.load == 'none' else f' --load={FLAGS.load}') + (
+        '' if FLAGS.deterministic == 'auto' else f' --deterministic={FLAGS.deterministic}')
     write_docs(table, f'`python -m et_flax.benchmark report_models --steps={FLAGS.steps} '
                f'--warmup={FLAGS.warmup} --rounds={FLAGS.rounds}{loaded} --write_docs`, one '
                f"run, on {machine()}, {load.describe(FLAGS.load)}; 64x64, 'auto' settings; "

@@ -418,7 +418,7 @@ def main(argv):
   batch_size = FLAGS.batch_size or config.batch_size
   image_size = FLAGS.image_size or config.data.image_size
   load.parse(FLAGS.load)  # a bad value before any work
-  with load.running(FLAGS.load):
+  with load.running(FLAGS.load, FLAGS.deterministic):
     results = run(config, batch_size, image_size, FLAGS.steps, FLAGS.warmup, FLAGS.keras,
                   FLAGS.pipeline_images, FLAGS.epoch_images, FLAGS.rounds)
   results['load'] = load.describe(FLAGS.load)
