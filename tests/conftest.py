@@ -176,6 +176,7 @@ def run_command(monkeypatch, capsys):
   saved_filters = list(absl_handler.filters)
   warnings_were_logged = logging._warnings_showwarning is not None
   saved_console = (list(console._installed), console._log, console._verbose)
+  saved_unraisablehook = sys.unraisablehook
 
   def restore():
     for handler in console._installed:
@@ -183,18 +184,20 @@ def run_command(monkeypatch, capsys):
         handler.close()
     console._installed[:] = saved_console[0]
     console._log, console._verbose = saved_console[1:]
-    for logger, handlers, level in saved_loggers:
-      logger.handlers[:] = handlers
-      logger.setLevel(level)
-    absl_handler.filters[:] = saved_filters
-    if not warnings_were_logged:
-      logging.captureWarnings(False)
     for name in set(flags.FLAGS) - defined:
       if name in flags.FLAGS:  # not gone with its long name
         delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
     if was_parsed:
       flags.FLAGS.mark_as_parsed()
+    # After the flags: resetting --verbosity sets the absl logger's level.
+    for logger, handlers, level in saved_loggers:
+      logger.handlers[:] = handlers
+      logger.setLevel(level)
+    absl_handler.filters[:] = saved_filters
+    if not warnings_were_logged:
+      logging.captureWarnings(False)
+    sys.unraisablehook = saved_unraisablehook
 
   def run(module, *args, cwd=REPO):
     monkeypatch.chdir(cwd)
