@@ -2,7 +2,9 @@
 
 All models are pure `flax.linen` modules over NHWC float images and return
 logits (the softmax lives in the loss). `create_model` builds any of them from
-`config.model`, a mapping with a `name` and the module's fields.
+`config.model`, a mapping with a `name` and the module's fields. Each model
+says what a run's settings need to know of it (`ModelFacts`: batch norm, its
+widest activation, the smallest image it takes); `facts(config.model)` asks.
 
 Initialisation follows Keras (glorot-uniform kernels, zero biases) so that a
 model trained here starts where the report's Keras model started.
@@ -69,6 +71,25 @@ HEAD_NAMES = ('predictions', 'logits', 'hidden')
 # A layer class, or a partial of one, that the models call as a convolution
 # (flax imagenet's `conv: ModuleDef = nn.Conv`).
 ModuleDef = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+  """What a run's settings need to know of a model, without building its steps.
+
+  Every model class says them in a `facts()` method; a new model adds one.
+  """
+  # Batch norm anywhere: a batch split into micro-batches would be normalised
+  # part by part, so such a model trains on whole batches.
+  batch_norm: bool
+  # Channels of its widest activation, counted at the input's resolution (an
+  # activation at half the side counts a quarter of its channels): its
+  # float32 bytes per image are image_size**2 * 4 times this.
+  widest_channels: int
+  # The smallest image side it takes (e.g. 32 after five stride-2 stages).
+  min_image_size: int = 1
+  # The `keras.applications` model with the same layers, if there is one.
+  keras_application: str | None = None
 
 
 def _window_view(x: jax.Array, window: int) -> jax.Array:
@@ -321,9 +342,10 @@ class ETNet(nn.Module):
            f'integers, got {self.kernel_sizes!r}')
     super().__post_init__()
 
-  @property
-  def min_image_size(self) -> int:
-    return 2 if self.stem_pool else 1
+  def facts(self) -> ModelFacts:
+    # Every conv keeps the input's resolution, but after a stem pool.
+    return ModelFacts(batch_norm=self.batch_norm, widest_channels=self.features,
+                      min_image_size=2 if self.stem_pool else 1)
 
   @property
   def features(self) -> int:
@@ -364,8 +386,6 @@ class _KerasApplication(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = Conv
 
-  min_image_size = 32  # five stride-2 stages, as Keras requires
-
   def __post_init__(self):
     _check_positive_int('model.num_classes', self.num_classes)
     _check_rate('model.dropout_rate', self.dropout_rate)
@@ -388,6 +408,11 @@ class VGG16(_KerasApplication):
   """
   stages = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
+  def facts(self) -> ModelFacts:
+    # block1's 64 channels at full resolution; five stride-2 pools, as Keras requires.
+    return ModelFacts(batch_norm=False, widest_channels=64, min_image_size=32,
+                      keras_application='VGG16')
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     for stage, (features, num_convs) in enumerate(self.stages, start=1):
@@ -407,6 +432,11 @@ class ResNet50(_KerasApplication):
   average pooling (Keras's `pooling='avg'`), dropout, Dense `predictions`.
   """
   stages = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+  def facts(self) -> ModelFacts:
+    # 64 channels at half the side, then 256 at a quarter: 16 at full resolution.
+    return ModelFacts(batch_norm=True, widest_channels=16, min_image_size=32,
+                      keras_application='ResNet50')
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -494,12 +524,38 @@ def create_model(model_config: Mapping[str, Any], num_classes: int,
   model = model_class(num_classes=num_classes, dtype=dtype, conv=conv, **fields)
   if image_size is not None:
     _check_positive_int('data.image_size', image_size)
-    if image_size < model.min_image_size:
+    smallest = model_facts(model).min_image_size
+    if image_size < smallest:
       raise ValueError(
           f'Model {name!r} cannot take {image_size}x{image_size} images: it '
-          f'needs at least {model.min_image_size}x{model.min_image_size} '
-          '(set config.data.image_size)')
+          f'needs at least {smallest}x{smallest} (set config.data.image_size)')
   return model
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
+  """What `model` says of itself (`ModelFacts`).
+
+  Raises:
+    TypeError: its class has no `facts()` method returning ModelFacts.
+  """
+  facts_method = getattr(model, 'facts', None)
+  found = facts_method() if callable(facts_method) else None
+  if not isinstance(found, ModelFacts):
+    raise TypeError(
+        f'Model class {type(model).__name__} does not say its facts: give it a '
+        '`facts()` method returning et_flax.models.ModelFacts (batch norm or not, its '
+        'widest activation\'s channels, the smallest image it takes), as ETNet has')
+  return found
+
+
+def facts(model_config: Mapping[str, Any]) -> ModelFacts:
+  """The facts of the model `model_config` (`config.model`) describes.
+
+  Raises:
+    ValueError: the config names no model, or one with wrong fields.
+    TypeError: the model's class does not say its facts.
+  """
+  return model_facts(create_model(model_config, num_classes=2))
 
 
 def weighted_layers(params: Mapping[str, Any]) -> list[str]:

@@ -269,10 +269,17 @@ def _micro_setting(config: ml_collections.ConfigDict) -> Any:
   return int(micro) if isinstance(micro, str) and micro.isdigit() else micro
 
 
-def _activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
+def _activation_bytes_per_image(config: ml_collections.ConfigDict,
+                                facts: models.ModelFacts) -> int:
   """Float32 bytes of the model's widest activation tensor, per image."""
-  channels = 64 if config.model.name == 'vgg16' else 16 * config.model.get('width', 1)
-  return config.data.image_size ** 2 * channels * 4
+  return config.data.image_size ** 2 * facts.widest_channels * 4
+
+
+def _is_conv(module: nn.Module, method: str) -> bool:
+  """A convolution's call: a module whose 'kernel' parameter is 4-D (et_flax's
+  Conv, nn.Conv or any other)."""
+  return (method == '__call__' and module.has_variable('params', 'kernel')
+          and module.get_variable('params', 'kernel').ndim == 4)
 
 
 def _kernel_and_output_bytes(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -280,12 +287,11 @@ def _kernel_and_output_bytes(config: ml_collections.ConfigDict) -> tuple[int, in
   outputs for one image (shapes only: nothing is computed)."""
   size = config.data.image_size
   model = models.create_model(config.model, num_classes=2)
-  is_conv = lambda module, method: isinstance(module, models.Conv)
 
   def shapes():
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = model.init(jax.random.key(0), images)
-    _, state = model.apply(variables, images, capture_intermediates=is_conv,
+    _, state = model.apply(variables, images, capture_intermediates=_is_conv,
                            mutable=['intermediates'])
     return variables['params'], state['intermediates']
 
@@ -304,7 +310,8 @@ def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
   with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
   divisor of the batch whose activations fit AUTO_CPU_MICRO_BUDGET, at least
   its floor, and at least as many images as it takes for their convolution
-  outputs to outweigh the kernels.
+  outputs to outweigh the kernels; whole batches for a model with batch norm.
+  The model says its widest activation and batch norm (`models.facts`).
   """
   micro, batch = _micro_setting(config), config.batch_size
   if micro != 'auto':
@@ -313,15 +320,17 @@ def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
       raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
                        f'divide config.batch_size={batch}, got {micro!r}')
     return micro
-  has_batch_norm = config.model.name == 'resnet50' or config.model.get('batch_norm', False)
-  if platform.backend != 'cpu' or has_batch_norm:
+  facts = models.facts(config.model)
+  if platform.backend != 'cpu' or facts.batch_norm:
     return 0  # batch norm would normalise the parts apart
   budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl]
-  per_image = _activation_bytes_per_image(config)
+  per_image = _activation_bytes_per_image(config, facts)
   fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
   kernel_bytes, output_bytes = _kernel_and_output_bytes(config)
-  size = max(fitting[-1] if fitting else 1, min(floor, batch),
-             min(-(-kernel_bytes // output_bytes), batch))
+  # Images enough for their convolution outputs to outweigh the kernels (none
+  # for a model without convolutions).
+  outweigh = -(-kernel_bytes // output_bytes) if output_bytes else 1
+  size = max(fitting[-1] if fitting else 1, min(floor, batch), min(outweigh, batch))
   while batch % size:  # the part must divide the batch
     size += 1
   return 0 if size >= batch else size

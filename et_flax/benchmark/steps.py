@@ -45,6 +45,7 @@ from et_flax import console
 from et_flax import distributed
 from et_flax import input_pipeline
 from et_flax import interrupts
+from et_flax import models
 from et_flax import onednn
 from et_flax import optim
 from et_flax import fake_data
@@ -151,12 +152,14 @@ def build_keras_model(config, num_classes: int, image_size: int):
 
   from et_flax import keras_models  # pylint: disable=import-outside-toplevel
 
-  name = config.model.name
-  if name == 'et':
+  if config.model.name == 'et':  # E.T. written in Keras layers (keras_models.py)
     return keras_models.build_keras_et(config.model, num_classes, image_size)
-  builder = {'vgg16': keras.applications.VGG16, 'resnet50': keras.applications.ResNet50}
-  base = builder[name](weights=None, include_top=False, pooling='avg',
-                       input_shape=(image_size, image_size, 3))
+  application = models.facts(config.model).keras_application
+  if application is None:
+    raise ValueError(f'model {config.model.name!r} has no Keras counterpart to time: '
+                     'pass --keras=false')
+  base = getattr(keras.applications, application)(
+      weights=None, include_top=False, pooling='avg', input_shape=(image_size, image_size, 3))
   x = base.output
   if config.model.get('dropout_rate', 0.0):
     x = keras.layers.Dropout(config.model.dropout_rate)(x)

@@ -1,0 +1,85 @@
+"""The package's design rules: one owner per fact, no import side effects.
+
+A model says what the settings need of it (`models.ModelFacts`), so a new
+model needs no edit of settings.py; importing any et_flax module only
+defines things (no TensorFlow, no file descriptor, environment or sys.argv
+touched).
+"""
+
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import pytest
+
+from et_flax import models
+from et_flax import settings
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CPU = settings.Platform('cpu')  # XLA's convolutions: oneDNN is not asked for
+
+
+class PlainConvNet(nn.Module):
+  """A new model as a newcomer would write it: flax's own nn.Conv and a head."""
+  num_classes: int
+  channels: int = 8
+  batch_norm: bool = False
+  dtype: Any = jnp.float32
+  conv: models.ModuleDef = models.Conv  # create_model passes it; unused here
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = nn.relu(nn.Conv(self.channels, (3, 3))(x))
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class PlainConvNetWithFacts(PlainConvNet):
+
+  def facts(self) -> models.ModelFacts:
+    return models.ModelFacts(batch_norm=self.batch_norm, widest_channels=self.channels)
+
+
+def _config(name: str, **model_fields):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.conv_impl = 'xla'
+  config.data.image_size = 16
+  config.batch_size = 64
+  config.model = {'name': name, **model_fields}
+  return config
+
+
+@pytest.fixture
+def new_models(monkeypatch):
+  monkeypatch.setitem(models.MODELS, 'plain', PlainConvNet)
+  monkeypatch.setitem(models.MODELS, 'plain_facts', PlainConvNetWithFacts)
+
+
+def test_a_model_without_facts_is_a_clear_error(new_models):
+  with pytest.raises(TypeError, match='PlainConvNet does not say its facts.*ModelFacts'):
+    settings.resolve(_config('plain'), CPU)
+
+
+def test_the_settings_ask_the_model_not_its_name(new_models):
+  # 8 channels at 16x16: 8 KiB an image, all 64 fit XLA's 2 MiB, and the
+  # nn.Conv's outputs are counted against its kernel: whole batches.
+  assert settings.resolve(_config('plain_facts'), CPU).micro_batch_size == 0
+  assert models.facts(_config('plain_facts').model).widest_channels == 8
+  # 128 channels: 128 KiB an image, parts of 16 fit.
+  assert settings.resolve(_config('plain_facts', channels=128), CPU).micro_batch_size == 16
+  # The same model with batch norm, as its facts say: whole batches.
+  assert settings.resolve(_config('plain_facts', channels=128, batch_norm=True),
+                          CPU).micro_batch_size == 0
+
+
+def test_the_report_models_say_their_facts():
+  assert models.facts({'name': 'et'}) == models.ModelFacts(False, 16, 1)
+  assert models.facts({'name': 'et', 'width': 4, 'batch_norm': True,
+                       'stem_pool': True}) == models.ModelFacts(True, 64, 2)
+  assert models.facts({'name': 'vgg16'}) == models.ModelFacts(False, 64, 32, 'VGG16')
+  assert models.facts({'name': 'resnet50'}) == models.ModelFacts(True, 16, 32, 'ResNet50')
