@@ -127,28 +127,44 @@ def test_a_bad_setting_is_refused(value, digits_data_dir):
     settings.resolve(config)
 
 
-def test_the_calls_run_on_the_team_size_set_and_agree():
-  # The handlers apply the count between calls and key their primitives by
-  # it (oneDNN fixes a primitive's threads when it is made): the same layer
-  # on 1 and on 2 threads, one after the other, gives the same values.
-  rng = np.random.default_rng(0)
-  x = jax.numpy.asarray(rng.normal(size=(4, 8, 8, 16)), jax.numpy.float32)
+@pytest.mark.parametrize('batch', [1, 4, 19])
+def test_the_calls_give_the_same_bits_on_any_number_of_threads(batch):
+  # Each call is split along the batch into pieces set by the batch alone
+  # (19 images: pieces of two sizes) and the weight gradient summed over the
+  # pieces in their order, so the same layer on 1, 2 and 3 threads, one after
+  # the other, gives the same bits; and the values are XLA's convolution's.
+  rng = np.random.default_rng(batch)
+  x = jax.numpy.asarray(rng.normal(size=(batch, 8, 8, 16)), jax.numpy.float32)
   kernel = jax.numpy.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jax.numpy.float32)
-  bias = jax.numpy.zeros(16, jax.numpy.float32)
+  bias = jax.numpy.asarray(rng.normal(size=16) * 0.1, jax.numpy.float32)
+  shortcut = jax.numpy.asarray(rng.normal(size=(batch, 8, 8, 16)), jax.numpy.float32)
 
-  def loss(x, kernel):
-    return jax.numpy.sum(onednn.conv_layer(x, kernel, bias, activation='relu') ** 2)
+  def loss(x, kernel, shortcut, conv):
+    return jax.numpy.sum(conv(x, kernel, shortcut) ** 2)
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  def ours(x, kernel, shortcut):
+    return onednn.conv_layer(x, kernel, bias, shortcut=shortcut, activation='relu')
+
+  def xla(x, kernel, shortcut):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                     precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.relu(y + bias + shortcut)
+
+  grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
   results = []
-  for threads in (1, 2, 1):
-    onednn.use_threads(threads)  # (and no follower changes it meanwhile)
-    results.append(jax.block_until_ready(step(x, kernel)))
-    assert onednn.set_threads(threads) == threads  # the last call's team
+  for threads in (1, 2, 3, 1):
+    onednn.use_threads(threads)
+    results.append(jax.block_until_ready(grads(x, kernel, shortcut, ours)))
+    assert onednn.set_threads(threads) == threads  # the last call's threads
+  onednn.use_threads(onednn.ALL_CORES)  # back to the suite's setting
   for other in results[1:]:
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
-  onednn.use_threads(onednn.ALL_CORES)  # back to the suite's setting
+      np.testing.assert_array_equal(a, b)
+  # float32 sums in another order: a relative error of a few 1e-6 per term.
+  reference = grads(x, kernel, shortcut, xla)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
 def test_the_benchmark_load_runs_while_the_block_runs_and_is_stopped():

@@ -24,11 +24,18 @@
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
-// Primitives are built once per shape and thread count and cached; calls
-// run one at a time on one thread of their own, each on an OpenMP team of
-// the threads last set (EtOnednnSetThreads; by default all cores). The caches, the
-// engine and the call buffers are never destroyed: the executor thread may
-// still be in a call while the process exits.
+// Calls run one at a time on one thread of their own (the executor). Each
+// call is split along the batch into pieces whose sizes depend on the batch
+// alone (`Split`); the executor and the pool's helpers take the pieces from
+// a shared counter, each piece on one thread with oneDNN single-threaded, so
+// a thread the system pauses (another process on its core) delays at most
+// the piece it holds, where a static share per thread would hold up the
+// whole call. A weight gradient is summed over the pieces in their order:
+// the bits do not depend on how many threads ran them. The pool's size is
+// the threads last set (EtOnednnSetThreads; by default all cores, or
+// $OMP_NUM_THREADS). Primitives are built once per shape and cached. The
+// caches, the engine, the pool and the call buffers are never destroyed: the
+// executor and helper threads may still be in a call while the process exits.
 
 #include <algorithm>
 #include <atomic>
@@ -81,15 +88,18 @@ struct Geometry {
   memory::dims pad_r() const { return {pb, pr}; }
 };
 
-// The OpenMP team size of the next calls (0: OpenMP's own, all cores or
-// $OMP_NUM_THREADS), set from Python at any time; the executor applies it
-// between calls.
+// The threads of the next calls (0: every core, or $OMP_NUM_THREADS), set
+// from Python at any time; the executor applies it between calls.
 std::atomic<int> requested_threads{0};
-std::atomic<int> applied_threads{0};  // the team size of the last call
+std::atomic<int> applied_threads{0};  // the threads of the last call
 
-// The team size the executor's calls run with now. oneDNN fixes a
-// primitive's thread count when it is created, so it is part of every key.
-int Threads() { return omp_get_max_threads(); }
+// The pool's size for the call running now (set by the executor between
+// calls; read by the calls on the executor's thread).
+int call_threads = 1;
+
+// Pieces per core: enough that a thread the system pauses holds up little.
+constexpr int64_t kPiecesPerCore = 4;
+int64_t max_pieces = 8;  // kPiecesPerCore * the cores at start (Executor)
 
 dnnl::engine& Engine() {
   static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
@@ -226,10 +236,10 @@ const Plan& Cached(const Key& key, Make make) {
   return *slot;
 }
 
-// Scratchpads and reordered tensors, kept from call to call: a call's n-th
-// buffer reuses the n-th block, grown when too small. Calls run one at a time
-// (on the executor's thread), so no two calls share a block; reusing them
-// spares a page fault per touched page at every call.
+// Scratchpads and reordered tensors, kept from call to call: a piece's n-th
+// buffer reuses the n-th block of its thread's arena, grown when too small.
+// A thread runs one piece at a time, so no two pieces share a block; reusing
+// them spares a page fault per touched page at every call.
 class Arena {
  public:
   void* take(size_t bytes) {
@@ -249,17 +259,31 @@ class Arena {
   size_t next_ = 0;
 };
 
-Arena& CallArena() {
+// This thread's arena, for the piece it runs.
+Arena& PieceArena() {
+  static thread_local Arena* arena = new Arena;  // never destroyed (see the top)
+  return *arena;
+}
+
+// The executor's arena for what a call's pieces share: weights and bias in
+// the primitives' layouts, the weight gradient's partial sums.
+Arena& SharedArena() {
   static auto* arena = new Arena;
   return *arena;
 }
 
-// The buffers of one call, from the arena.
+// This thread's stream.
+dnnl::stream& ThreadStream() {
+  static thread_local dnnl::stream* stream = new dnnl::stream(Engine());
+  return *stream;
+}
+
+// The buffers of one piece, from its thread's arena.
 class CallMemory {
  public:
-  explicit CallMemory(dnnl::stream& s) : s_(s) { CallArena().rewind(); }
+  explicit CallMemory(dnnl::stream& s) : s_(s) { PieceArena().rewind(); }
 
-  void* take(size_t bytes) { return CallArena().take(bytes); }
+  void* take(size_t bytes) { return PieceArena().take(bytes); }
 
   memory scratchpad(size_t bytes) {
     return memory(memory::desc({static_cast<int64_t>(bytes)}, Dt::u8, Tag::x), Engine(),
@@ -289,6 +313,28 @@ class CallMemory {
 
  private:
   dnnl::stream& s_;
+};
+
+// What a call's pieces share, made once on the executor before they run:
+// a tensor in each layout the pieces' primitives take it in.
+class SharedInputs {
+ public:
+  SharedInputs() { SharedArena().rewind(); }
+
+  memory get(const Port& port, void* data) {
+    if (port.same) return memory(port.inner, Engine(), data);
+    for (auto& [d, md, m] : made_)
+      if (d == data && md == port.inner) return m;
+    memory user(port.user, Engine(), data);
+    memory inner(port.inner, Engine(), SharedArena().take(port.inner.get_size()));
+    port.to_inner.execute(ThreadStream(), user, inner);
+    ThreadStream().wait();
+    made_.emplace_back(data, port.inner, inner);
+    return inner;
+  }
+
+ private:
+  std::vector<std::tuple<void*, memory::desc, memory>> made_;
 };
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
@@ -330,11 +376,132 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-// Every oneDNN call runs on this one thread, one call at a time. Each call
-// already spreads over all cores with OpenMP; running calls from whichever
-// XLA thread reaches them would give OpenMP a team of workers per calling
-// thread, and two calls at once (XLA runs independent ops concurrently)
-// would oversubscribe the cores.
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// A call's pieces, at most `max_pieces`, their sizes differing by at most
+// one image: set by the batch alone, never by the threads, so that the sums
+// over pieces are the same whatever runs them.
+struct Piece {
+  int64_t offset, size;
+};
+
+std::vector<Piece> Split(int64_t n) {
+  int64_t count = std::max<int64_t>(1, std::min(n, max_pieces));
+  int64_t size = n / count, larger = n % count, offset = 0;
+  std::vector<Piece> pieces;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t s = size + (i < larger ? 1 : 0);
+    pieces.push_back({offset, s});
+    offset += s;
+  }
+  return pieces;
+}
+
+// The threads that run a call's pieces: the executor and its helpers, each
+// taking the next piece from the call's counter until none is left. The
+// executor waits only for pieces taken, never for a helper that has not
+// woken yet: a helper that wakes late finds nothing left.
+class Pool {
+ public:
+  static Pool& Get() {
+    static Pool* pool = new Pool;  // never destroyed: its threads outlive exit
+    return *pool;
+  }
+
+  // Runs piece(0) .. piece(count - 1) on this thread and up to `threads` - 1
+  // helpers; returns when all have run, rethrowing the first exception.
+  void Run(int count, int threads, const std::function<void(int)>& piece) {
+    auto job = std::make_shared<Job>(count, piece);
+    if (count > 1 && threads > 1) {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (helpers_ < threads - 1) {
+        std::thread([this, id = helpers_] { Help(id); }).detach();
+        ++helpers_;
+      }
+      job_ = job;
+      wanted_ = threads - 1;
+      ++generation_;
+      cv_.notify_all();
+    }
+    job->Work();
+    job->Wait();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (job_ == job) job_.reset();
+    }
+    if (job->error) std::rethrow_exception(job->error);
+  }
+
+ private:
+  struct Job {
+    Job(int n, const std::function<void(int)>& f) : count(n), piece(f) {}
+
+    void Work() {
+      for (int i; (i = next.fetch_add(1)) < count;) {
+        try {
+          piece(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!error) error = std::current_exception();
+        }
+        if (done.fetch_add(1) + 1 == count) {
+          std::lock_guard<std::mutex> lock(mu);
+          cv.notify_all();
+        }
+      }
+    }
+
+    void Wait() {
+      // The last piece is usually a fraction of a millisecond away: a short
+      // spin, then sleep.
+      for (int spin = 0; spin < 4096; ++spin) {
+        if (done.load() == count) return;
+        Pause();
+      }
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return done.load() == count; });
+    }
+
+    const int count;
+    const std::function<void(int)>& piece;  // the caller's; used only while pieces are left
+    std::atomic<int> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    std::exception_ptr error;
+  };
+
+  void Help(int id) {
+    omp_set_num_threads(1);  // oneDNN single-threaded in this thread's pieces
+    uint64_t seen = 0;
+    while (true) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id < wanted_) job = job_;
+      }
+      if (job) job->Work();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;
+  int helpers_ = 0, wanted_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// Every oneDNN call starts on this one thread, one call at a time, and
+// spreads over the pool. Running calls from whichever XLA thread reaches
+// them would give each calling thread a pool of its own, and two calls at
+// once (XLA runs independent ops concurrently) would oversubscribe the cores.
 class Executor {
  public:
   static Executor& Get() {
@@ -355,14 +522,15 @@ class Executor {
   Executor() : thread_([this] { Loop(); }) { thread_.detach(); }
 
   void Loop() {
-    const int default_threads = omp_get_max_threads();
+    const int default_threads = omp_get_max_threads();  // every core, or $OMP_NUM_THREADS
+    max_pieces = kPiecesPerCore * std::max(1, default_threads);
+    omp_set_num_threads(1);  // oneDNN single-threaded in the executor's pieces
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       cv_.wait(lock, [&] { return task_ != nullptr; });
       int threads = requested_threads.load(std::memory_order_relaxed);
-      if (threads <= 0) threads = default_threads;
-      if (threads != omp_get_max_threads()) omp_set_num_threads(threads);
-      applied_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
+      call_threads = threads > 0 ? threads : default_threads;
+      applied_threads.store(call_threads, std::memory_order_relaxed);
       (*task_)();
       task_ = nullptr;
       done_ = true;
@@ -403,6 +571,15 @@ ffi::Error Guarded(F body) {
   return ffi::Error::Success();
 }
 
+// The plan of each piece size of a call (at most two), made on the executor.
+template <typename Plan, typename Make>
+std::map<int64_t, const Plan*> PiecePlans(const std::vector<Piece>& pieces, Make make) {
+  std::map<int64_t, const Plan*> plans;
+  for (const Piece& p : pieces)
+    if (!plans.count(p.size)) plans[p.size] = &make(p.size);
+  return plans;
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                    const float* shortcut, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
@@ -418,24 +595,39 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
   bool residual = shortcut != nullptr;
   return Guarded([&] {
-    const auto& plan = Cached<ForwardPlan>(
-        std::make_tuple(g.key(), residual, activation, Threads()),
-        [&] { return MakeForwardPlan(g, residual, activation); });
-    dnnl::stream s(Engine());
-    CallMemory mem(s);
-    memory src = mem.input(plan.ports.src, x.untyped_data());
-    memory wei = mem.input(plan.ports.wei, w.untyped_data());
-    memory bia = mem.input(plan.ports.bia, b.untyped_data());
-    memory dst = mem.output(plan.ports.dst, y->untyped_data());
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bia},
-        {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.scratch_bytes)}};
-    if (residual)
-      args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
-                   mem.input(plan.shortcut, const_cast<float*>(shortcut))});
-    plan.prim.execute(s, args);
-    mem.finish(plan.ports.dst, dst, y->untyped_data());
-    s.wait();
+    auto pieces = Split(g.n);
+    auto plans = PiecePlans<ForwardPlan>(pieces, [&](int64_t n) -> const ForwardPlan& {
+      Geometry pg = g;
+      pg.n = n;
+      return Cached<ForwardPlan>(std::make_tuple(pg.key(), residual, activation),
+                                 [&] { return MakeForwardPlan(pg, residual, activation); });
+    });
+    SharedInputs shared;
+    std::map<int64_t, std::pair<memory, memory>> weights;  // and bias, per piece size
+    for (auto& [n, plan] : plans)
+      weights[n] = {shared.get(plan->ports.wei, w.untyped_data()),
+                    shared.get(plan->ports.bia, b.untyped_data())};
+    const int64_t in = g.h * g.w * g.c, out = g.oh * g.ow * g.o;
+    Pool::Get().Run(static_cast<int>(pieces.size()), call_threads, [&](int i) {
+      const Piece& p = pieces[i];
+      const ForwardPlan& plan = *plans.at(p.size);
+      dnnl::stream& s = ThreadStream();
+      CallMemory mem(s);
+      float* yp = y->typed_data() + p.offset * out;
+      memory dst = mem.output(plan.ports.dst, yp);
+      std::unordered_map<int, memory> args{
+          {DNNL_ARG_SRC, mem.input(plan.ports.src, x.typed_data() + p.offset * in)},
+          {DNNL_ARG_WEIGHTS, weights.at(p.size).first},
+          {DNNL_ARG_BIAS, weights.at(p.size).second},
+          {DNNL_ARG_DST, dst},
+          {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.scratch_bytes)}};
+      if (residual)
+        args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                     mem.input(plan.shortcut, const_cast<float*>(shortcut) + p.offset * out)});
+      plan.prim.execute(s, args);
+      mem.finish(plan.ports.dst, dst, yp);
+      s.wait();
+    });
   });
 }
 
@@ -474,16 +666,25 @@ ActivationPlan MakeActivationPlan(const memory::dims& dims, int64_t activation) 
   return ActivationPlan{dnnl::eltwise_backward(pd), pd.scratchpad_desc().get_size(), md};
 }
 
-// (activation relu or tanh: without one, g is dy)
-void ActivationGradient(const Geometry& g, int64_t activation, void* dy, void* y, void* out,
-                        dnnl::stream& s, CallMemory& mem) {
-  const auto& plan = Cached<ActivationPlan>(
-      std::make_tuple(g.n, g.o, g.oh, g.ow, activation, Threads()),
-      [&] { return MakeActivationPlan(g.dst_dims(), activation); });
-  plan.prim.execute(s, {{DNNL_ARG_DIFF_DST, memory(plan.md, Engine(), dy)},
-                        {DNNL_ARG_DST, memory(plan.md, Engine(), y)},
-                        {DNNL_ARG_DIFF_SRC, memory(plan.md, Engine(), out)},
-                        {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.scratch_bytes)}});
+// The plans of one piece size of a backward call.
+struct BackwardPiecePlans {
+  const BackwardPlan* conv;
+  const ActivationPlan* activation;  // null without an activation
+};
+
+// sum[k] = parts[0][k] + parts[1][k] + ... in that order, for k < count, the
+// elements split between the pool's threads.
+void SumInOrder(const std::vector<float*>& parts, float* sum, int64_t count) {
+  constexpr int64_t kChunk = 1 << 14;
+  int chunks = static_cast<int>((count + kChunk - 1) / kChunk);
+  Pool::Get().Run(chunks, call_threads, [&](int c) {
+    int64_t begin = c * kChunk, end = std::min(count, begin + kChunk);
+    for (int64_t k = begin; k < end; ++k) {
+      float total = parts[0][k];
+      for (size_t p = 1; p < parts.size(); ++p) total += parts[p][k];
+      sum[k] = total;
+    }
+  });
 }
 
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
@@ -504,36 +705,100 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
         Dims(w.dimensions()) + ", y " + Dims(y.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
   return Guarded([&] {
-    const auto& plan = Cached<BackwardPlan>(std::make_tuple(g.key(), Threads()),
-                                            [&] { return MakeBackwardPlan(g); });
-    dnnl::stream s(Engine());
-    CallMemory mem(s);
-    // Without an activation the pre-activation's gradient is dy itself: g is
-    // not written (the caller uses dy).
-    void* diff_dst = dy.untyped_data();
-    if (activation != kNone) {
-      ActivationGradient(g, activation, dy.untyped_data(), y.untyped_data(),
-                         g_out->untyped_data(), s, mem);
-      diff_dst = g_out->untyped_data();
+    auto pieces = Split(g.n);
+    auto plans = PiecePlans<BackwardPiecePlans>(
+        pieces, [&](int64_t n) -> const BackwardPiecePlans& {
+          Geometry pg = g;
+          pg.n = n;
+          return Cached<BackwardPiecePlans>(std::make_tuple(pg.key(), activation), [&] {
+            const ActivationPlan* act = nullptr;
+            if (activation != kNone)
+              act = &Cached<ActivationPlan>(
+                  std::make_tuple(pg.n, pg.o, pg.oh, pg.ow, activation),
+                  [&] { return MakeActivationPlan(pg.dst_dims(), activation); });
+            return BackwardPiecePlans{
+                &Cached<BackwardPlan>(pg.key(), [&] { return MakeBackwardPlan(pg); }), act};
+          });
+        });
+    SharedInputs shared;
+    std::map<int64_t, memory> data_weights;  // w in each piece size's backward-data layout
+    if (input_gradient)
+      for (auto& [n, plan] : plans)
+        data_weights[n] = shared.get(plan->conv->data_ports.wei, w.untyped_data());
+    // Each piece's weight gradient, in its primitive's layout; with one
+    // piece, dw itself where that layout is JAX's.
+    std::vector<memory> partial;
+    for (const Piece& p : pieces) {
+      const Port& port = plans.at(p.size)->conv->weights_ports.wei;
+      void* data = pieces.size() == 1 && port.same
+                       ? dw->untyped_data()
+                       : SharedArena().take(port.inner.get_size());
+      partial.emplace_back(port.inner, Engine(), data);
     }
-    if (input_gradient) {
-      const Ports& dp = plan.data_ports;
-      memory diff_src = mem.output(dp.src, dx->untyped_data());
-      plan.data.execute(
-          s, {{DNNL_ARG_DIFF_DST, mem.input(dp.dst, diff_dst)},
-              {DNNL_ARG_WEIGHTS, mem.input(dp.wei, w.untyped_data())},
-              {DNNL_ARG_DIFF_SRC, diff_src},
-              {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.data_scratch_bytes)}});
-      mem.finish(dp.src, diff_src, dx->untyped_data());
+    const int64_t in = g.h * g.w * g.c, out = g.oh * g.ow * g.o;
+    Pool::Get().Run(static_cast<int>(pieces.size()), call_threads, [&](int i) {
+      const Piece& p = pieces[i];
+      const BackwardPiecePlans& plan = *plans.at(p.size);
+      dnnl::stream& s = ThreadStream();
+      CallMemory mem(s);
+      float* xp = x.typed_data() + p.offset * in;
+      // Without an activation the pre-activation's gradient is dy itself: g
+      // is not written (the caller uses dy).
+      float* diff_dst = dy.typed_data() + p.offset * out;
+      if (plan.activation != nullptr) {
+        float* gp = g_out->typed_data() + p.offset * out;
+        const ActivationPlan& act = *plan.activation;
+        act.prim.execute(s, {{DNNL_ARG_DIFF_DST, memory(act.md, Engine(), diff_dst)},
+                             {DNNL_ARG_DST, memory(act.md, Engine(),
+                                                   y.typed_data() + p.offset * out)},
+                             {DNNL_ARG_DIFF_SRC, memory(act.md, Engine(), gp)},
+                             {DNNL_ARG_SCRATCHPAD, mem.scratchpad(act.scratch_bytes)}});
+        diff_dst = gp;
+      }
+      const BackwardPlan& conv = *plan.conv;
+      if (input_gradient) {
+        const Ports& dp = conv.data_ports;
+        float* dxp = dx->typed_data() + p.offset * in;
+        memory diff_src = mem.output(dp.src, dxp);
+        conv.data.execute(s, {{DNNL_ARG_DIFF_DST, mem.input(dp.dst, diff_dst)},
+                              {DNNL_ARG_WEIGHTS, data_weights.at(p.size)},
+                              {DNNL_ARG_DIFF_SRC, diff_src},
+                              {DNNL_ARG_SCRATCHPAD, mem.scratchpad(conv.data_scratch_bytes)}});
+        mem.finish(dp.src, diff_src, dxp);
+      }
+      const Ports& wp = conv.weights_ports;
+      conv.weights.execute(s, {{DNNL_ARG_SRC, mem.input(wp.src, xp)},
+                               {DNNL_ARG_DIFF_DST, mem.input(wp.dst, diff_dst)},
+                               {DNNL_ARG_DIFF_WEIGHTS, partial[i]},
+                               {DNNL_ARG_SCRATCHPAD,
+                                mem.scratchpad(conv.weights_scratch_bytes)}});
+      s.wait();
+    });
+    // dw: the pieces' gradients summed in their order.
+    dnnl::stream& s = ThreadStream();
+    const Port& first = plans.at(pieces[0].size)->conv->weights_ports.wei;
+    bool one_layout = true;
+    for (const memory& m : partial) one_layout = one_layout && m.get_desc() == first.inner;
+    std::vector<float*> parts;
+    if (one_layout) {  // summed in the primitives' layout, then reordered once
+      for (memory& m : partial) parts.push_back(static_cast<float*>(m.get_data_handle()));
+      if (parts.size() > 1)
+        SumInOrder(parts, first.same ? dw->typed_data() : parts[0],
+                   first.inner.get_size() / sizeof(float));
+      if (!first.same) {
+        memory user(first.user, Engine(), dw->untyped_data());
+        first.to_user.execute(s, partial[0], user);
+      }
+    } else {  // each reordered to JAX's layout, then summed
+      for (size_t i = 0; i < pieces.size(); ++i) {
+        const Port& port = plans.at(pieces[i].size)->conv->weights_ports.wei;
+        memory user(port.user, Engine(), SharedArena().take(port.user.get_size()));
+        port.to_user.execute(s, partial[i], user);
+        parts.push_back(static_cast<float*>(user.get_data_handle()));
+      }
+      s.wait();
+      SumInOrder(parts, dw->typed_data(), first.user.get_size() / sizeof(float));
     }
-    const Ports& wp = plan.weights_ports;
-    memory diff_wei = mem.output(wp.wei, dw->untyped_data());
-    plan.weights.execute(
-        s, {{DNNL_ARG_SRC, mem.input(wp.src, x.untyped_data())},
-            {DNNL_ARG_DIFF_DST, mem.input(wp.dst, diff_dst)},
-            {DNNL_ARG_DIFF_WEIGHTS, diff_wei},
-            {DNNL_ARG_SCRATCHPAD, mem.scratchpad(plan.weights_scratch_bytes)}});
-    mem.finish(wp.wei, diff_wei, dw->untyped_data());
     s.wait();
   });
 }
@@ -574,8 +839,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Ret<F32>())
         .Attr<bool>("input_gradient"));
 
-// The OpenMP team size of the calls from the next one on (n >= 1), or
-// OpenMP's own (n = 0); returns the team size of the last call (0: none yet).
+// The threads of the calls from the next one on (n >= 1), or every core
+// (n = 0: OpenMP's count, $OMP_NUM_THREADS where set); returns the threads of
+// the last call (0: none yet).
 extern "C" int EtOnednnSetThreads(int n) {
   requested_threads.store(n < 0 ? 0 : n, std::memory_order_relaxed);
   return applied_threads.load(std::memory_order_relaxed);
