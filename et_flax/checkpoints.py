@@ -227,21 +227,29 @@ def _read_whole(manager: ocp.CheckpointManager, step: int,
   return restored['state'], restored['meta']
 
 
+def _read_or_note(read: Callable[[], Any], manager: ocp.CheckpointManager, step: int,
+                  damaged: list[Damage]) -> Any:
+  """`read()`'s result; None, with the checkpoint added to `damaged`, when its
+  files could not be read (any other error is raised)."""
+  try:
+    return read()
+  except Exception as error:  # only a read failure is passed over
+    reason = _read_failure(error)
+    if reason is None:
+      raise
+    damaged.append(Damage(pathlib.Path(manager.directory) / str(step), reason))
+    return None
+
+
 def _newest_intact(candidates: Sequence[tuple[ocp.CheckpointManager, int]],
                    sharding: jax.sharding.Sharding, damaged: list[Damage]
                    ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
   """(index, state, meta) of the first candidate that reads whole; the ones
   before it go to `damaged`. None if none does."""
   for index, (manager, step) in enumerate(candidates):
-    try:
-      state, meta = _read_whole(manager, step, sharding)
-    except Exception as error:  # only a read failure is passed over
-      reason = _read_failure(error)
-      if reason is None:
-        raise
-      damaged.append(Damage(pathlib.Path(manager.directory) / str(step), reason))
-      continue
-    return index, state, meta
+    read = _read_or_note(lambda: _read_whole(manager, step, sharding), manager, step, damaged)
+    if read is not None:
+      return index, *read
   return None
 
 
@@ -374,6 +382,17 @@ class RunCheckpoints:
         interrupted.delete(step)
       self._interrupted_outdated = False
 
+  def _checkpoint_of(self, which: int | Mapping[str, Any]
+                     ) -> tuple[ocp.CheckpointManager, int]:
+    """The manager and step of epoch `which`'s checkpoint, or of the one the
+    meta `which` describes (an epoch's, or the interrupted one)."""
+    if isinstance(which, int):
+      return self.latest, which
+    stopped = StoppedWithin.from_meta(which)
+    if stopped is not None:
+      return self._interrupted_manager(), stopped.global_step
+    return self.latest, which['epoch']
+
   def latest_epoch(self) -> int | None:
     self._finish_pending()
     return self.latest.latest_step()
@@ -385,10 +404,7 @@ class RunCheckpoints:
     before `restore`, whose own error is hundreds of lines from inside Orbax.
     """
     self._finish_pending()
-    if 'interrupted' in meta:
-      manager, step = self._interrupted_manager(), meta['interrupted']['global_step']
-    else:
-      manager, step = self.latest, meta['epoch']
+    manager, step = self._checkpoint_of(meta)
     check_resumable_shapes(manager.item_metadata(step)['state'], abstract_state,
                            pathlib.Path(manager.directory) / str(step), self.workdir)
 
@@ -463,12 +479,7 @@ class RunCheckpoints:
     of `abstract_state`.
     """
     self._finish_pending()
-    if isinstance(which, int):
-      manager, step = self.latest, which
-    elif 'interrupted' in which:
-      manager, step = self._interrupted_manager(), which['interrupted']['global_step']
-    else:
-      manager, step = self.latest, which['epoch']
+    manager, step = self._checkpoint_of(which)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
@@ -507,8 +518,9 @@ def _newest_meta(directory: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _global_step(meta: Mapping[str, Any]) -> int:
-  if 'interrupted' in meta:
-    return meta['interrupted']['global_step']
+  stopped = StoppedWithin.from_meta(meta)
+  if stopped is not None:
+    return stopped.global_step
   return meta['history'][-1]['step'] if meta['history'] else 0
 
 
@@ -674,15 +686,46 @@ def check_resumable_shapes(saved: Any, expected: Any, source: str | pathlib.Path
 HISTORY_FILE = 'history.jsonl'
 
 
+@dataclasses.dataclass(frozen=True)
+class StoppedWithin:
+  """A run stopped by a signal within an epoch, where it stood.
+
+  Saved in its interrupted checkpoint's meta, under 'interrupted', as a JSON
+  object of these fields (`to_json`, `from_meta`); a resumed run takes the
+  epoch up at the next step, with the same rate and running metrics.
+  """
+  global_step: int  # the optimizer step: the checkpoint's index in INTERRUPTED
+  epoch: int = 0  # the epoch under way
+  steps_done: int = 0  # its steps done
+  learning_rate: float = 0.0  # its learning rate
+  # Its running metrics, exactly (train._metrics_to_json); None before a step.
+  train_metrics: list[float] | None = None
+  # The epoch's time, and time waiting for input, before the stop (every
+  # stopped part of it); 0 in checkpoints written before they were recorded.
+  seconds: float = 0.0
+  wait_seconds: float = 0.0
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_meta(cls, meta: Mapping[str, Any]) -> StoppedWithin | None:
+    """The record in a checkpoint's meta; None for an epoch's checkpoint."""
+    saved = meta.get('interrupted')
+    if saved is None:
+      return None
+    return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)
+                  if field.name in saved})
+
+
 @dataclasses.dataclass
 class RunProgress:
   """Where a run stands, as its checkpoints record it."""
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   best_top1: float = -1.0
   epoch: int = 0  # the last finished epoch
-  # A run stopped within epoch `epoch + 1`: its steps done there, learning
-  # rate and running metrics (see train.py); None otherwise.
-  within: dict[str, Any] | None = None
+  # A run stopped within epoch `epoch + 1`; None otherwise.
+  within: StoppedWithin | None = None
   # The finished epoch whose checkpoint is the latest (None: only the
   # interrupted one is newer).
   saved_epoch: int | None = 0
@@ -697,17 +740,11 @@ def _resume_candidates(managers: Mapping[str, ocp.CheckpointManager],
   for folder in (LATEST, INTERRUPTED):
     manager = managers.get(folder)
     for step in [] if manager is None else manager.all_steps():
-      try:
-        meta = manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-        global_step = _global_step(meta)
-      except Exception as error:  # only a read failure is passed over
-        reason = _read_failure(error)
-        if reason is None:
-          raise
-        damaged.append(Damage(pathlib.Path(manager.directory) / str(step), reason))
-        continue
-      ranked.append((global_step, folder == LATEST, manager, step))
+      global_step = _read_or_note(lambda: _global_step(manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']),
+                                  manager, step, damaged)
+      if global_step is not None:
+        ranked.append((global_step, folder == LATEST, manager, step))
   ranked.sort(key=lambda entry: entry[:2], reverse=True)
   return [(manager, step) for _, _, manager, step in ranked]
 
@@ -753,8 +790,9 @@ def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('et_flax_checkpoints_moved')
   if damaged:
-    where = (f'interrupted, step {meta["interrupted"]["global_step"]}'
-             if 'interrupted' in meta else f'epoch {meta["epoch"]}')
+    stopped = StoppedWithin.from_meta(meta)
+    where = (f'interrupted, step {stopped.global_step}' if stopped is not None else
+             f'epoch {meta["epoch"]}')
     console.warning(
         '%s: moved to %s (kept, not deleted); resuming from the newest intact checkpoint '
         '(%s)%s', _damage_line(damaged, workdir),
@@ -775,7 +813,7 @@ def _check_best(managers: Mapping[str, ocp.CheckpointManager], damaged: list[Dam
   epoch, latest = steps[0], managers.get(LATEST)
   if latest is None or epoch not in latest.all_steps():
     return None
-  if epoch != meta['epoch'] or 'interrupted' in meta:  # else just read whole
+  if epoch != meta['epoch'] or StoppedWithin.from_meta(meta) is not None:  # else read whole
     if _newest_intact([(latest, epoch)], _local_sharding(), []) is None:
       return None
   return (pathlib.Path(latest.directory) / str(epoch),
@@ -814,14 +852,14 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
 
 def run_meta(config: ml_collections.ConfigDict, progress: RunProgress,
-             settings: Mapping[str, Any], interrupted: Mapping[str, Any] | None = None
+             settings: Mapping[str, Any], interrupted: StoppedWithin | None = None
              ) -> dict[str, Any]:
   """The JSON saved beside a checkpoint's arrays."""
   meta = {'epoch': progress.epoch, 'config': config_to_dict(config),
           'settings': dict(settings), 'history': progress.history,
           'best_val_top1_accuracy': progress.best_top1}
   if interrupted is not None:
-    meta['interrupted'] = dict(interrupted)
+    meta['interrupted'] = interrupted.to_json()
   return meta
 
 
@@ -869,14 +907,14 @@ def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: Mapping[str, An
   restored, meta = run_checkpoints.restore(saved_meta, abstract)
   state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
                         opt_state=restored['opt_state'], step=restored['step'])
-  within = saved_meta.get('interrupted')
+  within = StoppedWithin.from_meta(saved_meta)
   progress = RunProgress(history=meta['history'], best_top1=meta['best_val_top1_accuracy'],
                          epoch=meta['epoch'], within=within,
                          saved_epoch=meta['epoch'] if within is None else None)
   workdir = run_checkpoints.workdir
-  if within is not None and within['steps_done']:
+  if within is not None and within.steps_done:
     console.info('Resuming %s within epoch %d, after its step %d (global step %d)',
-                 workdir, within['epoch'], within['steps_done'], int(state.step))
+                 workdir, within.epoch, within.steps_done, int(state.step))
   else:
     console.info('Resuming %s after epoch %d (global step %d)', workdir, meta['epoch'],
                  int(state.step))

@@ -487,11 +487,11 @@ class _Run:
         state.opt_state, config.optimizer, steps_per_epoch, config.num_epochs)))
     batches = data.train.epoch(epoch)
     steps_done, train_metrics = 0, None
-    within = self.progress.within
-    if within is not None and epoch == within['epoch']:
-      steps_done, learning_rate = within['steps_done'], within['learning_rate']
+    within = self._stopped_within(epoch)
+    if within is not None:
+      steps_done, learning_rate = within.steps_done, within.learning_rate
       batches = itertools.islice(batches, steps_done, None)
-      train_metrics = _metrics_from_json(within['train_metrics'], self.mesh)
+      train_metrics = _metrics_from_json(within.train_metrics, self.mesh)
     progress = console.EpochProgress(epoch, config.num_epochs, steps_per_epoch,
                                      config.batch_size, initial_step=steps_done,
                                      mode=None if self.is_chief else 'off')
@@ -502,11 +502,16 @@ class _Run:
                        progress=progress, stop=self.stop, train_metrics=train_metrics,
                        steps_done=steps_done), learning_rate
 
-  def _before(self, epoch: int, field: str) -> float:
-    """What epoch `epoch` took before a stop ('seconds', 'wait_seconds'), when
-    this run resumed it (0 for checkpoints that did not record it)."""
+  def _stopped_within(self, epoch: int) -> checkpoints.StoppedWithin | None:
+    """Where a stopped run left epoch `epoch`, when this run resumes it there."""
     within = self.progress.within
-    return within.get(field, 0.0) if within and within['epoch'] == epoch else 0.0
+    return within if within is not None and within.epoch == epoch else None
+
+  def _time_before(self, epoch: int) -> tuple[float, float]:
+    """The seconds epoch `epoch` took before a stop, and those spent waiting
+    for input (0 when this run did not resume it)."""
+    within = self._stopped_within(epoch)
+    return (0.0, 0.0) if within is None else (within.seconds, within.wait_seconds)
 
   def _save_and_stop(self, epoch: int, epoch_run: EpochRun, learning_rate: float,
                      start: float) -> None:
@@ -514,13 +519,14 @@ class _Run:
     saved_epoch, steps_done = self.progress.saved_epoch, epoch_run.steps_done
     if saved_epoch != epoch - 1 or steps_done:
       global_step = int(jax.device_get(epoch_run.state.step))
-      interrupted = {'global_step': global_step, 'epoch': epoch,
-                     'steps_done': steps_done, 'learning_rate': learning_rate,
-                     'train_metrics': _metrics_to_json(epoch_run.train_metrics),
-                     # The resumed epoch's time and rate count this part too.
-                     'seconds': self._before(epoch, 'seconds') + time.perf_counter() - start,
-                     'wait_seconds': (self._before(epoch, 'wait_seconds')
-                                      + epoch_run.wait_seconds)}
+      seconds, wait_seconds = self._time_before(epoch)
+      interrupted = checkpoints.StoppedWithin(
+          global_step=global_step, epoch=epoch, steps_done=steps_done,
+          learning_rate=learning_rate,
+          train_metrics=_metrics_to_json(epoch_run.train_metrics),
+          # The resumed epoch's time and rate count this part too.
+          seconds=seconds + time.perf_counter() - start,
+          wait_seconds=wait_seconds + epoch_run.wait_seconds)
       meta = checkpoints.run_meta(self.config, self.progress, self.settings.to_dict(),
                                   interrupted)
       self.run_checkpoints.save_interrupted(
@@ -543,8 +549,9 @@ class _Run:
     config = self.config
     train_summary = read_metrics(epoch_run.train_metrics)
     # An epoch resumed after a stop: the part before it counts too.
-    start -= self._before(epoch, 'seconds')
-    wait_seconds = self._before(epoch, 'wait_seconds') + epoch_run.wait_seconds
+    seconds_before, wait_seconds = self._time_before(epoch)
+    start -= seconds_before
+    wait_seconds += epoch_run.wait_seconds
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
       raise FloatingPointError(
