@@ -48,6 +48,8 @@ PREPROCESSING = augment.PREPROCESSING
 # no fewer than it takes for the part's convolution outputs to outweigh the
 # convolution kernels, which every part reads, reorders and adds a gradient
 # for (VGG16: 59 MB of kernels, 4.4 MB of outputs per image: parts of 16).
+# The oneDNN calls split a part into pieces of whole images, one thread each,
+# so a part has at least as many images as the process has cores.
 AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
 # 'auto' keeps the training images on the accelerator when they take less
 # than this share of its memory.
@@ -306,8 +308,8 @@ def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
                       platform: Platform) -> int:
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
-  'auto' is 4 images for plain E.T. at 64x64 with the oneDNN convolutions, 8
-  with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
+  'auto' is 4 images for plain E.T. at 64x64 with the oneDNN convolutions (or
+  one per core where there are more cores), 8 with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
   divisor of the batch whose activations fit AUTO_CPU_MICRO_BUDGET, at least
   its floor, and at least as many images as it takes for their convolution
   outputs to outweigh the kernels; whole batches for a model with batch norm.
@@ -324,6 +326,8 @@ def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
   if platform.backend != 'cpu' or facts.batch_norm:
     return 0  # batch norm would normalise the parts apart
   budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl]
+  if conv_impl == 'onednn':
+    floor = max(floor, len(os.sched_getaffinity(0)))
   per_image = _activation_bytes_per_image(config, facts)
   fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
   kernel_bytes, output_bytes = _kernel_and_output_bytes(config)

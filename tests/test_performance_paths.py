@@ -1,6 +1,7 @@
 """The GPU paths, checked on CPU: device-resident data, bfloat16, no retracing."""
 
 import functools
+import os
 
 import chex
 import jax
@@ -137,11 +138,17 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   # The machine 'auto' sees: one CPU device where oneDNN builds, whatever this one is.
   cpu = settings.Platform('cpu', onednn_platform=True)
   monkeypatch.setattr(onednn, 'available', lambda: (True, ''))
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})  # 2 cores
 
   def micro_batch_size(platform=cpu):
     return settings.resolve(config, platform).micro_batch_size
 
   assert micro_batch_size() == 4  # oneDNN convolutions
+  # A oneDNN call runs a piece of whole images per thread: a part has at
+  # least an image per core.
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
+  assert micro_batch_size() == 8
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
   assert micro_batch_size(settings.Platform('gpu')) == 0  # whole batches on GPUs
   config.conv_impl = 'xla'
   assert micro_batch_size() == 8
