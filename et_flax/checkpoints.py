@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 
 from et_flax import console
 from et_flax import keras_import
+from et_flax import run_files
 from et_flax import workdir_lock
 
 LATEST = 'checkpoints'
@@ -683,7 +684,7 @@ def check_resumable_shapes(saved: Any, expected: Any, source: str | pathlib.Path
 # ---------------------------------------------------------------------------
 # A run's start: resumed, warm-started, from Keras weights, or fresh.
 
-HISTORY_FILE = 'history.jsonl'
+HISTORY_FILE = run_files.HISTORY_FILE  # the file is run_files.py's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -852,15 +853,13 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
 
 def run_meta(config: ml_collections.ConfigDict, progress: RunProgress,
-             settings: Mapping[str, Any], interrupted: StoppedWithin | None = None
-             ) -> dict[str, Any]:
-  """The JSON saved beside a checkpoint's arrays."""
-  meta = {'epoch': progress.epoch, 'config': config_to_dict(config),
-          'settings': dict(settings), 'history': progress.history,
-          'best_val_top1_accuracy': progress.best_top1}
+             settings: Mapping[str, Any], interrupted: StoppedWithin | None = None,
+             **more: Any) -> dict[str, Any]:
+  """The JSON saved beside a checkpoint's arrays (`run_files.checkpoint_meta`)."""
   if interrupted is not None:
-    meta['interrupted'] = interrupted.to_json()
-  return meta
+    more['interrupted'] = interrupted.to_json()
+  return run_files.checkpoint_meta(config_to_dict(config), progress.epoch, settings,
+                                   progress.history, progress.best_top1, **more)
 
 
 def state_dict(state: Any, rng: jax.Array) -> dict[str, Any]:
@@ -919,13 +918,6 @@ def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: Mapping[str, An
     console.info('Resuming %s after epoch %d (global step %d)', workdir, meta['epoch'],
                  int(state.step))
   return state, jax.random.wrap_key_data(restored['rng']), progress
-
-
-def write_history(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
-  """Rewrites the history file (atomically) with `history`, one JSON line per epoch."""
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(''.join(json.dumps(entry) + '\n' for entry in history))
-  os.replace(tmp, path)
 
 
 def last_good_checkpoint(workdir: pathlib.Path, epoch: int | None) -> str:

@@ -31,6 +31,7 @@ from et_flax import checkpoints
 from et_flax import console
 from et_flax import input_pipeline
 from et_flax import optim
+from et_flax import run_files
 from et_flax import settings as settings_lib
 from et_flax import train
 
@@ -63,12 +64,7 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
   if data_dir:
     config.data.data_dir = data_dir
   info = input_pipeline.get_dataset_info(config.data)
-  mapping_path = workdir / 'classes.json'
-  if mapping_path.exists():
-    saved = json.loads(mapping_path.read_text())
-    if saved['wnids'] != list(info.wnids):
-      raise ValueError(f'{mapping_path} names other classes than the dataset gives '
-                       f'for this config: {saved["wnids"][:3]}... vs {list(info.wnids[:3])}...')
+  run_files.check_classes(workdir, info.wnids)
   settings = settings_lib.resolve(config)
   model = settings_lib.build_model(config, settings, info.num_classes, info.image_size)
   return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta['epoch'],
@@ -115,11 +111,8 @@ def classification_report(logits: np.ndarray, labels: np.ndarray,
 
 
 def read_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  path = pathlib.Path(workdir) / checkpoints.HISTORY_FILE
-  if not path.exists():
-    raise FileNotFoundError(f'{path} is missing: {workdir} has no training history '
-                            '(was it trained by et_flax.main?)')
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The run's epochs (`run_files.read_history`; the notebooks call it here)."""
+  return run_files.read_history(workdir)
 
 
 class ReportNotWrittenError(OSError):

@@ -11,7 +11,6 @@ The numbers of the report's table 5.1 are compare.REPORT_RESULTS's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -19,8 +18,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from et_flax import checkpoints
 from et_flax import compare
+from et_flax import run_files
 
 REPORT, FUTURE_WORK, PRETRAINED = 'report', 'future work', 'pretrained'
 
@@ -149,13 +148,8 @@ def run_result(workdir: str | pathlib.Path, name: str, status: str,
                message: str = '') -> RunResult:
   """The run in `workdir` (which may not exist yet)."""
   workdir = pathlib.Path(workdir)
-  history_path = workdir / checkpoints.HISTORY_FILE
-  history = ([json.loads(line) for line in history_path.read_text().splitlines()
-              if line.strip()] if history_path.exists() else [])
-  classes_path = workdir / 'classes.json'
-  num_classes = (len(json.loads(classes_path.read_text())['wnids'])
-                 if classes_path.exists() else None)
-  return RunResult(name, status, message, num_classes, history)
+  return RunResult(name, status, message, run_files.num_classes(workdir),
+                   run_files.read_history(workdir, missing_ok=True))
 
 
 # ---------------------------------------------------------------------------

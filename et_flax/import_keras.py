@@ -34,6 +34,7 @@ from et_flax import console
 from et_flax import input_pipeline
 from et_flax import keras_structure
 from et_flax import models
+from et_flax import run_files
 from et_flax import settings as settings_lib
 from et_flax import workdir_lock
 
@@ -106,14 +107,14 @@ def import_to_workdir(keras_path: str | pathlib.Path, workdir: str | pathlib.Pat
       'layers': imported.layers,
   }
   with workdir_lock.RunLock(workdir):
-    input_pipeline.save_class_mapping(info, workdir)
+    run_files.write_classes(workdir, info.class_mapping())
     run_checkpoints = checkpoints.RunCheckpoints(workdir, config.max_to_keep)
     # An untrained run's meta (epoch 0, no history), and where its weights came from.
-    meta = {**checkpoints.run_meta(config, checkpoints.RunProgress(), settings.to_dict()),
-            'keras_import': record}
+    meta = checkpoints.run_meta(config, checkpoints.RunProgress(), settings.to_dict(),
+                                keras_import=record)
     run_checkpoints.save(0, imported.variables, meta, best=True)
     run_checkpoints.close()
-    (workdir / checkpoints.HISTORY_FILE).write_text('')
+    run_files.write_history(workdir, [])
     (workdir / RECORD_FILE).write_text(json.dumps(record, indent=1))
   _report(keras_path, workdir, imported, config, changed)
   return record

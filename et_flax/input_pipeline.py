@@ -37,6 +37,7 @@ from absl import logging
 from et_flax import console
 from et_flax import digits
 from et_flax import preparation
+from et_flax import run_files
 from et_flax import tiny_imagenet
 
 DATASETS = ('digits', 'tiny_imagenet')
@@ -298,24 +299,9 @@ def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
 
 
 def save_class_mapping(info: DatasetInfo, workdir: str | os.PathLike) -> pathlib.Path:
-  """Writes `classes.json` (label i: wnid and name) to the workdir.
-
-  A workdir that already maps labels differently is refused: its
-  checkpoints and results would name the wrong classes.
-  """
-  path = pathlib.Path(workdir) / 'classes.json'
-  mapping = info.class_mapping()
-  if path.exists():
-    found = json.loads(path.read_text())
-    if found != mapping:
-      raise ValueError(f'{path} maps labels to other classes ({len(found["wnids"])} '
-                       f'classes, first {found["wnids"][:3]}) than this config '
-                       f'({info.num_classes}, first {list(info.wnids[:3])}); use '
-                       'another workdir')
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(mapping, indent=1))
-  return path
+  """Writes the data's class mapping (`run_files.write_classes`: classes.json)
+  to the workdir, refusing one that maps labels differently."""
+  return run_files.write_classes(workdir, info.class_mapping())
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ annotations as classes.)
 import dataclasses
 import functools
 import itertools
-import json
 import pathlib
 import signal
 import time
@@ -38,6 +37,7 @@ from et_flax import input_pipeline
 from et_flax import interrupts
 from et_flax import models
 from et_flax import optim
+from et_flax import run_files
 from et_flax import settings as settings_lib
 
 TOP_K = 5
@@ -408,7 +408,6 @@ class _Run:
     self.config, self.workdir, self.platform = config, workdir, platform
     self.settings, self.stop = settings, stop
     self.is_chief = jax.process_index() == 0
-    self.history_path = workdir / checkpoints.HISTORY_FILE
 
   def run(self, allow_config_change: bool) -> dict[str, float]:
     config, workdir = self.config, self.workdir
@@ -430,8 +429,8 @@ class _Run:
     variables = None if saved_meta is not None else checkpoints.starting_variables(
         config, lambda: init_variables(init_rng, model, info.image_size), replicated)
     if self.is_chief:
-      with checkpoints.writing(str(workdir / 'classes.json')):
-        input_pipeline.save_class_mapping(info, workdir)
+      with checkpoints.writing(str(run_files.classes_path(workdir))):
+        run_files.write_classes(workdir, info.class_mapping())
     # Saves are written in the background; leaving this block, however it is
     # left, waits for the last one.
     with checkpoints.RunCheckpoints(workdir, config.max_to_keep) as self.run_checkpoints:
@@ -453,8 +452,8 @@ class _Run:
       # The history file is rewritten from the checkpoint: epochs after it that a
       # killed run had logged are dropped, and will be logged again when redone.
       if self.is_chief:
-        with checkpoints.writing(str(self.history_path)):
-          checkpoints.write_history(self.history_path, self.progress.history)
+        with checkpoints.writing(str(run_files.history_path(workdir))):
+          run_files.write_history(workdir, self.progress.history)
       _log_header(config, self.settings, state.params)
       # Global arrays, as a multi-host checkpoint needs them.
       state = distributed.replicate(state, mesh)
@@ -579,9 +578,8 @@ class _Run:
     if self.is_chief:
       with checkpoints.writing(f'the TensorBoard events in {self.workdir}'):
         self.writer.write_scalars(epoch, {k: v for k, v in summary.items() if k != 'epoch'})
-      with checkpoints.writing(str(self.history_path)), \
-          self.history_path.open('a') as history_file:
-        history_file.write(json.dumps(summary) + '\n')
+      with checkpoints.writing(str(run_files.history_path(self.workdir))):
+        run_files.append_history(self.workdir, summary)
     console.info(
         'epoch %d/%d: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f '
         'top5 %.4f | lr %.3g | %.1f s, %.0f img/s', epoch, config.num_epochs,
@@ -604,5 +602,5 @@ class _Run:
     console.info('Best epoch %d: val top-1 %.4f, kept in %s/. Results in %s: %s/, %s, '
                  'TensorBoard events%s', best['epoch'], best['val_top1_accuracy'],
                  checkpoints.BEST, self.workdir, checkpoints.LATEST,
-                 checkpoints.HISTORY_FILE,
+                 run_files.HISTORY_FILE,
                  f', {log.name}' if log is not None and log.parent == self.workdir else '')
