@@ -3,7 +3,7 @@
   python -m et_flax.reproduce --workdir=runs/report \
       --config.data.data_dir=/path/to/tiny-imagenet-200 \
       [--only=wide_5,deep_5] [--future_work] [--pretrained] [--quick] [--evaluate=false]
-      [--estimate]
+      [--estimate] [--workers=N | --worker]
 
 Runs each experiment config of the report (configs/<name>.py; the future-work
 and pretrained ones with their flags) in <workdir>/<name>/, one after
@@ -16,6 +16,9 @@ fails is recorded (<workdir>/status.json) and the others go on; Ctrl-C or
 SIGTERM stops the sweep once the current run has saved. `--quick` runs every
 config for 2 epochs on the embedded digits, offline, in minutes on a CPU;
 `--estimate` trains nothing and prints each run's expected time here.
+`--workers=N` shares the sweep between N worker processes here (each its
+share of the GPUs or cores); `--worker` is one worker, for a scheduler to
+start many of on shared storage (et_flax/sweep_workers.py).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -51,8 +56,8 @@ from et_flax import findings
 from et_flax import host_memory
 from et_flax import interrupts
 from et_flax import settings as settings_lib
+from et_flax import sweep_workers
 from et_flax import train
-from et_flax import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ lives there
 STATUS_FILE = 'status.json'
@@ -135,27 +140,37 @@ def _now() -> str:
 
 
 class SweepStatus:
-  """<workdir>/status.json: each run's status, message and config, kept atomically."""
+  """<workdir>/status.json: each run's status, message and config, kept atomically.
+
+  Every change reads the file afresh and writes it under a short lock, so
+  that the workers of a sweep keep one status between them.
+  """
 
   def __init__(self, workdir: pathlib.Path, quick: bool):
     self.path = workdir / STATUS_FILE
-    self.data = {'quick': quick, 'runs': {}}
-    if self.path.exists():
-      saved = json.loads(self.path.read_text())
-      if saved.get('quick') != quick:
+    self._lock = workdir / sweep_workers.STATUS_LOCK
+    with sweep_workers.locked(self._lock):
+      saved = self._read()
+      if saved is not None and saved.get('quick') != quick:
         raise ValueError(
             f'{workdir} holds a {"quick" if saved.get("quick") else "full"} sweep: '
             f'rerun {"with" if saved.get("quick") else "without"} --quick, or use '
             'another --workdir')
-      self.data = saved
-    self._save()  # a sweep's root holds a run from its start: its log.txt opens
+      self.data = saved or {'quick': quick, 'runs': {}}
+      self._save()  # a sweep's root holds a run from its start: its log.txt opens
 
   def get(self, name: str) -> dict[str, Any]:
+    self.data = self._read() or self.data
     return self.data['runs'].get(name, {})
 
   def set(self, name: str, **fields: Any) -> None:
-    self.data['runs'].setdefault(name, {}).update(fields)
-    self._save()
+    with sweep_workers.locked(self._lock):
+      self.data = self._read() or self.data
+      self.data['runs'].setdefault(name, {}).update(fields)
+      self._save()
+
+  def _read(self) -> dict[str, Any] | None:
+    return json.loads(self.path.read_text()) if self.path.exists() else None
 
   def _save(self) -> None:
     tmp = self.path.with_suffix('.tmp')
@@ -198,8 +213,14 @@ class SweepSummary:
 def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment], *,
               quick: bool = False, overrides: Mapping[str, Any] | None = None,
               evaluate_runs: bool = True, log_each_run: bool = False,
-              verbose: bool = False) -> SweepSummary:
-  """Runs `experiments` one after another in <workdir>/<name>/ and writes the table.
+              verbose: bool = False, longest_first: bool = False) -> SweepSummary:
+  """Runs `experiments` in <workdir>/<name>/, as one worker, and writes the table.
+
+  Each run is claimed first (sweep_workers.Claim): runs that other workers
+  (other processes on this sweep) hold are left to them, and a run one of
+  them dropped (it died) is taken over; the worker ends when every run is
+  done or failed. Runs go in the report's order, or with `longest_first`
+  in decreasing order of their expected time.
 
   A run done with the same config is skipped; one stopped (killed or by a
   signal) resumes; a failure is recorded with its message and the sweep goes
@@ -213,19 +234,95 @@ def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experi
   own log.txt, as et_flax.main would.
   """
   workdir = pathlib.Path(workdir)
-  with workdir_lock.RunLock(workdir), _stop_between_runs():
+  overrides = overrides or {}
+  with sweep_workers.hold_sweep(workdir), _stop_between_runs():
     status = SweepStatus(workdir, quick)
+    configs = _configs(experiments, quick, overrides)
+    order = list(experiments)
+    if longest_first:
+      order = _longest_first(workdir, experiments, configs, quick)
     try:
-      for index, experiment in enumerate(experiments, 1):
-        _run_one(workdir, experiment, f'[{index}/{len(experiments)}]', status, quick,
-                 overrides or {}, evaluate_runs, log_each_run, verbose)
-        write_outputs(workdir, experiments, quick, figure=False)
+      _work(workdir, experiments, order, configs, status, quick, overrides,
+            evaluate_runs, log_each_run, verbose)
     except console.StorageFullError:
       raise  # the table would not fit either: the sweep that goes on writes it
     except BaseException:  # stopped: the table shows where the sweep stands
       write_outputs(workdir, experiments, quick)
       raise
   return write_outputs(workdir, experiments, quick)
+
+
+def _configs(experiments: Sequence[findings.Experiment], quick: bool,
+             overrides: Mapping[str, Any]) -> dict[str, ml_collections.ConfigDict | None]:
+  """Each run's config; None for one that fails to build (its run records why)."""
+  configs = {}
+  for experiment in experiments:
+    try:
+      configs[experiment.name] = experiment_config(experiment.name, quick, overrides)
+    except Exception:  # pylint: disable=broad-except
+      configs[experiment.name] = None
+  return configs
+
+
+def _longest_first(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
+                   configs: Mapping[str, ml_collections.ConfigDict | None],
+                   quick: bool) -> list[findings.Experiment]:
+  saved = None if quick else sweep_workers.load_estimate(workdir)
+  seconds = sweep_workers.expected_seconds(
+      {name: config for name, config in configs.items() if config is not None}, saved, quick)
+  if saved:
+    console.info('Runs longest first, by the rates --estimate measured (%s)',
+                 workdir / sweep_workers.ESTIMATE_FILE)
+  else:
+    console.info('Runs longest first, by epochs x images x model cost (%s)',
+                 'quick mode' if quick else f'no {sweep_workers.ESTIMATE_FILE} here: '
+                 '--estimate with this --workdir measures the rates')
+  return sorted(experiments, key=lambda e: -seconds.get(e.name, 0.0))
+
+
+def _settled(saved: Mapping[str, Any], config: ml_collections.ConfigDict | None,
+             since: float) -> bool:
+  """Whether a run needs no worker: done with its config, or failed since `since`
+  (a failure before is tried again, as a rerun does)."""
+  if saved.get('status') == 'done':
+    return config is not None and saved.get('fingerprint') == _fingerprint(config)
+  return saved.get('status') == 'failed' and saved.get('failed_at', 0.0) >= since
+
+
+def _work(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
+          order: Sequence[findings.Experiment],
+          configs: Mapping[str, ml_collections.ConfigDict | None], status: SweepStatus,
+          quick: bool, overrides: Mapping[str, Any], evaluate_runs: bool,
+          log_each_run: bool, verbose: bool) -> None:
+  """Claims and runs the first unsettled run of `order`, until none is left."""
+  since = time.time()
+  counters = {e.name: f'[{i}/{len(order)}]' for i, e in enumerate(order, 1)}
+  for experiment in order:
+    if _settled(status.get(experiment.name), configs[experiment.name], since):
+      console.info('%s %s: done, skipped (%s)', counters[experiment.name], experiment.name,
+                   workdir / experiment.name)
+  waiting = False
+  while True:
+    left = [e for e in order if not _settled(status.get(e.name), configs[e.name], since)]
+    if not left:
+      return
+    for experiment in left:
+      claim = sweep_workers.Claim(workdir, experiment.name)
+      if not claim.try_acquire():
+        continue
+      with claim:
+        waiting = False
+        if not _settled(status.get(experiment.name), configs[experiment.name], since):
+          _run_one(workdir, experiment, counters[experiment.name], status, quick,
+                   overrides, evaluate_runs, log_each_run, verbose)
+          write_outputs(workdir, experiments, quick, figure=False)
+      break
+    else:  # every run left is another worker's
+      if not waiting:
+        console.info('Waiting for the runs other workers hold (%s), to take over any '
+                     'they drop', ', '.join(e.name for e in left))
+        waiting = True
+      time.sleep(sweep_workers.POLL_SECONDS)
 
 
 def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: str,
@@ -250,10 +347,12 @@ def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: st
   console.info('%s %s: %s (configs/%s.py, %d epoch%s) in %s', counter, name, verb, name,
                config.num_epochs, '' if config.num_epochs == 1 else 's', run_dir)
   status.set(name, status='running', message='', fingerprint=fingerprint, started=_now(),
-             config=f'configs/{name}.py', workdir=str(run_dir))
+             config=f'configs/{name}.py', workdir=str(run_dir),
+             worker=sweep_workers.worker_label(), pid=os.getpid(), host=socket.gethostname())
   if log_each_run:
     console.setup_logging(run_dir, verbose)
   try:
+    console.info('%s', sweep_workers.describe_worker())
     train.train_and_evaluate(config, str(run_dir))
     if evaluate_runs:
       report = evaluate.evaluate_run(run_dir, 'best', 'val', figures=True)
@@ -278,7 +377,8 @@ def _record_failure(status: SweepStatus, name: str, counter: str,
                     error: Exception) -> None:
   message = console.user_error_message(error) or f'{type(error).__name__}: {error}'
   _logger.error('%s failed', name, exc_info=error)  # the traceback, to the log file
-  status.set(name, status='failed', message=message, stopped=_now())
+  status.set(name, status='failed', message=message, stopped=_now(),
+             failed_at=time.time())
   console.warning('%s %s failed, going on: %s', counter, name, message)
 
 
@@ -327,8 +427,15 @@ NOTES = (
 
 def write_outputs(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment],
                   quick: bool, figure: bool = True) -> SweepSummary:
-  """reproduction.md and .csv (and claims.png) in `workdir`, from the runs there."""
+  """reproduction.md and .csv (and claims.png) in `workdir`, from the runs there
+  (under a lock: the workers of a sweep write them in turn)."""
   workdir = pathlib.Path(workdir)
+  with sweep_workers.locked(workdir / sweep_workers.TABLE_LOCK):
+    return _write_outputs(workdir, experiments, quick, figure)
+
+
+def _write_outputs(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
+                   quick: bool, figure: bool) -> SweepSummary:
   results = load_results(workdir, experiments)
   by_name = {result.name: result for result in results}
   rows = findings.table_rows(results, quick)
@@ -412,28 +519,129 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_worker_flags()
   if FLAGS.workdir is None and not FLAGS.estimate:
     sys.exit('error: --workdir is required: the sweep runs in <workdir>/<config name>/ '
              '(only --estimate runs without one)')
+  experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
+  environments = None
+  if FLAGS.workers > 1:
+    try:
+      environments = sweep_workers.worker_environments(
+          FLAGS.workers, gpus=sweep_workers.visible_gpus(),
+          cores=sorted(os.sched_getaffinity(0)), workers_per_device=FLAGS.workers_per_device)
+    except ValueError as error:
+      _refuse(str(error))
+    if not FLAGS.estimate:
+      _launch(experiments, environments)  # before JAX or anything the workers set up
+      return
+    os.environ.update(environments[0])  # --estimate: the rates of one worker's share
+  sweep_workers.take_cores()
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   settings_lib.configure_determinism(FLAGS.deterministic)
-  experiments = select_experiments(FLAGS.only, FLAGS.future_work, FLAGS.pretrained)
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
-    estimates = estimate_runs(experiments, overrides)
-    hours = sum(e['hours'] for e in estimates)
-    # Under 100 h, the tenths the per-run lines show; whole hours above.
-    console.info('The sweep: %s h (%.1f days) of training and validation on %s',
-                 f'{hours:.1f}' if round(hours, 1) < 100 else f'{hours:.0f}', hours / 24,
-                 jax.devices()[0].device_kind)
+    _estimate(experiments, overrides, environments)
     return
   try:
     summary = run_sweep(FLAGS.workdir, experiments, quick=FLAGS.quick, overrides=overrides,
                         evaluate_runs=FLAGS.evaluate, log_each_run=True,
-                        verbose=FLAGS.verbose)
+                        verbose=FLAGS.verbose, longest_first=FLAGS.worker)
   except interrupts.TrainingInterrupted as stopped:
     console.info('%s', stopped)
     sys.exit(stopped.exit_code)
+  _finish(summary)
+
+
+def _check_worker_flags() -> None:
+  if FLAGS.workers < 1:
+    _refuse(f'--workers={FLAGS.workers}: give the number of worker processes '
+             '(1 or more)')
+  if FLAGS.worker and FLAGS['workers'].present:
+    _refuse('--worker is one worker (a scheduler starts it as many times as it '
+             'likes) and --workers=N starts N of them here: give one or the other')
+  if FLAGS.worker and FLAGS.estimate:
+    _refuse('--estimate trains nothing: leave --worker out (--workers=N prints '
+             'the expected time for N workers)')
+  if FLAGS['workers_per_device'].present and FLAGS.workers == 1:
+    _refuse('--workers_per_device shares each GPU between workers: give '
+             '--workers=N as well')
+
+
+def _refuse(message: str) -> None:
+  """A bad command line: one `error:` line, exit 1 (also where a test runs the
+  command in its own process, which prints no SystemExit message)."""
+  sys.stderr.write(f'error: {message}\n')
+  sys.exit(1)
+
+
+def _estimate(experiments: Sequence[findings.Experiment], overrides: Mapping[str, Any],
+              environments: Sequence[Mapping[str, str]] | None) -> None:
+  estimates = estimate_runs(experiments, overrides)
+  hours = sum(e['hours'] for e in estimates)
+  device = jax.devices()[0].device_kind
+  # Under 100 h, the tenths the per-run lines show; whole hours above.
+  console.info('The sweep: %s h (%.1f days) of training and validation on %s',
+               _hours(hours), hours / 24, device)
+  if environments:
+    wall = sweep_workers.schedule_seconds([e['hours'] * 3600 for e in estimates],
+                                          len(environments)) / 3600
+    share = ', '.join(f'{k}={v}' for k, v in environments[0].items()
+                      if k != sweep_workers.WORKER_ENV)
+    console.info('With %d workers, longest first: %s h (%.1f days), each run at the '
+                 "rate it had on one worker's share (%s)", len(environments), _hours(wall),
+                 wall / 24, share)
+  if FLAGS.workdir is not None:
+    path = pathlib.Path(FLAGS.workdir) / sweep_workers.ESTIMATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'device': device, 'measured': _now(), 'runs': estimates},
+                               indent=1))
+    console.info('Saved the rates in %s: workers on this --workdir take the longest '
+                 'runs first', path)
+
+
+def _hours(hours: float) -> str:
+  return f'{hours:.1f}' if round(hours, 1) < 100 else f'{hours:.0f}'
+
+
+def _launch(experiments: Sequence[findings.Experiment],
+            environments: Sequence[Mapping[str, str]]) -> None:
+  """`--workers=N`: N `--worker` processes share the sweep; then the table."""
+  workdir = pathlib.Path(FLAGS.workdir)
+  command = [sys.executable, '-m', 'et_flax.reproduce', *_worker_argv(_ARGV), '--worker']
+  with sweep_workers.hold_sweep(workdir):
+    SweepStatus(workdir, FLAGS.quick)  # the other mode is refused before any worker starts
+    console.info('%d workers share the sweep in %s', len(environments), workdir)
+    codes, stopped = sweep_workers.launch(command, environments)
+  if stopped:
+    console.info('Stopped by %s: the workers saved their runs. Run the same command to go '
+                 'on.', signal.Signals(stopped).name)
+    sys.exit(128 + stopped)
+  ended = [f'worker {i} ' + (f'was killed by {signal.Signals(-code).name}' if code < 0 else
+                             f'exited {code}')
+           for i, code in enumerate(codes, 1) if code not in (0, 1)]
+  if ended:
+    console.warning('%s (its lines above)', '; '.join(ended))
+  _finish(write_outputs(workdir, experiments, FLAGS.quick))
+
+
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+  """The launcher's arguments for its workers: without --workers and
+  --workers_per_device (and their values)."""
+  kept, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+      continue
+    name, equals, _ = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in ('workers', 'workers_per_device'):
+      skip = not equals
+      continue
+    kept.append(arg)
+  return kept
+
+
+def _finish(summary: SweepSummary) -> None:
   verdicts = [claim['verdict'] for claim in summary.claims]
   console.info('Wrote %s, %s and %s: %d of %d runs done; findings: %s', summary.table,
                summary.table.with_suffix('.csv').name, FIGURE,
@@ -445,9 +653,17 @@ def main(argv):
     sys.exit('error: ' + '; '.join(f'{r.name} failed: {r.message.splitlines()[0]}'
                                    for r in failed)
              + '. The other runs are in the table; rerun to try the failed ones again.')
+  unfinished = [r.name for r in summary.results if r.status != 'done']
+  if unfinished:
+    sys.exit(f'error: {", ".join(unfinished)} not finished (a worker ended early). Run '
+             'the same command to go on.')
+
+
+_ARGV: list[str] = []  # the command line as given, for the workers of --workers
 
 
 def define_flags() -> None:
+  _ARGV[:] = sys.argv[1:]
   flags.DEFINE_string('workdir', None, 'The sweep: each run in <workdir>/<config name>/, '
                       'the table and status.json in it (required, except with --estimate).')
   # Overrides for every run, typed by configs/default.py. The file is put on the
@@ -471,6 +687,15 @@ def define_flags() -> None:
                     'print its expected time on Tiny ImageNet, and the sweep\'s.')
   flags.DEFINE_bool('evaluate', True, "Evaluate each finished run's best checkpoint and "
                     'draw its figures (curves, confusion matrix, misclassified images).')
+  flags.DEFINE_integer('workers', 1, 'Share the sweep between this many worker processes '
+                       'here: one GPU each (or --workers_per_device to a GPU), or on a CPU '
+                       'its share of the cores.')
+  flags.DEFINE_integer('workers_per_device', 1, 'With --workers on GPUs: workers per GPU, '
+                       "each with its share of the GPU's memory.")
+  flags.DEFINE_bool('worker', False, 'One worker of the sweep: start it any number of '
+                    'times on the same --workdir (a SLURM array, by hand on several '
+                    'machines over shared storage); the workers share the runs, longest '
+                    'first.')
   host_memory.define_flag()
   settings_lib.define_deterministic_flag()
 
