@@ -247,9 +247,9 @@ def available() -> tuple[bool, str]:
 
 
 def set_threads(threads: int) -> int:
-  """The OpenMP team size of the oneDNN calls from the next one on (>= 1),
-  or OpenMP's own (0: every core, or $OMP_NUM_THREADS); returns the team
-  size of the last call (0: none yet)."""
+  """The threads of the oneDNN calls from the next one on (>= 1), or every
+  core (0: OpenMP's count, $OMP_NUM_THREADS where set); returns the threads
+  of the last call (0: none yet)."""
   if threads < 0:
     raise ValueError(f'the oneDNN calls take 0 (OpenMP\'s own) or more threads, got {threads}')
   return load().EtOnednnSetThreads(threads)
@@ -283,34 +283,26 @@ def cores_used_by_others(interval: float, cores: frozenset[int]) -> float:
 
 
 def threads_for(free_cores: float, cores: int) -> int:
-  """The team size for `free_cores` of `cores`: a core counts when other
-  processes leave at least 3/4 of it free; at least 1. A team larger than
-  the cores that are free waits at each of a step's hundreds of parallel
-  regions for a thread the system has paused (docs/performance.md, "Under
-  load": plain E.T. half as fast on two threads as on one beside one busy
-  core)."""
+  """The threads for `free_cores` of `cores`: a core counts when other
+  processes leave at least 3/4 of it free; at least 1. A thread on a busy
+  core is paused by the system while it holds a piece, and each of a step's
+  hundreds of calls waits for its pieces (docs/performance.md, "Under
+  load")."""
   return max(1, min(cores, math.floor(free_cores + 0.25)))
 
 
 class FreeCoreFollower:
-  """Sets the oneDNN calls' team size to the cores other processes leave
-  free, measured every `interval` seconds on a daemon thread (from
-  /proc/stat: oneDNN runs on Linux only). The first time it takes fewer
-  threads than cores it says so in one log line; later changes are logged
-  at debug level.
-
-  With `watch_only` it changes nothing (the team stays fixed, so that the
-  steps give the same bits whatever runs beside them) and says once, in the
-  log, when other processes have kept a core busy for `patience`
-  measurements in a row.
+  """Sets the oneDNN calls' threads to the cores other processes leave free,
+  measured every `interval` seconds on a daemon thread (from /proc/stat:
+  oneDNN runs on Linux only). The first time it takes fewer threads than
+  cores it says so in one log line; later changes are logged at debug level.
+  The calls give the same bits on any number of threads (their pieces are
+  set by the batch alone), so following costs no determinism.
   """
 
-  def __init__(self, interval: float = 1.0, set_threads=set_threads,
-               watch_only: bool = False, patience: int = 5):
+  def __init__(self, interval: float = 1.0, set_threads=set_threads):
     self._interval = interval
     self._set = set_threads
-    self.watch_only = watch_only
-    self._patience = patience
     self._cores = frozenset(os.sched_getaffinity(0))
     self._stop = threading.Event()
     self._said = False
@@ -319,8 +311,7 @@ class FreeCoreFollower:
                                     daemon=True)
 
   def start(self) -> FreeCoreFollower:
-    if not self.watch_only:
-      self._set(self.threads)
+    self._set(self.threads)
     self._thread.start()
     return self
 
@@ -329,21 +320,11 @@ class FreeCoreFollower:
     self._thread.join()
 
   def _follow(self) -> None:
-    before, busy_in_a_row = _sample(self._cores), 0
+    before = _sample(self._cores)
     while not self._stop.wait(self._interval):
       after = _sample(self._cores)
       others, before = _others(before, after), after
       threads = threads_for(len(self._cores) - others, len(self._cores))
-      if self.watch_only:
-        busy_in_a_row = busy_in_a_row + 1 if threads < len(self._cores) else 0
-        if busy_in_a_row == self._patience:
-          logging.info(
-              'Other processes keep %.1f of the %d cores busy: the oneDNN steps, on a '
-              'fixed team of threads so that they give the same bits, run several times '
-              'slower beside them; --deterministic=false lets them follow the free cores '
-              '(docs/performance.md, "Under load").', others, len(self._cores))
-          return
-        continue
       if threads == self.threads:
         continue
       log = logging.debug if self._said else logging.info
@@ -363,22 +344,20 @@ ALL_CORES, FREE_CORES = 0, -1  # `use_threads` settings besides a count
 
 
 def use_threads(setting: int) -> None:
-  """The oneDNN calls' team size in this process: `setting` threads (>= 1),
-  ALL_CORES (OpenMP's own: every core, or $OMP_NUM_THREADS; a watch-only
-  `FreeCoreFollower` says when other processes keep cores busy), or
-  FREE_CORES (a `FreeCoreFollower` sets it to the cores left free)."""
+  """The oneDNN calls' threads in this process: `setting` (>= 1), ALL_CORES
+  (every core, or $OMP_NUM_THREADS), or FREE_CORES (a `FreeCoreFollower`
+  sets them to the cores left free)."""
   global _follower
-  follow = setting == FREE_CORES
   with _follower_lock:
     if _follower is not None:
-      if follow and not _follower.watch_only:
+      if setting == FREE_CORES:
         return
       _follower.stop()
       _follower = None
-    if setting != FREE_CORES:
+    if setting == FREE_CORES:
+      _follower = FreeCoreFollower().start()
+    else:
       set_threads(setting)
-    if setting in (ALL_CORES, FREE_CORES):
-      _follower = FreeCoreFollower(watch_only=not follow).start()
 
 
 def version() -> str:

@@ -135,13 +135,13 @@ class Settings:
   micro_batches: int  # parts per batch (1: whole batches)
   device_resident: bool  # training images kept on the device, batches built there
   preprocessing: str  # 'rescale' (x / 255) or 'caffe' (Keras Applications')
-  # The steps give the same bits run to run (XLA:CPU always; GPUs with XLA's
-  # deterministic ops; CPUs with a fixed oneDNN team). False only with
-  # --deterministic=false.
+  # The steps give the same bits run to run (CPUs always, whatever the oneDNN
+  # calls' threads; GPUs with XLA's deterministic ops). False only with
+  # --deterministic=false on a GPU.
   deterministic: bool = True
   # The oneDNN convolutions' threads: that many, or onednn.ALL_CORES (0:
-  # OpenMP's own, every core), or onednn.FREE_CORES (-1: the cores other
-  # processes leave free, followed; 'auto' under --deterministic=false).
+  # every core), or onednn.FREE_CORES (-1, 'auto': the cores other processes
+  # leave free, followed).
   onednn_threads: int = 0
 
   @property
@@ -161,7 +161,7 @@ class Settings:
              f'{self.preprocessing} preprocessing']
     if self.conv_impl == 'onednn':
       parts.append({onednn.ALL_CORES: 'oneDNN on every core',
-                    onednn.FREE_CORES: 'oneDNN on the free cores (not bit for bit)'}.get(
+                    onednn.FREE_CORES: 'oneDNN on the free cores'}.get(
                         self.onednn_threads, f'oneDNN on {self.onednn_threads} threads'))
     if self.device_resident:
       parts.append('training images on the device')
@@ -201,8 +201,7 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
   threads = _onednn_threads(config.get('onednn_threads', 'auto'))
   if conv_impl == 'onednn':
     onednn.use_threads(threads)
-  deterministic = (platform.deterministic_gpu_ops if platform.backend == 'gpu' else
-                   conv_impl != 'onednn' or threads != onednn.FREE_CORES)
+  deterministic = platform.deterministic_gpu_ops if platform.backend == 'gpu' else True
   preprocessing = config.get('preprocessing', 'rescale')
   if preprocessing not in PREPROCESSING:
     raise ValueError(f'config.preprocessing must be one of {list(PREPROCESSING)}, got '
@@ -216,13 +215,13 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
 
 
 def _onednn_threads(value: Any) -> int:
-  """config.onednn_threads: a count >= 1, or 'auto': every core (bit for bit
-  whatever runs beside), or under --deterministic=false the cores other
-  processes leave free (docs/performance.md, "Under load")."""
+  """config.onednn_threads: a count >= 1, or 'auto': the cores other
+  processes leave free, followed (docs/performance.md, "Under load"); the
+  bits are the same on any count."""
   if isinstance(value, str) and value.isdigit():
     value = int(value)  # --config.onednn_threads=1 on the command line
   if value == 'auto':
-    return onednn.FREE_CORES if _speed_over_bits else onednn.ALL_CORES
+    return onednn.FREE_CORES
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.onednn_threads must be 'auto' or a number of threads >= 1, "
                      f'got {value!r}')
@@ -400,17 +399,16 @@ def changes(saved: Mapping[str, Any], current: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Determinism: on GPUs an XLA flag, read when JAX's backends start; on CPUs
-# oneDNN's team of threads, fixed.
+# Determinism: on GPUs an XLA flag, read when JAX's backends start. CPU
+# steps give the same bits either way (the oneDNN calls on any threads).
 
 def define_deterministic_flag() -> None:
   """--deterministic, for the commands that run steps."""
   flags.DEFINE_enum('deterministic', 'auto', DETERMINISM,
-                    "Steps that give the same bits whatever else runs, so that a resumed "
-                    "run equals an uninterrupted one bit for bit: 'auto' and 'true' turn "
-                    "XLA's deterministic GPU ops on and keep oneDNN's CPU threads fixed; "
-                    "'false' leaves XLA its faster choice and lets oneDNN's threads follow "
-                    "the free cores (et_flax/settings.py).")
+                    "Steps that give the same bits run to run, so that a resumed run "
+                    "equals an uninterrupted one bit for bit: 'auto' and 'true' turn XLA's "
+                    "deterministic GPU ops on; 'false' leaves XLA its faster choice. CPU "
+                    "steps give the same bits either way (et_flax/settings.py).")
 
 
 def deterministic_gpu_ops() -> bool:
@@ -420,30 +418,21 @@ def deterministic_gpu_ops() -> bool:
   return bool(found) and found[-1].lower() in ('', 'true', '1')
 
 
-# --deterministic=false: 'auto' settings may trade the last bits for speed
-# (on CPUs: oneDNN's threads follow the free cores).
-_speed_over_bits = False
-
-
 def configure_determinism(setting: str) -> bool:
   """Turns XLA's deterministic GPU ops on for this process ('auto', 'true'),
   or leaves them off ('false'); returns whether they are on.
 
   XLA reads its flags when JAX's backends start: et_flax.main,
   et_flax.reproduce, et_flax.benchmark and the notebooks call this first.
-  The XLA flag is harmless on CPUs; there 'false' lets `resolve` give
-  oneDNN's calls the cores other processes leave free
-  (config.onednn_threads='auto'), whose sums then vary with the team.
+  The XLA flag is harmless on CPUs, whose steps give the same bits either way.
 
   Raises:
     ValueError: `setting` is not one of DETERMINISM; or 'true' after JAX's
       backends have started without the flag.
   """
-  global _speed_over_bits
   setting = str(setting).lower()
   if setting not in DETERMINISM:
     raise ValueError(f'--deterministic must be one of {list(DETERMINISM)}, got {setting!r}')
-  _speed_over_bits = setting == 'false'
   if setting == 'false' or deterministic_gpu_ops():
     return deterministic_gpu_ops()
   if xla_bridge.backends_are_initialized():
