@@ -40,19 +40,8 @@ import tqdm
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
-from ml_collections.config_flags import config_flags
 
 from et_flax import workdir_lock
-
-# TensorFlow's C++ logging reads its level once, when TensorFlow loads (at
-# the first `import_tensorflow`, after this module is imported). '2' keeps
-# its INFO and WARNING lines (CPU instruction notes, tf.data's end-of-sequence
-# notes) off the console; a TF_CPP_MIN_LOG_LEVEL already set, or --verbose on
-# the command line (not yet parsed here), leaves TensorFlow's own default.
-_QUIET = not {'--verbose', '--verbose=true', '--verbose=True', '--verbose=1'} & set(sys.argv[1:])
-if _QUIET:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
 
 class TensorFlowMissingError(ValueError):
   """TensorFlow is needed (to prepare or decode data) but not installed."""
@@ -107,7 +96,14 @@ def import_tensorflow(purpose: str, module: str = 'tensorflow') -> Any:
           "decodes data with tf.data). Install it with `pip install -e '.[tf]'` (the CPU "
           'build) or `pip install tensorflow`, or run where the splits are already '
           'decoded and cached (see Data in README.md)')
-    lines = _import_tensorflow_quietly() if _QUIET else []
+    lines = []
+    if not _verbose:
+      # TensorFlow's C++ logging reads its level once, as it loads. '2' keeps
+      # its INFO and WARNING lines (CPU instruction notes, tf.data's
+      # end-of-sequence notes) off the console; a TF_CPP_MIN_LOG_LEVEL already
+      # set (JAX sets '1' where it is imported first), or --verbose, leaves it.
+      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+      lines = _import_tensorflow_quietly()
     if _log is not None:
       for line in lines:
         logging.getLogger('tensorflow').info('(while loading) %s', line)
@@ -537,17 +533,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
       raise
     _exit_with(f'error: {override}: the config has no field {field}.'
                + (f' {hint}' if hint else ''))
-  # ml_collections holds a config file that failed to load (as an
-  # _ErrorConfig) until it is read.
-  error_config = getattr(config_flags, '_ErrorConfig', ())
   for name in flags.FLAGS:
-    value = flags.FLAGS[name].value
-    if isinstance(value, error_config):
-      reason = str(object.__getattribute__(value, '_error')).strip().splitlines()[-1]
+    reason = _config_load_failure(flags.FLAGS[name])
+    if reason is not None:
       given = next((arg for arg in argv[1:] if arg.startswith(f'--{name}=')), f'--{name}')
-      _exit_with(f'error: cannot load {given}: {reason.strip()} (config paths are '
+      _exit_with(f'error: cannot load {given}: {reason} (config paths are '
                  'relative to the current directory)')
   return remaining
+
+
+def _config_load_failure(flag: flags.Flag) -> str | None:
+  """Why the config file of a config flag failed to load; None if it loaded
+  (or `flag` is another flag).
+
+  ml_collections keeps such a failure until the config is used: then any
+  attribute raises an OSError whose cause is the loading error (other
+  values have the attribute, or not).
+  """
+  try:
+    getattr(flag.value, 'keys', None)
+  except OSError as error:
+    return str(error.__cause__ or error).strip().splitlines()[-1].strip()
+  return None
 
 
 def _main_with_console(main: Callable[[list[str]], Any], argv: list[str]) -> Any:

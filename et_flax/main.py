@@ -27,26 +27,30 @@ from et_flax import settings
 from et_flax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None,
-                    'Directory for checkpoints, history and metrics; a workdir '
-                    'with checkpoints resumes.')
-config_flags.DEFINE_config_file('config', None, 'A config file with get_config().',
-                                lock_config=True)
-flags.DEFINE_bool('allow_config_change', False,
-                  'Resume a workdir whose saved config differs from --config.')
-flags.DEFINE_string('coordinator_address', None,
-                    'Multi-process run: HOST:PORT of process 0, the same for all.')
-flags.DEFINE_integer('num_processes', None, 'Multi-process run: how many processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-process run: this process, 0 to N-1.')
-flags.DEFINE_integer('heartbeat_timeout_seconds',
-                     distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
-                     'Multi-process run: a process silent this long is lost, and '
-                     'the others stop.')
-flags.DEFINE_integer('initialization_timeout_seconds', 300,
-                     'Multi-process run: how long to wait for every process to join.')
-host_memory.define_flag()
-settings.define_deterministic_flag()
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags() -> None:
+  """The command's flags (defined when it runs: defining --config reads sys.argv)."""
+  flags.DEFINE_string('workdir', None,
+                      'Directory for checkpoints, history and metrics; a workdir '
+                      'with checkpoints resumes.')
+  config_flags.DEFINE_config_file('config', None, 'A config file with get_config().',
+                                  lock_config=True)
+  flags.DEFINE_bool('allow_config_change', False,
+                    'Resume a workdir whose saved config differs from --config.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-process run: HOST:PORT of process 0, the same for all.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-process run: how many processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-process run: this process, 0 to N-1.')
+  flags.DEFINE_integer('heartbeat_timeout_seconds',
+                       distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+                       'Multi-process run: a process silent this long is lost, and '
+                       'the others stop.')
+  flags.DEFINE_integer('initialization_timeout_seconds', 300,
+                       'Multi-process run: how long to wait for every process to join.')
+  host_memory.define_flag()
+  settings.define_deterministic_flag()
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -73,4 +77,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   console.run(main)

@@ -7,6 +7,8 @@ touched).
 """
 
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -97,3 +99,98 @@ def test_a_run_stopped_within_an_epoch_is_stored_as_before():
   older = {k: v for k, v in stored.items() if k not in ('seconds', 'wait_seconds')}
   assert checkpoints.StoppedWithin.from_meta({'interrupted': older}).seconds == 0.0
   assert checkpoints.StoppedWithin.from_meta({'epoch': 3, 'history': []}) is None
+
+
+# Imports each et_flax module in one fresh process, in turn, after the
+# libraries they import (JAX sets environment variables of its own), with a
+# sys.argv that raises when read.
+_IMPORT_EVERY_MODULE = r'''
+import ast, importlib, os, pathlib, sys
+
+package = pathlib.Path(sys.argv[1])
+modules = sorted('.'.join(path.relative_to(package.parent).with_suffix('').parts)
+                 .removesuffix('.__init__') for path in package.rglob('*.py'))
+libraries = set()
+for path in package.rglob('*.py'):
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.Import):
+      libraries.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      libraries.add(node.module)
+for name in sorted(libraries):
+  if not name.startswith(('et_flax', '__future__', 'tensorflow')):
+    importlib.import_module(name)
+if 'tensorflow' in sys.modules:
+  sys.exit('the libraries et_flax imports loaded TensorFlow')
+
+
+class Unreadable(list):
+  def _refuse(self, *args):
+    raise AssertionError('sys.argv was read')
+  __getitem__ = __iter__ = __len__ = __contains__ = __eq__ = _refuse
+
+
+def fds():
+  return [os.fstat(fd) for fd in (0, 1, 2)]
+
+
+# Every write, a setdefault included (this process inherits what the test's
+# process set: a diff alone would miss it).
+written = []
+Environ = type(os.environ)
+set_item, del_item, set_default = Environ.__setitem__, Environ.__delitem__, Environ.setdefault
+
+
+def recorded(write):
+  def record(self, key, *args):
+    written.append(key)
+    return write(self, key, *args)
+  return record
+
+
+Environ.__setitem__, Environ.__delitem__ = recorded(set_item), recorded(del_item)
+Environ.setdefault = recorded(set_default)
+
+
+problems = []
+for name in modules:
+  environ, before = dict(os.environ), fds()
+  sys.argv = Unreadable(['python', '--definitely-not-a-flag'])
+  try:
+    importlib.import_module(name)
+  except AssertionError as error:
+    problems.append(f'{name}: {error}')
+  finally:
+    sys.argv = ['python']
+  if 'tensorflow' in sys.modules:
+    problems.append(f'{name}: imported TensorFlow')
+    break
+  if fds() != before:
+    problems.append(f'{name}: changed a standard file descriptor')
+  if dict(os.environ) != environ or written:
+    changed = sorted(set(os.environ.items()) ^ set(environ.items()))
+    problems.append(f'{name}: set environment variables: {changed or written}')
+    written.clear()
+print('\n'.join(problems) or f'{len(modules)} modules imported')
+sys.exit(1 if problems else 0)
+'''
+
+
+def test_importing_any_module_only_defines():
+  """No TensorFlow, no file descriptor or environment variable changed, no
+  read of sys.argv: the commands set their console up in their main."""
+  result = subprocess.run([sys.executable, '-c', _IMPORT_EVERY_MODULE, REPO / 'et_flax'],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_a_config_file_that_fails_to_load_is_one_error_line(tmp_path, run_command):
+  """Found through ml_collections' public behaviour (the failed config raises
+  its loading error when used), not its private _ErrorConfig."""
+  code, _, output = run_command('et_flax.main', '--config=configs/no_such_config.py',
+                                f'--workdir={tmp_path / "run"}')
+  assert code == 1 and 'Traceback' not in output, output
+  assert output.splitlines()[0].startswith(
+      'error: cannot load --config=configs/no_such_config.py: '), output
+  assert output.splitlines()[0].endswith('(config paths are relative to the current '
+                                         'directory)'), output

@@ -180,6 +180,7 @@ HELD_MAIN = textwrap.dedent('''
     checkpoints._item_handlers = held_item_handlers
 
     sys.argv[0] = 'et_flax.main'
+    main.define_flags()
     console.run(main.main)
 ''')
 
