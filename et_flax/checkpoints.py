@@ -48,9 +48,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from et_flax import console
-from et_flax import keras_import
 from et_flax import run_files
 from et_flax import workdir_lock
+from et_flax.keras import weights as keras_weights
 
 LATEST = 'checkpoints'
 BEST = 'checkpoints_best'
@@ -879,7 +879,7 @@ def starting_variables(config: ml_collections.ConfigDict,
   optimizer state fresh), checked against `init_variables()`.
   """
   if config.get('pretrained_weights'):
-    return keras_import.import_keras_weights(config.pretrained_weights, init_variables(),
+    return keras_weights.import_keras_weights(config.pretrained_weights, init_variables(),
                                              keep_head=True)
   if config.get('init_from'):
     variables = load_variables(config.init_from, config.get('init_from_checkpoint', 'latest'),

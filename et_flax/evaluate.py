@@ -29,11 +29,11 @@ from et_flax import analysis
 from et_flax import augment
 from et_flax import checkpoints
 from et_flax import console
-from et_flax import input_pipeline
 from et_flax import optim
 from et_flax import run_files
 from et_flax import settings as settings_lib
 from et_flax import train
+from et_flax.data import input_pipeline
 
 LABELED_SPLITS = ('train', 'val')
 

@@ -5,7 +5,7 @@
 
 The Keras file (`.keras`, a whole model saved as `.h5`, or weights alone:
 `.weights.h5`, legacy `.h5`) is read by structure
-(`keras_structure.import_keras_et`): its layer names do not matter, and the
+(`et_flax.keras.structure.import_keras_et`): its layer names do not matter, and the
 model's fields come from the file where it holds them. The rest (the fields
 a weights file cannot hold, the data, the loss, the input scaling) comes from
 --config (configs/default.py when not given), whose `data` must give the
@@ -31,12 +31,12 @@ from absl import flags
 
 from et_flax import checkpoints
 from et_flax import console
-from et_flax import input_pipeline
-from et_flax import keras_structure
 from et_flax import models
 from et_flax import run_files
 from et_flax import settings as settings_lib
 from et_flax import workdir_lock
+from et_flax.data import input_pipeline
+from et_flax.keras import structure as keras_structure
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
 RECORD_FILE = 'keras_import.json'

@@ -21,10 +21,10 @@ from ml_collections import config_flags
 
 from et_flax import console
 from et_flax import distributed
-from et_flax import host_memory
 from et_flax import interrupts
 from et_flax import settings
 from et_flax import train
+from et_flax.cpu import host_memory
 
 FLAGS = flags.FLAGS
 

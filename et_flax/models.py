@@ -144,7 +144,7 @@ def _max_pool_jvp(window, primals, tangents):
 class Conv(nn.Module):
   """`activation(conv(x) + bias [+ shortcut])` with XLA's operations.
 
-  The models' convolution layer; `et_flax.onednn.OneDNNConv` takes the same
+  The models' convolution layer; `et_flax.cpu.onednn.OneDNNConv` takes the same
   fields and call, and the same parameters ('kernel' (kh, kw, in, out) and
   'bias', as `nn.Conv`'s), so a checkpoint or Keras file serves either. A
   1x1, stride-1 convolution is written as a matmul over channels: XLA:CPU runs

@@ -18,8 +18,8 @@ from absl import flags
 
 from et_flax import console
 from et_flax import evaluate
-from et_flax import input_pipeline
-from et_flax import tiny_imagenet
+from et_flax.data import input_pipeline
+from et_flax.data import tiny_imagenet
 
 
 def write_submission(workdir: str | pathlib.Path, output: str | pathlib.Path,

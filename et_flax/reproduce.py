@@ -53,11 +53,11 @@ from et_flax import checkpoints
 from et_flax import console
 from et_flax import evaluate
 from et_flax import findings
-from et_flax import host_memory
 from et_flax import interrupts
 from et_flax import settings as settings_lib
 from et_flax import sweep_workers
 from et_flax import train
+from et_flax.cpu import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ lives there
 STATUS_FILE = 'status.json'

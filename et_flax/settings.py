@@ -35,7 +35,7 @@ from jax._src import xla_bridge
 from et_flax import augment
 from et_flax import console
 from et_flax import models
-from et_flax import onednn
+from et_flax.cpu import onednn
 
 CONV_IMPLS = ('auto', 'xla', 'onednn')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -33,12 +33,12 @@ from et_flax import checkpoints
 from et_flax import console
 from et_flax import distributed
 from et_flax import events
-from et_flax import input_pipeline
 from et_flax import interrupts
 from et_flax import models
 from et_flax import optim
 from et_flax import run_files
 from et_flax import settings as settings_lib
+from et_flax.data import input_pipeline
 
 TOP_K = 5
 # The epoch loop reads nothing back from the devices but at its allowed

@@ -31,10 +31,10 @@ from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from et_flax import console  # noqa: E402
-from et_flax import digits  # noqa: E402
-from et_flax import filelock  # noqa: E402
-from et_flax import host_memory  # noqa: E402
 from et_flax import settings  # noqa: E402
+from et_flax.cpu import host_memory  # noqa: E402
+from et_flax.data import digits  # noqa: E402
+from et_flax.data import filelock  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from et_flax import fake_data
-from et_flax import input_pipeline
+from et_flax.data import fake_data
+from et_flax.data import input_pipeline
 
 
 def counting_split(n):

@@ -17,12 +17,12 @@ import pytest
 
 from helpers import make_tiny_imagenet_tree
 from helpers import tiny_config
-from et_flax import digits
-from et_flax import filelock
-from et_flax import input_pipeline
-from et_flax import tiny_imagenet
-from et_flax import tiny_imagenet_builder
 from et_flax import train
+from et_flax.data import digits
+from et_flax.data import filelock
+from et_flax.data import input_pipeline
+from et_flax.data import tiny_imagenet
+from et_flax.data import tiny_imagenet_builder
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WNIDS_A = ('n02', 'n01', 'n03')
@@ -223,7 +223,7 @@ _RACER = '''
 import json, pathlib, sys, time
 from absl import logging
 logging.set_verbosity(logging.INFO)
-from et_flax import input_pipeline
+from et_flax.data import input_pipeline
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ready.touch()
 deadline = time.monotonic() + 120

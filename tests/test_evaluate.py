@@ -12,8 +12,8 @@ from sklearn import metrics as sk_metrics
 from et_flax import analysis
 from et_flax import compare
 from et_flax import evaluate
-from et_flax import input_pipeline
 from et_flax import predict
+from et_flax.data import input_pipeline
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from et_flax import host_memory
+from et_flax.cpu import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # steady; prints the buffer's size and the minor page faults of the next 6 calls.
 STEPS = """
 import json, resource, sys
-from et_flax import host_memory
+from et_flax.cpu import host_memory
 applied = host_memory.configure(sys.argv[1])
 import jax, jax.numpy as jnp
 

@@ -13,8 +13,8 @@ from sklearn import datasets as sk_datasets
 
 from helpers import counting_split
 from helpers import make_tiny_imagenet_tree
-from et_flax import digits
-from et_flax import input_pipeline
+from et_flax.data import digits
+from et_flax.data import input_pipeline
 
 
 def _digits_info(data_dir, size=8):

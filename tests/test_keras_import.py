@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from helpers import make_tiny_imagenet_tree
-from et_flax import keras_import
-from et_flax import keras_models
 from et_flax import models
+from et_flax.keras import models as keras_models
+from et_flax.keras import weights as keras_weights
 
 keras = pytest.importorskip('keras')
 h5py = pytest.importorskip('h5py')
@@ -59,7 +59,7 @@ def _write_legacy_h5(keras_model, path):
 
 
 def _ours(model, variables, path, **kwargs):
-  return keras_import.import_keras_weights(path, variables, **kwargs)
+  return keras_weights.import_keras_weights(path, variables, **kwargs)
 
 
 # Both sides compute in float32 with different convolution kernels (oneDNN in
@@ -81,7 +81,7 @@ def test_jit_keras_applications_give_the_same_logits(tmp_path, name, fmt, tolera
     _write_legacy_h5(keras_model, path)
   model = models.create_model({'name': name}, 10, SIZE)
   init = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
-  variables = keras_import.import_keras_weights(path, init)
+  variables = keras_weights.import_keras_weights(path, init)
   images = np.random.default_rng(1).uniform(0, 1, (4, SIZE, SIZE, 3)).astype(np.float32)
   expected = np.asarray(keras_model(images, training=False))
   got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
@@ -103,7 +103,7 @@ def test_jit_keras_et_gives_the_same_logits(tmp_path, config):
   keras_model.save_weights(path)
   model = models.create_model(config, 7, 16)
   init = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
-  variables = keras_import.import_keras_weights(path, init)
+  variables = keras_weights.import_keras_weights(path, init)
   # Layer for layer: the same number of weighted layers on both sides.
   assert len(models.weighted_layers(variables['params'])) == sum(
       isinstance(l, (keras.layers.Conv2D, keras.layers.Dense)) for l in keras_model.layers)
@@ -121,8 +121,8 @@ def test_export_then_import_gives_identical_params(tmp_path):
   model = models.create_model(config, 5, 8)
   variables = model.init(jax.random.key(3), np.zeros((1, 8, 8, 3), np.float32))
   variables = jax.tree.map(lambda v: v + np.float32(0.25), variables)  # non-default stats
-  path = keras_import.export_et_weights(variables, config, 5, 8, tmp_path / 'et.weights.h5')
-  restored = keras_import.import_keras_weights(path, model.init(
+  path = keras_weights.export_et_weights(variables, config, 5, 8, tmp_path / 'et.weights.h5')
+  restored = keras_weights.import_keras_weights(path, model.init(
       jax.random.key(9), np.zeros((1, 8, 8, 3), np.float32)))
   jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, variables))
 
@@ -133,13 +133,13 @@ def test_keep_head_ignores_the_keras_top(tmp_path):
   keras_model.save_weights(path)
   model = models.create_model({'name': 'vgg16'}, 20, SIZE)
   init = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
-  variables = keras_import.import_keras_weights(path, init, keep_head=True)
+  variables = keras_weights.import_keras_weights(path, init, keep_head=True)
   np.testing.assert_array_equal(variables['params']['predictions']['kernel'],
                                 init['params']['predictions']['kernel'])
   np.testing.assert_array_equal(variables['params']['block5_conv3']['kernel'],
                                 keras_model.get_layer('block5_conv3').get_weights()[0])
   with pytest.raises(ValueError, match="layers the model lacks \\['fc1', 'fc2'\\]"):
-    keras_import.import_keras_weights(path, init)
+    keras_weights.import_keras_weights(path, init)
 
 
 def test_bad_files_are_clear_errors(tmp_path):
@@ -149,7 +149,7 @@ def test_bad_files_are_clear_errors(tmp_path):
   resnet = models.create_model({'name': 'resnet50'}, 10, SIZE)
   init = resnet.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
   with pytest.raises(ValueError) as error:
-    keras_import.import_keras_weights(path, init)
+    keras_weights.import_keras_weights(path, init)
   assert "'conv1_conv'" in str(error.value) and "'block1_conv1'" in str(error.value)
 
   et = models.create_model({'name': 'et', 'width': 2}, 10, 8)
@@ -158,17 +158,17 @@ def test_bad_files_are_clear_errors(tmp_path):
   narrow.save_weights(tmp_path / 'narrow.weights.h5')
   with pytest.raises(ValueError, match=r'stem_conv/kernel: \(3, 3, 3, 16\) in the file, '
                                        r'\(3, 3, 3, 32\) in the model'):
-    keras_import.import_keras_weights(tmp_path / 'narrow.weights.h5', et_init)
+    keras_weights.import_keras_weights(tmp_path / 'narrow.weights.h5', et_init)
 
   truncated = tmp_path / 'truncated.weights.h5'
   truncated.write_bytes(path.read_bytes()[:5000])
   with pytest.raises(ValueError, match='truncated.weights.h5 is not a readable Keras'):
-    keras_import.import_keras_weights(truncated, init)
+    keras_weights.import_keras_weights(truncated, init)
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    keras_import.import_keras_weights(tmp_path / 'none.h5', init)
+    keras_weights.import_keras_weights(tmp_path / 'none.h5', init)
   (tmp_path / 'weights.npz').write_bytes(b'')
   with pytest.raises(ValueError, match='expected a .weights.h5, .h5 or .keras file'):
-    keras_import.import_keras_weights(tmp_path / 'weights.npz', init)
+    keras_weights.import_keras_weights(tmp_path / 'weights.npz', init)
 
 
 def test_jit_caffe_preprocessing_equals_keras():

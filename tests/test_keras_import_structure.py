@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from et_flax import keras_import
-from et_flax import keras_structure
 from et_flax import models
+from et_flax.keras import structure as keras_structure
+from et_flax.keras import weights as keras_weights
 
 keras = pytest.importorskip('keras')
 h5py = pytest.importorskip('h5py')
@@ -194,7 +194,7 @@ def test_jit_weights_alone_take_the_order_of_a_structure_or_a_legacy_h5(tmp_path
 def test_jit_build_keras_et_files_import_by_structure_too(tmp_path):
   # et_flax's own names (block10 sorts before block2 as text) and Keras
   # built by build_keras_et: its activations after the Add, as ours.
-  from et_flax import keras_models
+  from et_flax.keras import models as keras_models
   keras.utils.set_random_seed(3)
   config = {'name': 'et', 'num_modules': 6, 'hidden_units': 20}
   keras_model = keras_models.build_keras_et(config, 4, SIZE)
@@ -274,7 +274,7 @@ def test_a_given_config_is_checked_layer_by_layer(tmp_path):
   model = models.create_model(imported.model_config, 10)
   with pytest.raises(ValueError, match=r"layers missing from the file \['block0_conv0'.*An "
                                        'E.T. with other layer names imports by structure'):
-    keras_import.import_keras_weights(path, model.init(jax.random.key(0),
+    keras_weights.import_keras_weights(path, model.init(jax.random.key(0),
                                                        np.zeros((1, SIZE, SIZE, 3))))
 
 
@@ -342,7 +342,7 @@ def test_layers_and_settings_that_are_not_et_are_refused(tmp_path):
 def digits(digits_data_dir):
   """The 8x8 digits as et_flax decodes them, by split."""
   from configs import quickstart
-  from et_flax import input_pipeline
+  from et_flax.data import input_pipeline
 
   config = quickstart.get_config()
   config.data.data_dir, config.data.image_size = str(digits_data_dir), SIZE

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from et_flax import input_pipeline
-from et_flax import keras_import
-from et_flax import keras_models
 from et_flax import models
 from et_flax import optim
 from et_flax import settings
 from et_flax import train
+from et_flax.data import input_pipeline
+from et_flax.keras import models as keras_models
+from et_flax.keras import weights as keras_weights
 
 keras = pytest.importorskip('keras')
 
@@ -67,7 +67,7 @@ def _keras_to_flax(keras_model, model, image_size, tmp_path):
   path = tmp_path / 'keras.weights.h5'
   keras_model.save_weights(path)
   init = model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3), np.float32))
-  return keras_import.import_keras_weights(path, init)
+  return keras_weights.import_keras_weights(path, init)
 
 
 def _error(ours, theirs):
@@ -235,7 +235,7 @@ def test_jit_exported_weights_give_keras_the_same_logits(tmp_path, config):
   """Our `.weights.h5` loaded by Keras's own `load_weights`."""
   model = models.create_model(config, 7, 16)
   variables = _perturbed(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)))
-  path = keras_import.export_et_weights(variables, config, 7, 16,
+  path = keras_weights.export_et_weights(variables, config, 7, 16,
                                         tmp_path / 'et.weights.h5')
   keras_model = keras_models.build_keras_et(config, 7, 16)
   keras_model.load_weights(path)
@@ -300,7 +300,7 @@ def test_jit_adam_training_on_the_digits_equals_keras(digits_data_dir, tmp_path,
                                       'batch_stats': state.batch_stats})
 
   keras_model = keras_models.build_keras_et(config.model, info.num_classes, 8)
-  keras_model.load_weights(keras_import.export_et_weights(
+  keras_model.load_weights(keras_weights.export_et_weights(
       initial, config.model, info.num_classes, 8, tmp_path / 'initial.weights.h5'))
   keras_model.compile(optimizer=keras.optimizers.Adam(),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

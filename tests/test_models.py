@@ -196,7 +196,7 @@ def test_jit_et_forward_equals_numpy_reference(config):
   assert _error(got, expected) < FORWARD_TOLERANCE, _error(got, expected)
 
   pytest.importorskip('keras')
-  from et_flax import keras_models  # pylint: disable=import-outside-toplevel
+  from et_flax.keras import models as keras_models  # pylint: disable=import-outside-toplevel
   keras_model = keras_models.build_keras_et(config, classes, size)
   for name, arrays in weights.items():
     keras_model.get_layer(_et_layer_name(name).replace('/', '_')).set_weights(arrays)

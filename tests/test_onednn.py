@@ -1,4 +1,4 @@
-"""The oneDNN convolution (et_flax/onednn.py) against XLA's, its switch and errors.
+"""The oneDNN convolution (et_flax/cpu/onednn.py) against XLA's, its switch and errors.
 
 Reference: `lax.conv_general_dilated` at precision HIGHEST plus the bias, the
 shortcut and the activation in jax.numpy, differentiated by JAX. Both sum
@@ -18,12 +18,12 @@ import pytest
 from jax import lax
 
 from helpers import tiny_config
-from et_flax import input_pipeline
 from et_flax import models
-from et_flax import onednn
 from et_flax import optim
 from et_flax import settings
 from et_flax import train
+from et_flax.cpu import onednn
+from et_flax.data import input_pipeline
 
 pytestmark = pytest.mark.skipif(not onednn.platform_supported(),
                                 reason='the oneDNN wheels are Linux x86-64 only')

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from et_flax import onednn
 from et_flax import settings
+from et_flax.cpu import onednn
 
 pytestmark = pytest.mark.skipif(not onednn.platform_supported(),
                                 reason='the oneDNN wheels are Linux x86-64 only')

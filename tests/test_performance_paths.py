@@ -13,12 +13,12 @@ from helpers import counting_split
 from helpers import tiny_config
 from et_flax import checkpoints
 from et_flax import distributed
-from et_flax import input_pipeline
 from et_flax import models
-from et_flax import onednn
 from et_flax import optim
 from et_flax import settings
 from et_flax import train
+from et_flax.cpu import onednn
+from et_flax.data import input_pipeline
 
 
 def test_device_resident_epochs_equal_the_host_batches():

@@ -20,9 +20,9 @@ import pytest
 
 from et_flax import findings
 from et_flax import models
-from et_flax import onednn
 from et_flax import reproduce
 from et_flax import train
+from et_flax.cpu import onednn
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENT_CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py')

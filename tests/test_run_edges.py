@@ -19,14 +19,14 @@ from ml_collections import config_flags
 
 from helpers import tiny_config
 from et_flax import checkpoints
-from et_flax import digits
 from et_flax import evaluate
-from et_flax import input_pipeline
 from et_flax import models
-from et_flax import onednn
 from et_flax import optim
 from et_flax import settings
 from et_flax import train
+from et_flax.cpu import onednn
+from et_flax.data import digits
+from et_flax.data import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FALLBACK_WARNING = "conv_impl='auto' uses XLA's convolutions"

@@ -13,9 +13,9 @@ import pytest
 
 from helpers import make_tiny_imagenet_tree
 from et_flax import console
-from et_flax import input_pipeline
-from et_flax import tiny_imagenet
-from et_flax import tiny_imagenet_builder
+from et_flax.data import input_pipeline
+from et_flax.data import tiny_imagenet
+from et_flax.data import tiny_imagenet_builder
 
 WNIDS = ('n02', 'n01', 'n03')
 

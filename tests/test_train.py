@@ -12,10 +12,10 @@ import pytest
 
 from helpers import tiny_config
 from et_flax import augment
-from et_flax import input_pipeline
 from et_flax import models
 from et_flax import optim
 from et_flax import train
+from et_flax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from et_flax import input_pipeline
+from et_flax.data import input_pipeline
 from tests.helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

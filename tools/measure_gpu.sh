@@ -28,7 +28,7 @@ prepare() {
       pytest pluggy iniconfig
   python - "$DATA" <<'EOF'
 import sys
-from et_flax import input_pipeline
+from et_flax.data import input_pipeline
 for size in (8, 16):
   info = input_pipeline.get_dataset_info(
       {'name': 'digits', 'data_dir': sys.argv[1], 'image_size': size, 'classes': 0})

@@ -6,8 +6,8 @@ import sys
 from absl import app
 from absl import flags
 
-from et_flax import host_memory
 from et_flax import settings
+from et_flax.cpu import host_memory
 
 PARTS = ('steps', 'report_models', 'pipeline', 'conv_variants')
 

@@ -64,7 +64,7 @@ custom_weight_gradient.defvjp(_forward, _backward)
 
 
 def onednn_conv(x, w):
-  from et_flax import onednn  # pylint: disable=import-outside-toplevel
+  from et_flax.cpu import onednn  # pylint: disable=import-outside-toplevel
   return onednn.conv_layer(x, w, jnp.zeros(w.shape[-1], w.dtype))
 
 

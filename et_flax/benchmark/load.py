@@ -111,7 +111,7 @@ def _train_forever(kind: str, deterministic: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from et_flax import host_memory  # pylint: disable=import-outside-toplevel
+  from et_flax.cpu import host_memory  # pylint: disable=import-outside-toplevel
   from et_flax import settings as settings_lib  # pylint: disable=import-outside-toplevel
   from et_flax.benchmark import steps  # pylint: disable=import-outside-toplevel
 

@@ -17,8 +17,8 @@ import time
 from absl import app
 from absl import flags
 
-from et_flax import fake_data
-from et_flax import input_pipeline
+from et_flax.data import fake_data
+from et_flax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 

@@ -43,15 +43,15 @@ from ml_collections import config_flags
 from et_flax import augment
 from et_flax import console
 from et_flax import distributed
-from et_flax import input_pipeline
 from et_flax import interrupts
 from et_flax import models
-from et_flax import onednn
 from et_flax import optim
-from et_flax import fake_data
 from et_flax import settings as settings_lib
 from et_flax import train
 from et_flax.benchmark import load
+from et_flax.cpu import onednn
+from et_flax.data import fake_data
+from et_flax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 
@@ -150,9 +150,9 @@ def build_keras_model(config, num_classes: int, image_size: int):
   """The config's model in Keras, returning logits."""
   import keras  # pylint: disable=import-outside-toplevel
 
-  from et_flax import keras_models  # pylint: disable=import-outside-toplevel
+  from et_flax.keras import models as keras_models  # pylint: disable=import-outside-toplevel
 
-  if config.model.name == 'et':  # E.T. written in Keras layers (keras_models.py)
+  if config.model.name == 'et':  # E.T. written in Keras layers (et_flax/keras/models.py)
     return keras_models.build_keras_et(config.model, num_classes, image_size)
   application = models.facts(config.model).keras_application
   if application is None:

@@ -11,11 +11,11 @@
 
 Class order: label i is the i-th wnid in sorted order, which is also the order
 Keras' `flow_from_directory` gave the report's models. The embedded digits
-dataset (`et_flax.digits`) is written in this layout too.
+dataset (`et_flax.data.digits`) is written in this layout too.
 
 `SourceFingerprint` identifies the content of a tree or of the zip without
 decoding an image; the tensorflow-datasets builder over such a tree
-(`et_flax.tiny_imagenet_builder`) stores it with the prepared dataset, and
+(`et_flax.data.tiny_imagenet_builder`) stores it with the prepared dataset, and
 how the source was checked (`SOURCE_CHECK_KEY`): the official zip against
 its published size and MD5 (`check_official_zip`). Nothing here needs
 TensorFlow.

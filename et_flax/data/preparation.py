@@ -21,8 +21,8 @@ from typing import Any
 from absl import logging
 
 from et_flax import console
-from et_flax import filelock
-from et_flax import tiny_imagenet
+from et_flax.data import filelock
+from et_flax.data import tiny_imagenet
 
 Builder = Any  # tiny_imagenet_builder.TinyImagenet, whose module imports tfds
 Fingerprint = tiny_imagenet.SourceFingerprint

@@ -11,7 +11,7 @@ wraps it as a layer for the models, with `models.Conv`'s parameters. `lax.conv_g
 reference it is tested against (tests/test_onednn.py) and the path on every
 other backend (`config.conv_impl`).
 
-The handlers (et_flax/csrc/onednn_conv.cc) are compiled at first use with the
+The handlers (et_flax/cpu/csrc/onednn_conv.cc) are compiled at first use with the
 system's C++ compiler against the `onednn-cpu-gomp` wheel (the library) and
 `onednn-devel-cpu-gomp` (its headers), both installed with et_flax on Linux
 x86-64, and jaxlib's FFI headers. The shared library is cached under

@@ -3,11 +3,11 @@
 `import_keras_et` takes the layers of a Keras E.T. in the model's order (the
 saved model config of a `.keras` file; for weights alone, the order a legacy
 `.h5` lists, or Keras's default names numerically: conv2d, conv2d_1, ...,
-conv2d_10; `keras_graph` reads them), reads its config (width, modules,
+conv2d_10; `graph` reads them), reads its config (width, modules,
 kernel sizes, hidden units, activation, dropout, classes) from the file where
 it is there, and checks every layer and shape against E.T.'s: the first that
 does not fit is named with what E.T. has there. Importing by layer name (VGG16,
-ResNet50, files of `keras_models.build_keras_et`) is `keras_import`'s.
+ResNet50, files of `models.build_keras_et`) is in `weights`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from et_flax import keras_graph
-from et_flax import keras_import
 from et_flax import models
+from et_flax.keras import graph as keras_graph
+from et_flax.keras import weights as keras_weights
 
 Op = keras_graph.Op  # one step of E.T., read from a file or expected
 
@@ -158,11 +158,11 @@ def _expected_ops(model: models.ETNet) -> tuple[list[Op], dict[str, Any]]:
   def add(kind, value=None, path=(), what=''):
     layer_shapes = ()
     if path:
-      layer = keras_import.subtree(params, path)
+      layer = keras_weights.subtree(params, path)
       keys = ('kernel', 'bias') if kind != 'bn' else ('scale', 'bias')
       layer_shapes = tuple(tuple(layer[k].shape) for k in keys)
       if kind == 'bn':
-        layer_stats = keras_import.subtree(stats, path)
+        layer_stats = keras_weights.subtree(stats, path)
         layer_shapes += tuple(tuple(layer_stats[k].shape) for k in ('mean', 'var'))
     ops.append(Op(kind, value, '/'.join(path), what, layer_shapes))
 
@@ -297,7 +297,7 @@ class _FileOps:
 def _read_ops(path: pathlib.Path, structure: str | pathlib.Path | None,
               source: str) -> _FileOps:
   """The file's steps, from its model config (or `structure`'s) where there is one."""
-  weights, ordered = keras_import.read_weight_file(path)
+  weights, ordered = keras_weights.read_weight_file(path)
   config = keras_graph.read_keras_config(structure if structure is not None else path)
   if config is None and structure is not None:
     raise ValueError(f'{structure} holds no model config (a weights file?): give a .keras '

@@ -8,10 +8,10 @@ have the same layout in both libraries (HWIO and IO); batch norm's gamma,
 beta, moving mean and variance become our scale, bias, mean and var.
 
 Layers are mapped by name (`import_keras_weights`): VGG16 and ResNet50 with
-the Keras Applications names, E.T. with those of `keras_models.build_keras_et`
+the Keras Applications names, E.T. with those of `models.build_keras_et`
 (Flax module paths joined by '_'). An E.T. written in anyone's Keras code,
 whatever its layer names, is imported by structure:
-`keras_structure.import_keras_et`.
+`structure.import_keras_et`.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def import_keras_weights(path: str | pathlib.Path, variables: Mapping[str, Any],
         tree[key] = array.astype(tree[key].dtype)
   if missing or extra or mismatched:
     hint = ('. An E.T. with other layer names imports by structure: '
-            'keras_structure.import_keras_et, or python -m et_flax.import_keras'
+            'et_flax.keras.structure.import_keras_et, or python -m et_flax.import_keras'
             if 'stem_conv' in missing else '')
     raise ValueError(f'{path} does not fit the model: layers missing from the file '
                      f'{missing}; layers the model lacks {extra}; shapes differing '
@@ -161,7 +161,7 @@ def export_et_weights(variables: Mapping[str, Any], model_config: Mapping[str, A
                       num_classes: int, image_size: int,
                       path: str | pathlib.Path) -> pathlib.Path:
   """Saves E.T.'s variables as a Keras 3 `.weights.h5` of `build_keras_et`."""
-  from et_flax import keras_models  # pylint: disable=import-outside-toplevel
+  from et_flax.keras import models as keras_models  # pylint: disable=import-outside-toplevel
 
   path = pathlib.Path(path)
   if not path.name.endswith('.weights.h5'):

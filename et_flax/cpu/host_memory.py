@@ -54,7 +54,7 @@ def define_flag() -> None:
                     "XLA:CPU's per-step buffers: 'reuse' keeps their pages between "
                     "steps (no page faults; steps run on the calling thread), "
                     "'release' returns them to the system; 'auto' reuses on Linux "
-                    "with glibc (et_flax/host_memory.py).")
+                    "with glibc (et_flax/cpu/host_memory.py).")
 
 
 def _unavailable_reason() -> str | None:

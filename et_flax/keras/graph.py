@@ -1,6 +1,6 @@
 """A Keras file's layers as E.T.'s steps, in the model's order, each one checked.
 
-`keras_structure.import_keras_et` compares these steps (`Op`s) with E.T.'s.
+`structure.import_keras_et` compares these steps (`Op`s) with E.T.'s.
 They come from the saved model config where the file (or a structure given
 beside it) holds one: its graph must be one chain of layers whose only
 branches are identity shortcuts, and each layer's settings must be those E.T.

@@ -5,7 +5,7 @@ tfds has no Tiny ImageNet builder; `TinyImagenet` reads the extracted
 URL, and stores the source's fingerprint with the prepared dataset, and how
 it was checked: a zip against the official size and MD5 before it is
 extracted. Only preparing needs it (and so tensorflow-datasets): a prepared
-dataset is read by path (`et_flax.input_pipeline`).
+dataset is read by path (`et_flax.data.input_pipeline`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import urllib.request
 import tensorflow_datasets as tfds
 
 from et_flax import console
-from et_flax import tiny_imagenet
+from et_flax.data import tiny_imagenet
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
 from et_flax import console
-from et_flax import filelock
+from et_flax.data import filelock
 
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
                'eight', 'nine')

@@ -2,7 +2,7 @@
 
 Both datasets go through the `tiny_imagenet` tfds builder: Tiny ImageNet from
 its extracted folder, its zip or (when allowed) its URL, and the embedded
-digits from the tree `et_flax.digits` writes in the same layout. A split is
+digits from the tree `et_flax.data.digits` writes in the same layout. A split is
 decoded once (in parallel, by tf.data) into uint8, and cached beside the
 prepared dataset as memory-mapped NumPy files, keyed by the source's
 fingerprint, the image size, the classes and the host's share
@@ -35,10 +35,10 @@ import numpy as np
 from absl import logging
 
 from et_flax import console
-from et_flax import digits
-from et_flax import preparation
 from et_flax import run_files
-from et_flax import tiny_imagenet
+from et_flax.data import digits
+from et_flax.data import preparation
+from et_flax.data import tiny_imagenet
 
 DATASETS = ('digits', 'tiny_imagenet')
 DEFAULT_TFDS_DIR = os.path.join('~', 'tensorflow_datasets')
@@ -237,7 +237,7 @@ def _prepare(source: _Source, allow_download: bool) -> dict[str, Any]:
   """Prepares `source` with tfds (once), returning the prepared metadata."""
   _, tfds = _tensorflow(f'preparing {source.name} in {source.prepared_dir}')
   # pylint: disable-next=import-outside-toplevel
-  from et_flax import tiny_imagenet_builder
+  from et_flax.data import tiny_imagenet_builder
   extract_dir = None
   if source.manual_dir is not None:
     # tfds names an extraction by the zip's file name alone, and would reuse
