@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 
 from et_flax import checkpoints
+from et_flax import config_files
 from et_flax import console
 from et_flax import models
 from et_flax import run_files
@@ -38,7 +39,7 @@ from et_flax import workdir_lock
 from et_flax.data import input_pipeline
 from et_flax.keras import structure as keras_structure
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+DEFAULT_CONFIG = config_files.path('default')
 RECORD_FILE = 'keras_import.json'
 
 
@@ -159,6 +160,7 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'The workdir to create (it must hold no checkpoints).')
+  config_files.importable()  # the config's `from configs import ...`, from any directory
   config_flags.DEFINE_config_file(
       'config', str(DEFAULT_CONFIG), 'A config file with get_config(): its data, loss and '
       "preprocessing, and the model fields the Keras file cannot hold (default: et_flax's "

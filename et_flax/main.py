@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from et_flax import config_files
 from et_flax import console
 from et_flax import distributed
 from et_flax import interrupts
@@ -31,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command's flags (defined when it runs: defining --config reads sys.argv)."""
+  config_files.importable()  # the config's `from configs import ...`, from any directory
   flags.DEFINE_string('workdir', None,
                       'Directory for checkpoints, history and metrics; a workdir '
                       'with checkpoints resumes.')

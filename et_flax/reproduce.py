@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from et_flax import checkpoints
+from et_flax import config_files
 from et_flax import console
 from et_flax import evaluate
 from et_flax import findings
@@ -123,7 +123,7 @@ def experiment_config(name: str, quick: bool = False,
                       overrides: Mapping[str, Any] | None = None
                       ) -> ml_collections.ConfigDict:
   """configs/<name>.py, made quick, then with `overrides` set."""
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = config_files.load(name)
   if quick:
     make_quick(config)
   apply_overrides(config, overrides or {}, name)

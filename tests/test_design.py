@@ -194,3 +194,129 @@ def test_a_config_file_that_fails_to_load_is_one_error_line(tmp_path, run_comman
       'error: cannot load --config=configs/no_such_config.py: '), output
   assert output.splitlines()[0].endswith('(config paths are relative to the current '
                                          'directory)'), output
+
+
+# The rooms: et_flax/data/, et_flax/keras/, et_flax/cpu/. What was made
+# before the move (a prepared dataset, a workdir) names no module path that
+# moved, or names one only where nothing reads it back.
+
+_MOVED = ('input_pipeline', 'tiny_imagenet', 'tiny_imagenet_builder', 'preparation', 'digits',
+          'fake_data', 'filelock', 'keras_graph', 'keras_import', 'keras_models',
+          'keras_structure', 'onednn', 'host_memory')
+
+
+def test_the_moved_modules_are_gone_from_the_top():
+  """No shims: each moved module lives in its room only."""
+  top = {path.stem for path in (REPO / 'et_flax').glob('*.py')}
+  assert not top & set(_MOVED)
+  assert not (REPO / 'et_flax' / 'csrc').exists()
+  from et_flax.cpu import onednn  # pylint: disable=import-outside-toplevel
+  assert onednn.SOURCE == REPO / 'et_flax' / 'cpu' / 'csrc' / 'onednn_conv.cc'
+  assert onednn.SOURCE.is_file()
+
+
+def test_a_dataset_prepared_before_the_move_still_loads(tmp_path):
+  """tfds records the builder's module in dataset_info.json ("moduleName") and
+  nothing else of et_flax; reading a prepared dataset never imports it. One
+  prepared by the builder at its old path (et_flax.tiny_imagenet_builder) is
+  found prepared, not prepared again, and decodes the same."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from helpers import make_tiny_imagenet_tree  # pylint: disable=import-outside-toplevel
+  from et_flax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+
+  tree = make_tiny_imagenet_tree(tmp_path / 'tree', size=8)
+  data_config = {'name': 'tiny_imagenet', 'data_dir': str(tree),
+                 'tfds_dir': str(tmp_path / 'tfds'), 'image_size': 8}
+  info = input_pipeline.get_dataset_info(data_config)
+  prepared = pathlib.Path(info.data_dir)
+  info_file = prepared / 'dataset_info.json'
+  stored = json.loads(info_file.read_text())
+  assert stored['name'] == 'tiny_imagenet'
+  assert stored['moduleName'] == 'et_flax.data.tiny_imagenet_builder'
+  for path in prepared.rglob('*.json'):
+    text = path.read_text().replace(str(tmp_path), '')
+    if path != info_file:
+      assert 'et_flax' not in text, path
+  # As the builder wrote it before the move.
+  stored['moduleName'] = 'et_flax.tiny_imagenet_builder'
+  info_file.write_text(json.dumps(stored, indent=4))
+  files = {path: path.stat().st_mtime_ns for path in prepared.iterdir() if path.is_file()}
+
+  again = input_pipeline.get_dataset_info(data_config)
+  assert again == info
+  assert {path: path.stat().st_mtime_ns for path in files} == files  # not prepared again
+  for split, count in (('train', 12), ('val', 5), ('test', 3)):
+    data = input_pipeline.load_split(again, split)
+    assert len(data) == count
+  train = input_pipeline.load_split(again, 'train')
+  # make_tiny_imagenet_tree's pixels encode the class: decoded as before.
+  assert sorted(set(train.labels.tolist())) == [0, 1, 2]
+  assert json.loads(info_file.read_text())['moduleName'] == 'et_flax.tiny_imagenet_builder'
+
+
+def test_a_workdir_names_no_module_path(one_epoch_run):
+  """A workdir made before the move resumes after it: its checkpoints, meta
+  and history name no et_flax module (the log aside, which nothing reads)."""
+  names = [f'et_flax.{name}' for name in _MOVED] + ['et_flax.data', 'et_flax.keras',
+                                                     'et_flax.cpu']
+  for path in one_epoch_run.rglob('*'):
+    if path.is_file() and path.name != 'log.txt':
+      content = path.read_bytes()
+      assert not [name for name in names if name.encode() in content], path
+
+
+def test_the_keras_room_never_shadows_keras():
+  """et_flax.keras imports Keras by its absolute name: importing the room
+  first, then `keras`, gives the real Keras."""
+  pytest.importorskip('keras')
+  code = ('import et_flax.keras.models, et_flax.keras.weights, et_flax.keras.structure; '
+          'import keras; import et_flax.keras as room; '
+          'assert keras is not room and hasattr(keras, "layers"), keras; '
+          'print(keras.__file__)')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'et_flax' not in result.stdout
+
+
+# Loads configs/<name>.py from another working directory, with the repository
+# root (where `configs` is found) off sys.path once et_flax is imported.
+_LOAD_ELSEWHERE = r'''
+import importlib.util, os, sys
+repo = sys.argv[1]
+sys.path.insert(0, repo)
+{imports}
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != repo]
+assert os.getcwd() != repo and 'configs' not in sys.modules
+assert importlib.util.find_spec('configs') is None, 'configs is importable from here anyway'
+{body}
+'''
+
+
+@pytest.mark.parametrize('imports,body', [
+    ('from et_flax import config_files',
+     "print(config_files.load('dropout_5').model.dropout_rate)"),
+    ('from absl import flags\nfrom et_flax import main',
+     "sys.argv = ['main', '--config=' + os.path.join(repo, 'configs', 'dropout_5.py'),"
+     " '--workdir=w']\n"
+     "main.define_flags()\n"
+     "flags.FLAGS(sys.argv)\n"
+     "print(flags.FLAGS.config.model.dropout_rate)"),
+    ('from et_flax import reproduce',
+     "print(reproduce.experiment_config('dropout_5', quick=True).model.dropout_rate)"),
+], ids=['config_files', 'main', 'reproduce'])
+def test_configs_load_from_any_working_directory(tmp_path, imports, body):
+  """A config that imports its base (`from configs import default`) loads
+  from outside the repository: by name, as --config, and in the sweep."""
+  code = _LOAD_ELSEWHERE.format(imports=imports, body=body)
+  result = subprocess.run([sys.executable, '-c', code, str(REPO)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert result.stdout.split()[-1] == '0.5'
+
+
+def test_an_unknown_config_name_is_a_clear_error():
+  from et_flax import config_files  # pylint: disable=import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match="No config 'no_such_config'"):
+    config_files.load('no_such_config')

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[2]  # configs/ lives there
+REPO = pathlib.Path(__file__).resolve().parents[2]
 READY = 'stepping'
 START_SECONDS = 600  # to compile the second process's step, on a loaded machine
 SETTLE_SECONDS = 3.0  # for the free-core measurement to see the load
@@ -106,17 +106,15 @@ def _wait_ready(process: subprocess.Popen, deadline: float) -> None:
 
 def _train_forever(kind: str, deterministic: str) -> None:
   """Plain E.T.'s train step at batch 128, 64x64, forever (et_flax's or Keras's)."""
-  import importlib  # pylint: disable=import-outside-toplevel
-
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from et_flax.cpu import host_memory  # pylint: disable=import-outside-toplevel
+  from et_flax import config_files  # pylint: disable=import-outside-toplevel
   from et_flax import settings as settings_lib  # pylint: disable=import-outside-toplevel
   from et_flax.benchmark import steps  # pylint: disable=import-outside-toplevel
+  from et_flax.cpu import host_memory  # pylint: disable=import-outside-toplevel
 
-  sys.path.insert(0, str(REPO))
-  config = importlib.import_module('configs.default').get_config()
+  config = config_files.load('default')
   config.augment.preset = 'none'
   if kind == 'keras':
     rng = np.random.default_rng(0)

@@ -17,7 +17,6 @@ load, its own: REPORT_MODELS busy:1 start ...).
 
 from __future__ import annotations
 
-import importlib
 import os
 import pathlib
 import platform
@@ -28,6 +27,7 @@ from typing import Any
 import jax
 from absl import flags
 
+from et_flax import config_files
 from et_flax.benchmark import load
 from et_flax.benchmark import steps
 
@@ -43,7 +43,7 @@ def markers(load_name: str = 'none') -> tuple[str, str]:
 
 def _config(name: str, **model_fields) -> Callable[[], Any]:
   def make():
-    config = importlib.import_module(f'configs.{name}').get_config()
+    config = config_files.load(name)
     config.model.update(model_fields)
     return config
   return make

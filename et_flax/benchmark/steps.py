@@ -41,6 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from et_flax import augment
+from et_flax import config_files
 from et_flax import console
 from et_flax import distributed
 from et_flax import interrupts
@@ -431,6 +432,7 @@ def main(argv):
 
 
 def define_flags() -> None:
+  config_files.importable()  # the config's `from configs import ...`, from any directory
   config_flags.DEFINE_config_file('config', None, 'A config file with get_config().')
   flags.DEFINE_integer('batch_size', 0, 'Batch size (default: the config\'s).')
   flags.DEFINE_integer('image_size', 0, 'Image side (default: the config\'s).')
