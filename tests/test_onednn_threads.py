@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -52,32 +51,81 @@ def test_a_busy_process_on_a_core_is_counted_there():
   assert 0.8 <= others <= 1.05
 
 
-def test_the_follower_takes_the_free_cores_and_says_so_once(monkeypatch, caplog):
+class FakeCalls:
+  """The calls' (seconds, operations) as `call_stats` gives them, each count of
+  threads running the calls at `rates[threads]` operations per second."""
+
+  def __init__(self, rates):
+    self.rates, self.threads, self.seconds, self.flops = rates, 0, 0.0, 0.0
+    self.set = []
+
+  def set_threads(self, threads):
+    self.set.append(threads)
+    self.threads = threads
+
+  def stats(self):
+    self.seconds += 1.0
+    self.flops += self.rates[self.threads]
+    return self.seconds, self.flops
+
+
+def _follow(monkeypatch, others, rates, until):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
-  others = itertools.cycle([0.1, 1.0, 0.9, 0.2])  # free: 1.9, 1, 1.1, 1.8
-  seen = []
   monkeypatch.setattr(onednn, '_sample', lambda cores: (0.0, 0.0, 0.0))
+  others = itertools.chain(others, itertools.repeat(others[-1]))
   monkeypatch.setattr(onednn, '_others', lambda before, after: next(others))
-  done = threading.Event()
+  calls = FakeCalls(rates)
+  follower = onednn.FreeCoreFollower(interval=0.001, set_threads=calls.set_threads,
+                                     stats=calls.stats, probe=0.001, hold=3600).start()
+  deadline = time.monotonic() + 30
+  while not until(calls) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  follower.stop()
+  return calls, follower
 
-  def record(threads):
-    seen.append(threads)
-    if len(seen) == 5:
-      done.set()
 
+def test_beside_a_busy_core_the_follower_keeps_the_faster_count_and_says_so_once(
+    monkeypatch, caplog):
+  # A busy loop: the calls run faster on the free core alone.
   caplog.set_level(logging.DEBUG)
-  follower = onednn.FreeCoreFollower(interval=0.001, set_threads=record).start()
-  try:
-    assert done.wait(timeout=30)
-  finally:
-    follower.stop()
-  # All cores at the start; then 1 while another process keeps ~1 busy.
-  assert seen[:5] == [2, 1, 2, 1, 2]
+  calls, follower = _follow(monkeypatch, [1.0], {1: 3.0, 2: 2.0},
+                            until=lambda calls: len(calls.set) >= 5)
+  # All cores at the start; each count timed; then 1, held (no new probe
+  # for `hold` seconds while the same core stays busy).
+  assert calls.set[:5] == [2, 2, 1, 2, 1]
+  assert follower.threads == 1
   said = [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
-  assert [r.levelno for r in said][:4] == [logging.INFO, logging.DEBUG, logging.DEBUG,
-                                           logging.DEBUG]
-  assert said[0].getMessage().startswith('oneDNN convolutions on 1 of 2 cores: other '
-                                         'processes keep 1.0 busy')
+  assert [r.levelno for r in said] == [logging.INFO]
+  assert said[0].getMessage().startswith(
+      'oneDNN convolutions on 1 of 2 cores: other processes keep 1.0 busy, and the calls '
+      'ran 1.50x faster on 1 than on 2')
+
+
+def test_beside_a_process_that_waits_the_follower_keeps_every_core(monkeypatch, caplog):
+  # Another training process: the calls run faster on both cores anyway.
+  caplog.set_level(logging.DEBUG)
+  calls, follower = _follow(monkeypatch, [1.0], {1: 2.0, 2: 3.0},
+                            until=lambda calls: len(calls.set) >= 4)
+  assert calls.set[:4] == [2, 2, 1, 2]
+  assert follower.threads == 2
+  assert not [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
+
+
+def test_when_the_cores_are_free_again_the_follower_takes_them_all(monkeypatch):
+  calls, follower = _follow(monkeypatch, [1.0, 1.0, 0.0], {1: 3.0, 2: 2.0},
+                            until=lambda calls: len(calls.set) >= 6)
+  assert calls.set[:6] == [2, 2, 1, 2, 1, 2]
+  assert follower.threads == 2
+
+
+def test_the_calls_count_their_operations_and_time():
+  seconds0, flops0 = onednn.call_stats()
+  x = jax.numpy.ones((2, 8, 8, 3), jax.numpy.float32)
+  kernel = jax.numpy.ones((3, 3, 3, 16), jax.numpy.float32)
+  jax.block_until_ready(onednn.conv_layer(x, kernel, jax.numpy.zeros(16)))
+  seconds1, flops1 = onednn.call_stats()
+  assert flops1 - flops0 == 2 * 2 * 8 * 8 * 16 * 3 * 3 * 3  # 2 n oh ow o kh kw c
+  assert seconds1 > seconds0
 
 
 @pytest.mark.parametrize('value, expected', [

@@ -204,6 +204,8 @@ def load() -> ctypes.CDLL:
       library.EtOnednnVersion.restype = ctypes.c_char_p
       library.EtOnednnSetThreads.argtypes = [ctypes.c_int]
       library.EtOnednnSetThreads.restype = ctypes.c_int
+      library.EtOnednnCallStats.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 2
+      library.EtOnednnCallStats.restype = None
       _loaded = library
   return _loaded
 
@@ -284,25 +286,45 @@ def cores_used_by_others(interval: float, cores: frozenset[int]) -> float:
 
 def threads_for(free_cores: float, cores: int) -> int:
   """The threads for `free_cores` of `cores`: a core counts when other
-  processes leave at least 3/4 of it free; at least 1. A thread on a busy
-  core is paused by the system while it holds a piece, and each of a step's
-  hundreds of calls waits for its pieces (docs/performance.md, "Under
-  load")."""
+  processes leave at least 3/4 of it free; at least 1."""
   return max(1, min(cores, math.floor(free_cores + 0.25)))
 
 
+def call_stats() -> tuple[float, float]:
+  """(seconds, floating-point operations) of this process's oneDNN calls so
+  far: their wall time and their convolutions' work."""
+  nanos, flops = ctypes.c_int64(), ctypes.c_int64()
+  load().EtOnednnCallStats(ctypes.byref(nanos), ctypes.byref(flops))
+  return nanos.value / 1e9, float(flops.value)
+
+
 class FreeCoreFollower:
-  """Sets the oneDNN calls' threads to the cores other processes leave free,
-  measured every `interval` seconds on a daemon thread (from /proc/stat:
-  oneDNN runs on Linux only). The first time it takes fewer threads than
-  cores it says so in one log line; later changes are logged at debug level.
-  The calls give the same bits on any number of threads (their pieces are
-  set by the batch alone), so following costs no determinism.
+  """Sets the oneDNN calls' threads for the cores other processes leave
+  free, on a daemon thread that reads /proc/stat every `interval` seconds
+  (oneDNN runs on Linux only).
+
+  While the cores are free the calls run on all of them. When other
+  processes keep a core busy, which count is faster depends on them: a
+  busy loop pauses a thread of ours on its core while it holds a piece of a
+  call (fewer threads win), a training process that waits between its own
+  steps leaves the core to us in short turns (all of them win;
+  docs/performance.md, "Under load"). So the follower times the calls on
+  all cores and on the free ones, `probe` seconds each (their operations
+  per second of call time, `stats`), keeps the faster, and times them again
+  after `hold` seconds or when the busy cores change. The first time it
+  takes fewer threads than cores it says so in one log line; later changes
+  are logged at debug level. The calls give the same bits on any number of
+  threads (their pieces are set by the batch alone), so following costs no
+  determinism.
   """
 
-  def __init__(self, interval: float = 1.0, set_threads=set_threads):
+  def __init__(self, interval: float = 1.0, set_threads=set_threads, stats=call_stats,
+               probe: float = 4.0, hold: float = 60.0):
     self._interval = interval
     self._set = set_threads
+    self._stats = stats
+    self._probe = probe
+    self._hold = hold
     self._cores = frozenset(os.sched_getaffinity(0))
     self._stop = threading.Event()
     self._said = False
@@ -319,21 +341,48 @@ class FreeCoreFollower:
     self._stop.set()
     self._thread.join()
 
+  def _use(self, threads: int, why: str) -> None:
+    if threads == self.threads:
+      return
+    log = logging.debug if self._said else logging.info
+    self._said = self._said or threads < len(self._cores)
+    log("oneDNN convolutions on %d of %d cores: %s (onednn_threads='auto' follows the "
+        "free cores; a number keeps its count).", threads, len(self._cores), why)
+    self.threads = threads
+    self._set(threads)
+
+  def _rate(self, threads: int) -> float | None:
+    """The calls' operations per second of call time on `threads`, over
+    `probe` seconds; None without calls (or when stopped)."""
+    self._set(threads)
+    seconds0, flops0 = self._stats()
+    if self._stop.wait(self._probe):
+      return None
+    seconds1, flops1 = self._stats()
+    return (flops1 - flops0) / (seconds1 - seconds0) if seconds1 > seconds0 else None
+
   def _follow(self) -> None:
-    before = _sample(self._cores)
+    cores = len(self._cores)
+    before, probed, probed_at = _sample(self._cores), None, 0.0
     while not self._stop.wait(self._interval):
       after = _sample(self._cores)
       others, before = _others(before, after), after
-      threads = threads_for(len(self._cores) - others, len(self._cores))
-      if threads == self.threads:
+      fewer = threads_for(cores - others, cores)
+      if fewer == cores:
+        probed = None
+        self._use(cores, 'the cores are free again')
         continue
-      log = logging.debug if self._said else logging.info
-      self._said = self._said or threads < len(self._cores)
-      log("oneDNN convolutions on %d of %d cores: other processes keep %.1f busy "
-          "(onednn_threads='auto' follows the free cores; a number keeps its count).",
-          threads, len(self._cores), others)
-      self.threads = threads
-      self._set(threads)
+      if probed == fewer and time.monotonic() - probed_at < self._hold:
+        continue
+      rates = {n: self._rate(n) for n in (cores, fewer)}
+      self._set(self.threads)  # until the choice below
+      if None in rates.values():
+        continue  # no calls meanwhile (or stopping): try again later
+      probed, probed_at, before = fewer, time.monotonic(), _sample(self._cores)
+      best = max(rates, key=rates.get)
+      self._use(best, f'other processes keep {others:.1f} busy, and the calls ran '
+                f'{rates[best] / rates[cores if best == fewer else fewer]:.2f}x faster on '
+                f'{best} than on {cores if best == fewer else fewer}')
 
 
 _follower: FreeCoreFollower | None = None

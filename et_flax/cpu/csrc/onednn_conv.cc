@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <condition_variable>
 #include <cstring>
@@ -86,12 +87,20 @@ struct Geometry {
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
+  int64_t flops() const { return 2 * n * oh * ow * o * kh * kw * c; }
 };
 
 // The threads of the next calls (0: every core, or $OMP_NUM_THREADS), set
 // from Python at any time; the executor applies it between calls.
 std::atomic<int> requested_threads{0};
 std::atomic<int> applied_threads{0};  // the threads of the last call
+
+// Since the process started: the calls' wall time on the executor and their
+// convolutions' floating-point operations, so that a caller can compare the
+// calls' speed on different numbers of threads over the same kind of work
+// (EtOnednnCallStats).
+std::atomic<int64_t> call_nanos{0};
+std::atomic<int64_t> call_flops{0};
 
 // The pool's size for the call running now (set by the executor between
 // calls; read by the calls on the executor's thread).
@@ -531,7 +540,12 @@ class Executor {
       int threads = requested_threads.load(std::memory_order_relaxed);
       call_threads = threads > 0 ? threads : default_threads;
       applied_threads.store(call_threads, std::memory_order_relaxed);
+      auto start = std::chrono::steady_clock::now();
       (*task_)();
+      call_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::steady_clock::now() - start)
+                               .count(),
+                           std::memory_order_relaxed);
       task_ = nullptr;
       done_ = true;
       cv_.notify_all();
@@ -594,6 +608,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                                        Dims(b.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
   bool residual = shortcut != nullptr;
+  call_flops.fetch_add(g.flops(), std::memory_order_relaxed);
   return Guarded([&] {
     auto pieces = Split(g.n);
     auto plans = PiecePlans<ForwardPlan>(pieces, [&](int64_t n) -> const ForwardPlan& {
@@ -704,6 +719,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
         Dims(dw->dimensions()) + " for x " + Dims(x.dimensions()) + ", w " +
         Dims(w.dimensions()) + ", y " + Dims(y.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
+  call_flops.fetch_add(g.flops() * (input_gradient ? 2 : 1), std::memory_order_relaxed);
   return Guarded([&] {
     auto pieces = Split(g.n);
     auto plans = PiecePlans<BackwardPiecePlans>(
@@ -845,6 +861,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 extern "C" int EtOnednnSetThreads(int n) {
   requested_threads.store(n < 0 ? 0 : n, std::memory_order_relaxed);
   return applied_threads.load(std::memory_order_relaxed);
+}
+
+// The calls' wall time (ns) and convolution operations since the process
+// started.
+extern "C" void EtOnednnCallStats(int64_t* nanos, int64_t* flops) {
+  *nanos = call_nanos.load(std::memory_order_relaxed);
+  *flops = call_flops.load(std::memory_order_relaxed);
 }
 
 // The oneDNN version this was linked against, for logs.
