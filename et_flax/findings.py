@@ -6,6 +6,12 @@
 qualitative findings, each checked against our runs (`check_claims`);
 `claims_figure` draws the report's pairwise comparisons side by side.
 The numbers of the report's table 5.1 are compare.REPORT_RESULTS's.
+
+An experiment trained with several seeds (reproduce --seeds=N) has a run per
+seed: the table gives their mean and standard deviation, and a finding
+agrees or disagrees only where the numbers it compares differ by more than
+their seeds' spread (`WITHIN_NOISE` otherwise). With one seed, everything is
+as the single run has it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from et_flax import compare
 from et_flax import run_files
@@ -98,14 +105,30 @@ BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 # ---------------------------------------------------------------------------
 # A run, as its workdir records it.
 
+def run_name(name: str, seed: int = 0) -> str:
+  """The run of experiment `name` with its `seed`-th seed: its sub-workdir of
+  the sweep, its key in status.json and its claim. Seed 0 is the experiment's
+  own name (the run of a one-seed sweep)."""
+  return name if seed == 0 else f'{name}_seed{seed}'
+
+
 @dataclasses.dataclass
 class RunResult:
   """A run's status (from the sweep) and its history (from its workdir)."""
-  name: str
+  name: str  # the experiment's
   status: str  # pending | running | done | failed | interrupted
   message: str = ''
   num_classes: int | None = None
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  seed: int = 0  # which of the experiment's seeds (run_name)
+
+  @property
+  def run(self) -> str:
+    return run_name(self.name, self.seed)
+
+  @property
+  def finished(self) -> bool:
+    return self.status == 'done' and bool(self.history)
 
   @property
   def best(self) -> dict[str, Any] | None:
@@ -145,11 +168,63 @@ class RunResult:
 
 
 def run_result(workdir: str | pathlib.Path, name: str, status: str,
-               message: str = '') -> RunResult:
+               message: str = '', seed: int = 0) -> RunResult:
   """The run in `workdir` (which may not exist yet)."""
   workdir = pathlib.Path(workdir)
   return RunResult(name, status, message, run_files.num_classes(workdir),
-                   run_files.read_history(workdir, missing_ok=True))
+                   run_files.read_history(workdir, missing_ok=True), seed)
+
+
+def by_experiment(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+  """The runs of each experiment (its seeds), in the order of `results`."""
+  grouped: dict[str, list[RunResult]] = {}
+  for result in results:
+    grouped.setdefault(result.name, []).append(result)
+  return grouped
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """A number of an experiment's runs: one value per seed."""
+  values: tuple[float, ...]
+
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.values))
+
+  @property
+  def std(self) -> float:
+    """The sample standard deviation (ddof=1); 0 for one value."""
+    return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+  def __format__(self, spec: str) -> str:
+    if len(self.values) == 1:
+      return format(self.values[0], spec)
+    spec = spec or '.1f'
+    return f'{self.mean:{spec}} ± {self.std:{spec}}'
+
+
+def _measure(value: Measure | float) -> Measure:
+  return value if isinstance(value, Measure) else Measure((value,))
+
+
+def above(high: Measure | float, low: Measure | float, or_equal: bool = False
+          ) -> bool | None:
+  """Whether `high` is above `low` (or level with it, `or_equal`).
+
+  With one value each (one seed), as the numbers are. With more, only where
+  the means differ by more than the seeds' spread, the sum of the two
+  standard deviations (their mean ± std ranges are apart): True or False by
+  the sign, None (within noise) where they are not, ties included.
+  """
+  high, low = _measure(high), _measure(low)
+  if len(high.values) == len(low.values) == 1:
+    a, b = high.values[0], low.values[0]
+    return bool(a >= b if or_equal else a > b)
+  difference, spread = high.mean - low.mean, high.std + low.std
+  if abs(difference) > spread:
+    return difference > 0
+  return None
 
 
 # ---------------------------------------------------------------------------
@@ -167,8 +242,28 @@ def _gap(ours: float | None, theirs: float | None, quick: bool) -> float | None:
   return None if quick or ours is None or theirs is None else ours - theirs
 
 
+# With several seeds: a row per experiment, the means over its seeds that
+# finished (n in 'seeds'), top-1 and top-5 with their standard deviation.
+SEED_COLUMNS = ['run', 'experiment', 'status', 'seeds', 'classes', 'epochs', 'best_epoch',
+                'top1', 'top1_std', 'report_top1', 'gap_top1', 'top5', 'top5_std',
+                'report_top5', 'gap_top5', 'seconds_per_epoch', 'report_seconds_per_epoch',
+                'report_says']
+_SEED_HEADERS = ['run', 'experiment', 'status', 'seeds', 'classes', 'epochs', 'best epoch',
+                 'top-1', 'report top-1', 'gap', 'top-5', 'report top-5', 'gap', 's/epoch',
+                 'report s/epoch', 'report says']
+STATUSES = ('done', 'failed', 'running', 'interrupted', 'pending')
+
+
 def table_rows(results: Sequence[RunResult], quick: bool = False) -> list[dict[str, Any]]:
-  """One row per run: ours (best val epoch) beside the report's; no gap in quick mode."""
+  """One row per run: ours (best val epoch) beside the report's; no gap in quick mode.
+
+  Where an experiment has runs of several seeds, one row per experiment
+  instead (SEED_COLUMNS): the mean and standard deviation over its seeds
+  that finished.
+  """
+  grouped = by_experiment(results)
+  if any(len(runs) > 1 for runs in grouped.values()):
+    return [_seeds_row(runs, quick) for runs in grouped.values()]
   rows = []
   for result in results:
     experiment = BY_NAME[result.name]
@@ -186,6 +281,42 @@ def table_rows(results: Sequence[RunResult], quick: bool = False) -> list[dict[s
   return rows
 
 
+def _seeds_row(runs: Sequence[RunResult], quick: bool) -> dict[str, Any]:
+  experiment = BY_NAME[runs[0].name]
+  finished = [run for run in runs if run.finished]
+
+  def mean(value: Callable[[RunResult], float]) -> float | None:
+    return Measure(tuple(value(run) for run in finished)).mean if finished else None
+
+  def std(value: Callable[[RunResult], float]) -> float | None:
+    return Measure(tuple(value(run) for run in finished)).std if len(finished) > 1 else None
+
+  statuses = [run.status for run in runs]
+  top1, top5 = mean(lambda run: run.top1), mean(lambda run: run.top5)
+  return {
+      'run': experiment.name, 'experiment': experiment.what,
+      'status': statuses[0] if len(set(statuses)) == 1 else ', '.join(
+          f'{statuses.count(s)} {s}' for s in STATUSES if s in statuses),
+      'seeds': len(finished),
+      'classes': next((run.num_classes for run in runs if run.num_classes), None),
+      'epochs': mean(lambda run: run.epochs),
+      'best_epoch': mean(lambda run: run.best['epoch']),
+      'top1': top1, 'top1_std': std(lambda run: run.top1),
+      'report_top1': experiment.report_top1,
+      'gap_top1': _gap(top1, experiment.report_top1, quick),
+      'top5': top5, 'top5_std': std(lambda run: run.top5),
+      'report_top5': experiment.report_top5,
+      'gap_top5': _gap(top5, experiment.report_top5, quick),
+      'seconds_per_epoch': mean(lambda run: run.seconds_per_epoch),
+      'report_seconds_per_epoch': experiment.seconds_per_epoch,
+      'report_says': experiment.said}
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The CSV's columns for `rows`: COLUMNS, or SEED_COLUMNS for several seeds."""
+  return SEED_COLUMNS if rows and 'seeds' in rows[0] else COLUMNS
+
+
 def _cell(column: str, value: Any) -> str:
   if value is None or value == '':
     return '-'
@@ -193,103 +324,161 @@ def _cell(column: str, value: Any) -> str:
     return f'{value:+.3f}'
   if 'seconds' in column:
     return f'{value:.1f}' if value < 100 else f'{value:.0f}'
+  if 'epoch' in column and isinstance(value, float):  # a mean over seeds
+    return f'{value:.1f}'
   return f'{value:.3f}' if isinstance(value, float) else str(value)
 
 
+def _seed_cells(row: Mapping[str, Any]) -> list[str]:
+  cells = []
+  for column in SEED_COLUMNS:
+    if column.endswith('_std'):
+      continue
+    cell = _cell(column, row[column])
+    if row.get(f'{column}_std') is not None:
+      cell += f' ± {row[f"{column}_std"]:.3f}'
+    cells.append(cell)
+  return cells
+
+
 def table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  lines = ['| ' + ' | '.join(_HEADERS) + ' |', '|' + '---|' * len(_HEADERS)]
-  lines += ['| ' + ' | '.join(_cell(c, row[c]) for c in COLUMNS) + ' |' for row in rows]
+  seeds = table_columns(rows) is SEED_COLUMNS
+  headers = _SEED_HEADERS if seeds else _HEADERS
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(_seed_cells(row) if seeds else
+                              [_cell(c, row[c]) for c in COLUMNS]) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
 
 
 # ---------------------------------------------------------------------------
 # The report's findings.
 
-Results = Mapping[str, RunResult]
+Results = Mapping[str, Sequence[RunResult]]  # each experiment's runs, one per seed
+Outcome = bool | None  # None: within the seeds' noise
 
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
   """A qualitative finding of the report, and how our runs test it.
 
-  `test` returns whether our runs agree and our numbers, in words.
+  `test` returns whether our runs agree (None: within the seeds' noise) and
+  our numbers, in words.
   """
   finding: str
   report: str  # the report's numbers
   runs: tuple[str, ...]
-  test: Callable[[Results], tuple[bool, str]]
+  test: Callable[[Results], tuple[Outcome, str]]
+
+
+def _each(r: Results, name: str, value: Callable[[RunResult], float]) -> Measure:
+  """`value` of each seed's run of `name`."""
+  return Measure(tuple(value(run) for run in r[name]))
+
+
+def _paired(r: Results, names: Sequence[str], value: Callable[..., float]) -> Measure:
+  """`value` of the runs of `names` with the same seed, for each seed."""
+  return Measure(tuple(value(*runs) for runs in zip(*(r[name] for name in names))))
+
+
+def _top1(r: Results, name: str) -> Measure:
+  return _each(r, name, lambda run: run.top1)
+
+
+def _seconds(r: Results, name: str) -> Measure:
+  return _each(r, name, lambda run: run.seconds_per_epoch)
+
+
+def _both(*outcomes: Outcome) -> Outcome:
+  """All of `outcomes`: False where one disagrees, else None where one is
+  within noise."""
+  if any(outcome is False for outcome in outcomes):
+    return False
+  return None if any(outcome is None for outcome in outcomes) else True
 
 
 def _top1s(results: Results, *names: str) -> str:
-  return ', '.join(f'{name} {results[name].top1:.3f}' for name in names)
+  return ', '.join(f'{name} {_top1(results, name):.3f}' for name in names)
 
 
-def _higher(better: str, worse: str) -> Callable[[Results], tuple[bool, str]]:
-  return lambda r: (r[better].top1 > r[worse].top1, _top1s(r, better, worse))
+def _higher(better: str, worse: str) -> Callable[[Results], tuple[Outcome, str]]:
+  return lambda r: (above(_top1(r, better), _top1(r, worse)), _top1s(r, better, worse))
 
 
-def _slower(slow: str, fast: str) -> Callable[[Results], tuple[bool, str]]:
-  return lambda r: (r[slow].seconds_per_epoch > r[fast].seconds_per_epoch,
-                    f'{slow} {r[slow].seconds_per_epoch:.2f} s/epoch, '
-                    f'{fast} {r[fast].seconds_per_epoch:.2f}')
+def _slower(slow: str, fast: str) -> Callable[[Results], tuple[Outcome, str]]:
+  return lambda r: (above(_seconds(r, slow), _seconds(r, fast)),
+                    f'{slow} {_seconds(r, slow):.2f} s/epoch, '
+                    f'{fast} {_seconds(r, fast):.2f}')
 
 
-def _overfits_two_classes(r: Results) -> tuple[bool, str]:
-  train = max(e['train_top1_accuracy'] for e in r['plain_2'].history)
-  return train >= 0.95, f'plain_2 best train top-1 {train:.3f} (agrees at >= 0.95)'
+def _overfits_two_classes(r: Results) -> tuple[Outcome, str]:
+  train = _each(r, 'plain_2',
+                lambda run: max(e['train_top1_accuracy'] for e in run.history))
+  return (above(train, 0.95, or_equal=True),
+          f'plain_2 best train top-1 {train:.3f} (agrees at >= 0.95)')
 
 
-def _rmsprop_at_chance(r: Results) -> tuple[bool, str]:
-  run = r['optimizer_rmsprop_10']
-  train = run.history[-1]['train_top1_accuracy']
-  return run.top1 <= 1.5 * run.chance, (
-      f'best val top-1 {run.top1:.3f} (chance {run.chance:.3f}; agrees at <= 1.5x chance), '
+def _rmsprop_at_chance(r: Results) -> tuple[Outcome, str]:
+  name = 'optimizer_rmsprop_10'
+  top1, chance = _top1(r, name), r[name][0].chance
+  train = _each(r, name, lambda run: run.history[-1]['train_top1_accuracy'])
+  return above(1.5 * chance, top1, or_equal=True), (
+      f'best val top-1 {top1:.3f} (chance {chance:.3f}; agrees at <= 1.5x chance), '
       f'last train top-1 {train:.3f}')
 
 
-def _adam_best(r: Results) -> tuple[bool, str]:
+def _adam_best(r: Results) -> tuple[Outcome, str]:
   adam, sgd, rmsprop = 'optimizer_adam_10', 'optimizer_sgd_10', 'optimizer_rmsprop_10'
-  return (r[adam].top1 > max(r[sgd].top1, r[rmsprop].top1),
+  return (_both(above(_top1(r, adam), _top1(r, sgd)), above(_top1(r, adam), _top1(r, rmsprop))),
           _top1s(r, adam, sgd, rmsprop))
 
 
-def _sgd_slow(r: Results) -> tuple[bool, str]:
-  adam, sgd = r['optimizer_adam_10'], r['optimizer_sgd_10']
-  level = min(adam.top1, sgd.top1)
-  reached = {run.name: next(e['epoch'] for e in run.history
-                            if e['val_top1_accuracy'] >= level) for run in (adam, sgd)}
-  return sgd.top1 < adam.top1, (
-      f'{_top1s(r, sgd.name, adam.name)}; val top-1 {level:.3f} first at epoch '
-      f'{reached[sgd.name]} (SGD) and {reached[adam.name]} (Adam)')
+def _first_reaching(run: RunResult, level: float) -> int:
+  return next(e['epoch'] for e in run.history if e['val_top1_accuracy'] >= level)
 
 
-def _later(late: str, early: str) -> Callable[[Results], tuple[bool, str]]:
-  return lambda r: (r[late].best['epoch'] > r[early].best['epoch'],
-                    f'best val epoch: {late} {r[late].best["epoch"]}, '
-                    f'{early} {r[early].best["epoch"]}')
+def _sgd_slow(r: Results) -> tuple[Outcome, str]:
+  adam, sgd = 'optimizer_adam_10', 'optimizer_sgd_10'
+  level = _paired(r, (adam, sgd), lambda a, s: min(a.top1, s.top1))
+  adam_at = _paired(r, (adam, sgd), lambda a, s: _first_reaching(a, min(a.top1, s.top1)))
+  sgd_at = _paired(r, (adam, sgd), lambda a, s: _first_reaching(s, min(a.top1, s.top1)))
+  return above(_top1(r, adam), _top1(r, sgd)), (
+      f'{_top1s(r, sgd, adam)}; val top-1 {level:.3f} first at epoch {sgd_at} (SGD) and '
+      f'{adam_at} (Adam)')
 
 
-def _plain_overfits(r: Results) -> tuple[bool, str]:
-  run = r['plain_5']
-  last = run.history[-1]
-  gap = last['train_top1_accuracy'] - last['val_top1_accuracy']
-  return run.best['epoch'] <= run.epochs / 2 and gap > 0.1, (
-      f'best val epoch {run.best["epoch"]} of {run.epochs}; last epoch train top-1 '
-      f'{last["train_top1_accuracy"]:.3f}, val {last["val_top1_accuracy"]:.3f} '
-      '(agrees: best in the first half, train above val by > 0.1)')
+def _later(late: str, early: str) -> Callable[[Results], tuple[Outcome, str]]:
+  def test(r: Results) -> tuple[Outcome, str]:
+    best = {name: _each(r, name, lambda run: run.best['epoch']) for name in (late, early)}
+    return (above(best[late], best[early]),
+            f'best val epoch: {late} {best[late]}, {early} {best[early]}')
+  return test
 
 
-def _wide_over_deep(r: Results) -> tuple[bool, str]:
-  wide, deep = r['wide_5'], r['deep_5']
-  return (wide.top1 >= deep.top1 and wide.seconds_per_epoch < deep.seconds_per_epoch,
-          f'{_top1s(r, "wide_5", "deep_5")}; {wide.seconds_per_epoch:.2f} vs '
-          f'{deep.seconds_per_epoch:.2f} s/epoch')
+def _plain_overfits(r: Results) -> tuple[Outcome, str]:
+  plain = lambda value: _each(r, 'plain_5', value)
+  train = plain(lambda run: run.history[-1]['train_top1_accuracy'])
+  val = plain(lambda run: run.history[-1]['val_top1_accuracy'])
+  gap = plain(lambda run: (run.history[-1]['train_top1_accuracy']
+                           - run.history[-1]['val_top1_accuracy']))
+  best, epochs = plain(lambda run: run.best['epoch']), plain(lambda run: run.epochs)
+  return _both(above(plain(lambda run: run.epochs / 2), best, or_equal=True),
+               above(gap, 0.1)), (
+      f'best val epoch {best} of {epochs}; last epoch train top-1 {train:.3f}, val '
+      f'{val:.3f} (agrees: best in the first half, train above val by > 0.1)')
 
 
-def _tanh_sooner(r: Results) -> tuple[bool, str]:
-  tanh, relu = r['tanh_5'].converged_epoch(), r['plain_5'].converged_epoch()
-  return tanh < relu, (f'95% of the best val top-1 first at epoch {tanh} (tanh), '
-                       f'{relu} (relu)')
+def _wide_over_deep(r: Results) -> tuple[Outcome, str]:
+  wide, deep = _seconds(r, 'wide_5'), _seconds(r, 'deep_5')
+  return (_both(above(_top1(r, 'wide_5'), _top1(r, 'deep_5'), or_equal=True),
+                above(deep, wide)),
+          f'{_top1s(r, "wide_5", "deep_5")}; {wide:.2f} vs {deep:.2f} s/epoch')
+
+
+def _tanh_sooner(r: Results) -> tuple[Outcome, str]:
+  tanh = _each(r, 'tanh_5', lambda run: run.converged_epoch())
+  relu = _each(r, 'plain_5', lambda run: run.converged_epoch())
+  return above(relu, tanh), (f'95% of the best val top-1 first at epoch {tanh} (tanh), '
+                             f'{relu} (relu)')
 
 
 def _unsteadiness(run: RunResult) -> float:
@@ -298,30 +487,33 @@ def _unsteadiness(run: RunResult) -> float:
   return statistics.mean(steps) if steps else 0.0
 
 
-def _tanh_unsteady(r: Results) -> tuple[bool, str]:
-  tanh, relu = _unsteadiness(r['tanh_5']), _unsteadiness(r['plain_5'])
-  return tanh > relu, (f'mean change of val top-1 between epochs: tanh {tanh:.3f}, '
-                       f'relu {relu:.3f}')
+def _tanh_unsteady(r: Results) -> tuple[Outcome, str]:
+  tanh, relu = _each(r, 'tanh_5', _unsteadiness), _each(r, 'plain_5', _unsteadiness)
+  return above(tanh, relu), (f'mean change of val top-1 between epochs: tanh {tanh:.3f}, '
+                             f'relu {relu:.3f}')
 
 
-def _wide_200_early(r: Results) -> tuple[bool, str]:
-  wide, plain = r['wide_200'], r['dropout_augment5_200']
-  epoch = min(50, wide.epochs, plain.epochs)
-  ours, theirs = wide.top1_until(epoch), plain.top1_until(epoch)
-  return ours > theirs, (f'best val top-1 in the first {epoch} epochs: wide_200 '
-                         f'{ours:.3f}, dropout_augment5_200 {theirs:.3f}')
+def _wide_200_early(r: Results) -> tuple[Outcome, str]:
+  names = ('wide_200', 'dropout_augment5_200')
+  epoch = lambda wide, plain: min(50, wide.epochs, plain.epochs)
+  ours = _paired(r, names, lambda wide, plain: wide.top1_until(epoch(wide, plain)))
+  theirs = _paired(r, names, lambda wide, plain: plain.top1_until(epoch(wide, plain)))
+  return above(ours, theirs), (f'best val top-1 in the first {_paired(r, names, epoch)} '
+                               f'epochs: wide_200 {ours:.3f}, dropout_augment5_200 '
+                               f'{theirs:.3f}')
 
 
-def _highest(best: str, *others: str) -> Callable[[Results], tuple[bool, str]]:
-  return lambda r: (r[best].top1 > max(r[o].top1 for o in others),
+def _highest(best: str, *others: str) -> Callable[[Results], tuple[Outcome, str]]:
+  return lambda r: (_both(*(above(_top1(r, best), _top1(r, o)) for o in others)),
                     _top1s(r, best, *others))
 
 
-def _all(*tests: Callable[[Results], tuple[bool, str]]
-         ) -> Callable[[Results], tuple[bool, str]]:
-  def test(r: Results) -> tuple[bool, str]:
+def _all(*tests: Callable[[Results], tuple[Outcome, str]]
+         ) -> Callable[[Results], tuple[Outcome, str]]:
+  def test(r: Results) -> tuple[Outcome, str]:
     outcomes = [t(r) for t in tests]
-    return all(agrees for agrees, _ in outcomes), '; '.join(words for _, words in outcomes)
+    return _both(*(agrees for agrees, _ in outcomes)), '; '.join(
+        words for _, words in outcomes)
   return test
 
 
@@ -392,28 +584,48 @@ CLAIMS = (
                _higher('vgg16_pretrained_200', 'vgg16_200'))),
 )
 AGREES, DISAGREES, INCOMPLETE = 'agrees', 'disagrees', 'incomplete'
+WITHIN_NOISE = 'within noise'  # several seeds: a difference inside their spread
+_VERDICTS = {True: AGREES, False: DISAGREES, None: WITHIN_NOISE}
 
 
-def check_claims(results: Results) -> list[dict[str, str]]:
-  """Each claim whose runs are all in `results`: agrees, disagrees or incomplete.
+def _seed_runs(runs: RunResult | Sequence[RunResult]) -> list[RunResult]:
+  return [runs] if isinstance(runs, RunResult) else list(runs)
 
-  A claim is tested on finished runs only; with one that is not done, it is
-  incomplete and says which.
+
+def check_claims(results: Mapping[str, RunResult | Sequence[RunResult]]
+                 ) -> list[dict[str, str]]:
+  """Each claim whose runs are all in `results`: agrees, disagrees, within
+  noise or incomplete.
+
+  `results` gives each experiment's run, or its runs of several seeds. A
+  claim is tested on finished runs only; with one that is not done, it is
+  incomplete and says which. With several seeds a claim agrees or disagrees
+  only where the numbers it compares differ by more than their spread
+  (`above`), and is within noise otherwise.
   """
+  seeds = {name: _seed_runs(runs) for name, runs in results.items()}
   checked = []
   for claim in CLAIMS:
-    if not all(name in results for name in claim.runs):
+    if not all(name in seeds for name in claim.runs):
       continue
-    unfinished = [f'{name} {results[name].status}' for name in claim.runs
-                  if results[name].status != 'done' or not results[name].history]
+    unfinished = [f'{run.run} {run.status}' for name in claim.runs for run in seeds[name]
+                  if not run.finished]
     if unfinished:
       verdict, ours = INCOMPLETE, ', '.join(unfinished)
     else:
-      agrees, ours = claim.test(results)
-      verdict = AGREES if agrees else DISAGREES
+      agrees, ours = claim.test(seeds)
+      verdict = _VERDICTS[agrees]
     checked.append({'finding': claim.finding, 'report': claim.report, 'ours': ours,
                     'verdict': verdict})
   return checked
+
+
+def verdict_counts(checked: Sequence[Mapping[str, str]]) -> str:
+  """'3 agrees, 1 disagrees, 2 incomplete', with 'within noise' where some are."""
+  verdicts = [claim['verdict'] for claim in checked]
+  shown = [AGREES, DISAGREES, *([WITHIN_NOISE] if WITHIN_NOISE in verdicts else []),
+           INCOMPLETE]
+  return ', '.join(f'{verdicts.count(v)} {v}' for v in shown)
 
 
 def claims_markdown(checked: Sequence[Mapping[str, str]]) -> str:
@@ -443,12 +655,23 @@ PANELS = (
 )
 
 
-def claims_figure(results: Results, path: str | pathlib.Path | None = None,
-                  title: str = '') -> plt.Figure:
+def _ours(runs: RunResult | Sequence[RunResult]) -> tuple[float | None, float | None]:
+  """Our val top-1 and its spread: the run's as far as it got, or with
+  several seeds the mean and standard deviation of those that finished."""
+  runs = _seed_runs(runs)
+  if len(runs) == 1:
+    return runs[0].top1, None
+  finished = Measure(tuple(run.top1 for run in runs if run.finished))
+  return (finished.mean, finished.std) if finished.values else (None, None)
+
+
+def claims_figure(results: Mapping[str, RunResult | Sequence[RunResult]],
+                  path: str | pathlib.Path | None = None, title: str = '') -> plt.Figure:
   """Val top-1, ours beside the report's, for each of the report's comparisons.
 
   A panel shows the runs of `results` it names; panels without any are left
-  out. A run without a finished epoch has no bar of ours.
+  out. A run without a finished epoch has no bar of ours; with several
+  seeds, ours is their mean with its standard deviation as an error bar.
   """
   panels = [(name, [run for run in runs if run in results]) for name, runs in PANELS]
   panels = [(name, runs) for name, runs in panels if runs]
@@ -461,14 +684,16 @@ def claims_figure(results: Results, path: str | pathlib.Path | None = None,
   for axis, (name, runs) in zip(axes.flat, panels):
     positions = range(len(runs))
     report = [BY_NAME[run].report_top1 for run in runs]
-    ours = [results[run].top1 for run in runs]
+    ours, spreads = zip(*(_ours(results[run]) for run in runs))
     axis.bar([p - 0.2 for p in positions], [v or 0 for v in report], 0.4,
              color='lightgray', edgecolor='gray', label='report')
     axis.bar([p + 0.2 for p in positions], [v or 0 for v in ours], 0.4,
-             color='tab:blue', label='ours')
-    for position, (theirs, mine) in enumerate(zip(report, ours)):
-      for offset, value in ((-0.2, theirs), (0.2, mine)):
-        axis.text(position + offset, (value or 0) + 0.01,
+             color='tab:blue', label='ours', capsize=3,
+             yerr=([s or 0 for s in spreads]
+                   if any(s is not None for s in spreads) else None))
+    for position, (theirs, mine, spread) in enumerate(zip(report, ours, spreads)):
+      for offset, value, above_bar in ((-0.2, theirs, 0), (0.2, mine, spread or 0)):
+        axis.text(position + offset, (value or 0) + above_bar + 0.01,
                   '-' if value is None else f'{value:.2f}', ha='center', fontsize=7)
     axis.set_xticks(list(positions), [run.replace('optimizer_', '') for run in runs],
                     rotation=30, ha='right', fontsize=8)

@@ -3,7 +3,7 @@
   python -m et_flax.reproduce --workdir=runs/report \
       --config.data.data_dir=/path/to/tiny-imagenet-200 \
       [--only=wide_5,deep_5] [--future_work] [--pretrained] [--quick] [--evaluate=false]
-      [--estimate] [--workers=N | --worker]
+      [--estimate] [--workers=N | --worker] [--seeds=N]
 
 Runs each experiment config of the report (configs/<name>.py; the future-work
 and pretrained ones with their flags) in <workdir>/<name>/, one after
@@ -18,7 +18,11 @@ config for 2 epochs on the embedded digits, offline, in minutes on a CPU;
 `--estimate` trains nothing and prints each run's expected time here.
 `--workers=N` shares the sweep between N worker processes here (each its
 share of the GPUs or cores); `--worker` is one worker, for a scheduler to
-start many of on shared storage (et_flax/sweep_workers.py).
+start many of on shared storage (et_flax/sweep_workers.py). `--seeds=N`
+trains each experiment with N seeds, each its own run (<workdir>/<name>/ for
+the first, <workdir>/<name>_seed<k>/ for the k-th after it): the table gives
+their mean and spread, and a finding whose difference is inside the spread
+is "within noise".
 """
 
 from __future__ import annotations
@@ -130,6 +134,37 @@ def experiment_config(name: str, quick: bool = False,
   return config
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+  """One run of the sweep: an experiment with one of its seeds."""
+  experiment: findings.Experiment
+  seed: int = 0  # the k-th seed: the config's seed plus k
+
+  @property
+  def name(self) -> str:
+    """Its sub-workdir, its key in status.json and its claim: the
+    experiment's name for seed 0, <name>_seed<k> for the others."""
+    return findings.run_name(self.experiment.name, self.seed)
+
+
+def sweep_runs(experiments: Sequence[findings.Experiment], seeds: int = 1
+               ) -> list[SweepRun]:
+  """Each experiment's run for each of `seeds`: every experiment's first seed,
+  then every experiment's second, and so on (a sweep of one seed first)."""
+  return [SweepRun(experiment, seed) for seed in range(seeds) for experiment in experiments]
+
+
+def run_config(run: SweepRun, quick: bool = False,
+               overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The experiment's config (experiment_config), its seed moved on by the
+  run's: seed 0 keeps the config as it is, so a one-seed sweep's runs are
+  its runs."""
+  config = experiment_config(run.experiment.name, quick, overrides)
+  if run.seed:
+    config.seed += run.seed
+  return config
+
+
 def _fingerprint(config: ml_collections.ConfigDict) -> str:
   text = json.dumps(checkpoints.config_to_dict(config), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -204,7 +239,7 @@ def _stop_between_runs() -> Iterator[None]:
 
 @dataclasses.dataclass
 class SweepSummary:
-  results: list[findings.RunResult]
+  results: list[findings.RunResult]  # each seed's run
   claims: list[dict[str, str]]
   table: pathlib.Path  # the Markdown; the CSV beside it
   figure: pathlib.Path | None
@@ -213,14 +248,16 @@ class SweepSummary:
 def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment], *,
               quick: bool = False, overrides: Mapping[str, Any] | None = None,
               evaluate_runs: bool = True, log_each_run: bool = False,
-              verbose: bool = False, longest_first: bool = False) -> SweepSummary:
+              verbose: bool = False, longest_first: bool = False,
+              seeds: int = 1) -> SweepSummary:
   """Runs `experiments` in <workdir>/<name>/, as one worker, and writes the table.
 
   Each run is claimed first (sweep_workers.Claim): runs that other workers
   (other processes on this sweep) hold are left to them, and a run one of
   them dropped (it died) is taken over; the worker ends when every run is
   done or failed. Runs go in the report's order, or with `longest_first`
-  in decreasing order of their expected time.
+  in decreasing order of their expected time. With `seeds` above 1, each
+  experiment's run of each seed is a run of its own (`sweep_runs`).
 
   A run done with the same config is skipped; one stopped (killed or by a
   signal) resumes; a failure is recorded with its message and the sweep goes
@@ -237,37 +274,41 @@ def run_sweep(workdir: str | pathlib.Path, experiments: Sequence[findings.Experi
   overrides = overrides or {}
   with sweep_workers.hold_sweep(workdir), _stop_between_runs():
     status = SweepStatus(workdir, quick)
-    configs = _configs(experiments, quick, overrides)
-    order = list(experiments)
+    runs = sweep_runs(experiments, seeds)
+    configs = _configs(runs, quick, overrides)
+    order = list(runs)
     if longest_first:
-      order = _longest_first(workdir, experiments, configs, quick)
+      order = _longest_first(workdir, runs, configs, quick)
     try:
       _work(workdir, experiments, order, configs, status, quick, overrides,
-            evaluate_runs, log_each_run, verbose)
+            evaluate_runs, log_each_run, verbose, seeds)
     except console.StorageFullError:
       raise  # the table would not fit either: the sweep that goes on writes it
     except BaseException:  # stopped: the table shows where the sweep stands
-      write_outputs(workdir, experiments, quick)
+      write_outputs(workdir, experiments, quick, seeds=seeds)
       raise
-  return write_outputs(workdir, experiments, quick)
+  return write_outputs(workdir, experiments, quick, seeds=seeds)
 
 
-def _configs(experiments: Sequence[findings.Experiment], quick: bool,
+def _configs(runs: Sequence[SweepRun], quick: bool,
              overrides: Mapping[str, Any]) -> dict[str, ml_collections.ConfigDict | None]:
   """Each run's config; None for one that fails to build (its run records why)."""
   configs = {}
-  for experiment in experiments:
+  for run in runs:
     try:
-      configs[experiment.name] = experiment_config(experiment.name, quick, overrides)
+      configs[run.name] = run_config(run, quick, overrides)
     except Exception:  # pylint: disable=broad-except
-      configs[experiment.name] = None
+      configs[run.name] = None
   return configs
 
 
-def _longest_first(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
+def _longest_first(workdir: pathlib.Path, runs: Sequence[SweepRun],
                    configs: Mapping[str, ml_collections.ConfigDict | None],
-                   quick: bool) -> list[findings.Experiment]:
+                   quick: bool) -> list[SweepRun]:
   saved = None if quick else sweep_workers.load_estimate(workdir)
+  if saved:  # measured once an experiment: each of its seeds' runs takes that long
+    saved = {run.name: saved[run.experiment.name] for run in runs
+             if run.experiment.name in saved}
   seconds = sweep_workers.expected_seconds(
       {name: config for name, config in configs.items() if config is not None}, saved, quick)
   if saved:
@@ -277,7 +318,7 @@ def _longest_first(workdir: pathlib.Path, experiments: Sequence[findings.Experim
     console.info('Runs longest first, by epochs x images x model cost (%s)',
                  'quick mode' if quick else f'no {sweep_workers.ESTIMATE_FILE} here: '
                  '--estimate with this --workdir measures the rates')
-  return sorted(experiments, key=lambda e: -seconds.get(e.name, 0.0))
+  return sorted(runs, key=lambda run: -seconds.get(run.name, 0.0))
 
 
 def _settled(saved: Mapping[str, Any], config: ml_collections.ConfigDict | None,
@@ -290,47 +331,48 @@ def _settled(saved: Mapping[str, Any], config: ml_collections.ConfigDict | None,
 
 
 def _work(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
-          order: Sequence[findings.Experiment],
+          order: Sequence[SweepRun],
           configs: Mapping[str, ml_collections.ConfigDict | None], status: SweepStatus,
           quick: bool, overrides: Mapping[str, Any], evaluate_runs: bool,
-          log_each_run: bool, verbose: bool) -> None:
+          log_each_run: bool, verbose: bool, seeds: int) -> None:
   """Claims and runs the first unsettled run of `order`, until none is left."""
   since = time.time()
-  counters = {e.name: f'[{i}/{len(order)}]' for i, e in enumerate(order, 1)}
-  for experiment in order:
-    if _settled(status.get(experiment.name), configs[experiment.name], since):
-      console.info('%s %s: done, skipped (%s)', counters[experiment.name], experiment.name,
-                   workdir / experiment.name)
+  counters = {run.name: f'[{i}/{len(order)}]' for i, run in enumerate(order, 1)}
+  for run in order:
+    if _settled(status.get(run.name), configs[run.name], since):
+      console.info('%s %s: done, skipped (%s)', counters[run.name], run.name,
+                   workdir / run.name)
   waiting = False
   while True:
-    left = [e for e in order if not _settled(status.get(e.name), configs[e.name], since)]
+    left = [run for run in order
+            if not _settled(status.get(run.name), configs[run.name], since)]
     if not left:
       return
-    for experiment in left:
-      claim = sweep_workers.Claim(workdir, experiment.name)
+    for run in left:
+      claim = sweep_workers.Claim(workdir, run.name)
       if not claim.try_acquire():
         continue
       with claim:
         waiting = False
-        if not _settled(status.get(experiment.name), configs[experiment.name], since):
-          _run_one(workdir, experiment, counters[experiment.name], status, quick,
+        if not _settled(status.get(run.name), configs[run.name], since):
+          _run_one(workdir, run, counters[run.name], status, quick,
                    overrides, evaluate_runs, log_each_run, verbose)
-          write_outputs(workdir, experiments, quick, figure=False)
+          write_outputs(workdir, experiments, quick, figure=False, seeds=seeds)
       break
     else:  # every run left is another worker's
       if not waiting:
         console.info('Waiting for the runs other workers hold (%s), to take over any '
-                     'they drop', ', '.join(e.name for e in left))
+                     'they drop', ', '.join(run.name for run in left))
         waiting = True
       time.sleep(sweep_workers.POLL_SECONDS)
 
 
-def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: str,
+def _run_one(workdir: pathlib.Path, run: SweepRun, counter: str,
              status: SweepStatus, quick: bool, overrides: Mapping[str, Any],
              evaluate_runs: bool, log_each_run: bool, verbose: bool) -> None:
-  name, run_dir = experiment.name, workdir / experiment.name
+  name, run_dir = run.name, workdir / run.name
   try:
-    config = experiment_config(name, quick, overrides)
+    config = run_config(run, quick, overrides)
   except Exception as error:  # pylint: disable=broad-except
     _record_failure(status, name, counter, error)
     return
@@ -344,11 +386,14 @@ def _run_one(workdir: pathlib.Path, experiment: findings.Experiment, counter: st
         saved['status'], 'resuming')
   else:
     verb = 'starting'
-  console.info('%s %s: %s (configs/%s.py, %d epoch%s) in %s', counter, name, verb, name,
-               config.num_epochs, '' if config.num_epochs == 1 else 's', run_dir)
+  experiment = run.experiment.name
+  console.info('%s %s: %s (configs/%s.py, %s%d epoch%s) in %s', counter, name, verb,
+               experiment, f'seed {config.seed}, ' if run.seed else '', config.num_epochs,
+               '' if config.num_epochs == 1 else 's', run_dir)
   status.set(name, status='running', message='', fingerprint=fingerprint, started=_now(),
-             config=f'configs/{name}.py', workdir=str(run_dir),
-             worker=sweep_workers.worker_label(), pid=os.getpid(), host=socket.gethostname())
+             config=f'configs/{experiment}.py', workdir=str(run_dir),
+             worker=sweep_workers.worker_label(), pid=os.getpid(), host=socket.gethostname(),
+             **({'seed': config.seed} if run.seed else {}))
   if log_each_run:
     console.setup_logging(run_dir, verbose)
   try:
@@ -399,16 +444,18 @@ def _stop_on_full_disk(status: SweepStatus, name: str, error: Exception) -> None
       'run the same command to go on.') from error
 
 
-def load_results(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment]
-                 ) -> list[findings.RunResult]:
-  """Each experiment's run in the sweep `workdir`, as far as it got."""
+def load_results(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment],
+                 seeds: int = 1) -> list[findings.RunResult]:
+  """Each experiment's run of each of `seeds` in the sweep `workdir`, as far
+  as it got: an experiment's seeds one after another, in its order."""
   workdir = pathlib.Path(workdir)
   path = workdir / STATUS_FILE
-  runs = json.loads(path.read_text())['runs'] if path.exists() else {}
-  return [findings.run_result(workdir / e.name, e.name,
-                              runs.get(e.name, {}).get('status', 'pending'),
-                              runs.get(e.name, {}).get('message', ''))
-          for e in experiments]
+  saved = json.loads(path.read_text())['runs'] if path.exists() else {}
+  runs = [SweepRun(experiment, seed) for experiment in experiments for seed in range(seeds)]
+  return [findings.run_result(workdir / run.name, run.experiment.name,
+                              saved.get(run.name, {}).get('status', 'pending'),
+                              saved.get(run.name, {}).get('message', ''), run.seed)
+          for run in runs]
 
 
 QUICK_NOTE = (
@@ -423,21 +470,29 @@ NOTES = (
     'Subsets of 2-20 classes are evenly spaced over the sorted wnids (the report does '
     'not name its classes), so those rows compare in kind. dropout_200 trains from '
     'scratch; the report warm-started it from the augmented 200-class run.')
+SEEDS_NOTE = (
+    '**{seeds} seeds** (`--seeds={seeds}`): each experiment trained {seeds} times, its '
+    "config's seed plus 0 to {last} (`<run>/` is the first, `<run>_seed<k>/` the k-th "
+    'after it). Each row is the mean over the seeds that finished (seeds: how many), '
+    'top-1 and top-5 ± their standard deviation (ddof=1). A finding agrees or disagrees '
+    'only where the numbers it compares differ by more than the sum of their standard '
+    'deviations (their mean ± std ranges are apart), and is **within noise** otherwise.')
 
 
 def write_outputs(workdir: str | pathlib.Path, experiments: Sequence[findings.Experiment],
-                  quick: bool, figure: bool = True) -> SweepSummary:
+                  quick: bool, figure: bool = True, seeds: int = 1) -> SweepSummary:
   """reproduction.md and .csv (and claims.png) in `workdir`, from the runs there
-  (under a lock: the workers of a sweep write them in turn)."""
+  (under a lock: the workers of a sweep write them in turn); with `seeds`
+  above 1, from each experiment's runs of its seeds."""
   workdir = pathlib.Path(workdir)
   with sweep_workers.locked(workdir / sweep_workers.TABLE_LOCK):
-    return _write_outputs(workdir, experiments, quick, figure)
+    return _write_outputs(workdir, experiments, quick, figure, seeds)
 
 
 def _write_outputs(workdir: pathlib.Path, experiments: Sequence[findings.Experiment],
-                   quick: bool, figure: bool) -> SweepSummary:
-  results = load_results(workdir, experiments)
-  by_name = {result.name: result for result in results}
+                   quick: bool, figure: bool, seeds: int) -> SweepSummary:
+  results = load_results(workdir, experiments, seeds)
+  by_name = findings.by_experiment(results)
   rows = findings.table_rows(results, quick)
   claims = findings.check_claims(by_name)
   counts = {s: sum(r.status == s for r in results)
@@ -450,14 +505,14 @@ def _write_outputs(workdir: pathlib.Path, experiments: Sequence[findings.Experim
     epochs = '-'.join(map(str, sorted({trained[0], trained[-1]})))
     lines += [QUICK_NOTE.format(sizes='E.T. at 8x8, VGG16 and ResNet50 at 32x32',
                                 epochs=f'{epochs} epoch{"" if epochs == "1" else "s"}'), '']
-  lines += ['## Results', '', NOTES, '', findings.table_markdown(rows)]
+  lines += ['## Results', '', NOTES, '']
+  if seeds > 1:
+    lines += [SEEDS_NOTE.format(seeds=seeds, last=seeds - 1), '']
+  lines.append(findings.table_markdown(rows))
   failed = [r for r in results if r.status == 'failed']
   if failed:
-    lines += ['## Failed runs', '', *[f'- `{r.name}`: {r.message}' for r in failed], '']
-  verdicts = [c['verdict'] for c in claims]
-  lines += ['## The report\'s findings', '',
-            ', '.join(f'{verdicts.count(v)} {v}' for v in
-                      (findings.AGREES, findings.DISAGREES, findings.INCOMPLETE))
+    lines += ['## Failed runs', '', *[f'- `{r.run}`: {r.message}' for r in failed], '']
+  lines += ['## The report\'s findings', '', findings.verdict_counts(claims)
             + f' (of {len(claims)} findings whose runs are in this sweep).', '']
   if claims:
     lines.append(findings.claims_markdown(claims))
@@ -470,7 +525,7 @@ def _write_outputs(workdir: pathlib.Path, experiments: Sequence[findings.Experim
   table = workdir / f'{TABLE}.md'
   table.write_text('\n'.join(lines))
   with table.with_suffix('.csv').open('w', newline='') as file:
-    writer = csv.DictWriter(file, ['mode', *findings.COLUMNS])
+    writer = csv.DictWriter(file, ['mode', *findings.table_columns(rows)])
     writer.writeheader()
     writer.writerows({'mode': 'quick' if quick else 'full', **row} for row in rows)
   return SweepSummary(results, claims, table, figure_path)
@@ -519,6 +574,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.seeds < 1:
+    _refuse(f'--seeds={FLAGS.seeds}: give the number of seeds to train each experiment '
+            'with (1 or more)')
   _check_worker_flags()
   if FLAGS.workdir is None and not FLAGS.estimate:
     sys.exit('error: --workdir is required: the sweep runs in <workdir>/<config name>/ '
@@ -541,12 +599,13 @@ def main(argv):
   settings_lib.configure_determinism(FLAGS.deterministic)
   overrides = config_flags.get_override_values(FLAGS['config'])
   if FLAGS.estimate:
-    _estimate(experiments, overrides, environments)
+    _estimate(experiments, overrides, environments, FLAGS.seeds)
     return
   try:
     summary = run_sweep(FLAGS.workdir, experiments, quick=FLAGS.quick, overrides=overrides,
                         evaluate_runs=FLAGS.evaluate, log_each_run=True,
-                        verbose=FLAGS.verbose, longest_first=FLAGS.worker)
+                        verbose=FLAGS.verbose, longest_first=FLAGS.worker,
+                        seeds=FLAGS.seeds)
   except interrupts.TrainingInterrupted as stopped:
     console.info('%s', stopped)
     sys.exit(stopped.exit_code)
@@ -576,15 +635,18 @@ def _refuse(message: str) -> None:
 
 
 def _estimate(experiments: Sequence[findings.Experiment], overrides: Mapping[str, Any],
-              environments: Sequence[Mapping[str, str]] | None) -> None:
+              environments: Sequence[Mapping[str, str]] | None, seeds: int = 1) -> None:
   estimates = estimate_runs(experiments, overrides)
-  hours = sum(e['hours'] for e in estimates)
+  # Each seed's run takes its experiment's time (the same steps).
+  run_hours = [e['hours'] for e in estimates for _ in range(seeds)]
+  hours = sum(run_hours)
   device = jax.devices()[0].device_kind
   # Under 100 h, the tenths the per-run lines show; whole hours above.
-  console.info('The sweep: %s h (%.1f days) of training and validation on %s',
-               _hours(hours), hours / 24, device)
+  console.info('The sweep: %s h (%.1f days) of training and validation on %s%s',
+               _hours(hours), hours / 24, device,
+               f', {seeds} seeds of each run' if seeds > 1 else '')
   if environments:
-    wall = sweep_workers.schedule_seconds([e['hours'] * 3600 for e in estimates],
+    wall = sweep_workers.schedule_seconds([h * 3600 for h in run_hours],
                                           len(environments)) / 3600
     share = ', '.join(f'{k}={v}' for k, v in environments[0].items()
                       if k != sweep_workers.WORKER_ENV)
@@ -622,7 +684,7 @@ def _launch(experiments: Sequence[findings.Experiment],
            for i, code in enumerate(codes, 1) if code not in (0, 1)]
   if ended:
     console.warning('%s (its lines above)', '; '.join(ended))
-  _finish(write_outputs(workdir, experiments, FLAGS.quick))
+  _finish(write_outputs(workdir, experiments, FLAGS.quick, seeds=FLAGS.seeds))
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
@@ -642,18 +704,16 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _finish(summary: SweepSummary) -> None:
-  verdicts = [claim['verdict'] for claim in summary.claims]
   console.info('Wrote %s, %s and %s: %d of %d runs done; findings: %s', summary.table,
                summary.table.with_suffix('.csv').name, FIGURE,
                sum(r.status == 'done' for r in summary.results), len(summary.results),
-               ', '.join(f'{verdicts.count(v)} {v}' for v in
-                         (findings.AGREES, findings.DISAGREES, findings.INCOMPLETE)))
+               findings.verdict_counts(summary.claims))
   failed = [r for r in summary.results if r.status == 'failed']
   if failed:
-    sys.exit('error: ' + '; '.join(f'{r.name} failed: {r.message.splitlines()[0]}'
+    sys.exit('error: ' + '; '.join(f'{r.run} failed: {r.message.splitlines()[0]}'
                                    for r in failed)
              + '. The other runs are in the table; rerun to try the failed ones again.')
-  unfinished = [r.name for r in summary.results if r.status != 'done']
+  unfinished = [r.run for r in summary.results if r.status != 'done']
   if unfinished:
     sys.exit(f'error: {", ".join(unfinished)} not finished (a worker ended early). Run '
              'the same command to go on.')
@@ -692,6 +752,11 @@ def define_flags() -> None:
                        'its share of the cores.')
   flags.DEFINE_integer('workers_per_device', 1, 'With --workers on GPUs: workers per GPU, '
                        "each with its share of the GPU's memory.")
+  flags.DEFINE_integer('seeds', 1, 'Train each experiment with this many seeds (the '
+                       "config's seed plus 0, 1, ...), each its own run: <workdir>/<name>/ "
+                       'for the first, <workdir>/<name>_seed<k>/ for the others; the table '
+                       'gives their mean and spread, and a finding inside the spread is '
+                       '"within noise".')
   flags.DEFINE_bool('worker', False, 'One worker of the sweep: start it any number of '
                     'times on the same --workdir (a SLURM array, by hand on several '
                     'machines over shared storage); the workers share the runs, longest '
