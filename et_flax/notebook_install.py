@@ -161,6 +161,10 @@ def _loaded_modules(names):
 
 
 if __name__ == '__main__':
+  # Run as a script, its folder (et_flax/) comes first on sys.path, where
+  # et_flax/keras/ would stand for Keras: the folder goes.
+  _here = os.path.dirname(os.path.abspath(__file__))
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
   if len(sys.argv) != 2:
     sys.exit(f'usage: python {sys.argv[0]} REPO')
   try:
