@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from et_flax import analysis
+from et_flax.report import analysis
 from et_flax import augment
 from et_flax import checkpoints
 from et_flax import console

@@ -56,7 +56,7 @@ from et_flax import checkpoints
 from et_flax import config_files
 from et_flax import console
 from et_flax import evaluate
-from et_flax import findings
+from et_flax.report import findings
 from et_flax import interrupts
 from et_flax import settings as settings_lib
 from et_flax import sweep_workers

@@ -274,7 +274,7 @@ def describe_worker() -> str:
 # Longest first.
 
 # Relative cost of an image through each model at 64x64 (plain E.T. 1), from
-# the per-image training rates README's table gives for the 2-core CPU.
+# the per-image training rates docs/reproduce.md's table gives for the 2-core CPU.
 MODEL_COST = {'et': 1.0, 'vgg16': 10.0, 'resnet50': 3.5}
 
 

@@ -202,7 +202,7 @@ def test_a_config_file_that_fails_to_load_is_one_error_line(tmp_path, run_comman
 
 _MOVED = ('input_pipeline', 'tiny_imagenet', 'tiny_imagenet_builder', 'preparation', 'digits',
           'fake_data', 'filelock', 'keras_graph', 'keras_import', 'keras_models',
-          'keras_structure', 'onednn', 'host_memory')
+          'keras_structure', 'onednn', 'host_memory', 'findings', 'analysis')
 
 
 def test_the_moved_modules_are_gone_from_the_top():

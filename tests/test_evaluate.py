@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from et_flax import analysis
+from et_flax.report import analysis
 from et_flax import compare
 from et_flax import evaluate
 from et_flax import predict

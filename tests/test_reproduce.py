@@ -1,4 +1,4 @@
-"""The whole report in one command (et_flax.reproduce, et_flax.findings).
+"""The whole report in one command (et_flax.reproduce, et_flax.report.findings).
 
 Every experiment config trains in quick mode; a failing run is recorded and
 the sweep goes on; a sweep killed (SIGKILL) and stopped (SIGTERM) mid-run
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from et_flax import findings
+from et_flax.report import findings
 from et_flax import models
 from et_flax import reproduce
 from et_flax import train

@@ -21,7 +21,7 @@ import types
 import numpy as np
 import pytest
 
-from et_flax import findings
+from et_flax.report import findings
 from et_flax import reproduce
 from et_flax import sweep_workers
 

@@ -201,7 +201,7 @@ def test_jit_frozen_backbone_for_two_epochs_then_training_equals_numpy():
     lr * sqrt(1 - b2^5) / (1 - b1^5) * (1 - b1) / sqrt(1 - b2) = 0.545 lr
     (where |g| >> eps), not the lr of a fresh Keras Adam given at the
     recompile that unfreezes.
-  - Batch norm while frozen (et_flax's behaviour, stated in the README): it
+  - Batch norm while frozen (et_flax's behaviour): it
     runs in training mode, normalising with the batch's statistics and
     updating the moving ones (m <- 0.99 m + 0.01 batch). Keras differs:
     `trainable=False` on a BatchNormalization layer runs it in inference

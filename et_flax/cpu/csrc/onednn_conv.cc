@@ -1,7 +1,7 @@
 // A convolution layer, y = act(conv(x, w) + b [+ s]), and its gradients
 // through oneDNN, as XLA FFI handlers.
 //
-// Built at first use by et_flax/onednn.py (g++, the onednn-cpu-gomp library
+// Built at first use by et_flax/cpu/onednn.py (g++, the onednn-cpu-gomp library
 // and its devel headers, jaxlib's FFI headers). Tensors cross the boundary in
 // JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, layers
 // of up to 16 channels run on the layout oneDNN picks for this CPU (nChw16c,
