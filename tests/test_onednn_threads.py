@@ -118,7 +118,7 @@ def test_when_the_cores_are_free_again_the_follower_takes_them_all(monkeypatch):
   assert follower.threads == 2
 
 
-def test_the_calls_count_their_operations_and_time():
+def test_jit_the_calls_count_their_operations_and_time():
   seconds0, flops0 = onednn.call_stats()
   x = jax.numpy.ones((2, 8, 8, 3), jax.numpy.float32)
   kernel = jax.numpy.ones((3, 3, 3, 16), jax.numpy.float32)
@@ -157,7 +157,7 @@ def test_a_bad_setting_is_refused(value, digits_data_dir):
 
 
 @pytest.mark.parametrize('batch', [1, 4, 19])
-def test_the_calls_give_the_same_bits_on_any_number_of_threads(batch):
+def test_jit_the_calls_give_the_same_bits_on_any_number_of_threads(batch):
   # Each call is split along the batch into pieces set by the batch alone
   # (19 images: pieces of two sizes) and the weight gradient summed over the
   # pieces in their order, so the same layer on 1, 2 and 3 threads, one after
