@@ -314,7 +314,8 @@ class FreeCoreFollower:
   after `hold` seconds or when the busy cores change. The first time it
   takes fewer threads than cores it says so in one log line; later changes
   are logged at debug level. The calls give the same bits on any number of
-  threads (their pieces are set by the batch alone), so following costs no
+  threads (their pieces are set by the batch and the cores the process
+  started with), so following costs no
   determinism.
   """
 

@@ -26,7 +26,7 @@
 //
 // Calls run one at a time on one thread of their own (the executor). Each
 // call is split along the batch into pieces whose sizes depend on the batch
-// alone (`Split`); the executor and the pool's helpers take the pieces from
+// and the cores at start only (`Split`); the executor and the pool's helpers take the pieces from
 // a shared counter, each piece on one thread with oneDNN single-threaded, so
 // a thread the system pauses (another process on its core) delays at most
 // the piece it holds, where a static share per thread would hold up the
@@ -394,8 +394,8 @@ inline void Pause() {
 }
 
 // A call's pieces, at most `max_pieces`, their sizes differing by at most
-// one image: set by the batch alone, never by the threads, so that the sums
-// over pieces are the same whatever runs them.
+// one image: set by the batch and the cores at start, never by the threads
+// in use, so that the sums over pieces are the same whatever runs them.
 struct Piece {
   int64_t offset, size;
 };
