@@ -210,3 +210,20 @@ def test_the_benchmark_load_runs_while_the_block_runs_and_is_stopped():
     os.sched_setaffinity(int(children[0]), {core})
     assert onednn.cores_used_by_others(0.5, frozenset({core})) >= 0.8
   assert not pathlib.Path(f'/proc/{children[0]}').exists()  # killed and reaped
+
+
+def test_the_follower_never_loads_the_library_from_its_thread(monkeypatch):
+  # It binds the library's functions when it starts: a later `load` that
+  # fails (a test's stand-in, a process tearing down) cannot reach its thread.
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+  monkeypatch.setattr(onednn, '_sample', lambda cores: (0.0, 0.0, 0.0))
+  monkeypatch.setattr(onednn, '_others', lambda before, after: 1.0)
+  follower = onednn.FreeCoreFollower(interval=0.001, probe=0.001, hold=0.0).start()
+  loads = []
+  monkeypatch.setattr(onednn, 'load', lambda: loads.append(1) or pytest.fail('loaded'))
+  time.sleep(0.5)  # many probes
+  alive = follower._thread.is_alive()
+  follower.stop()
+  monkeypatch.undo()
+  onednn.set_threads(0)  # the calls' threads as the suite had them
+  assert alive and not loads

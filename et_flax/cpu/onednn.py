@@ -293,8 +293,12 @@ def threads_for(free_cores: float, cores: int) -> int:
 def call_stats() -> tuple[float, float]:
   """(seconds, floating-point operations) of this process's oneDNN calls so
   far: their wall time and their convolutions' work."""
+  return _call_stats(load())
+
+
+def _call_stats(library: ctypes.CDLL) -> tuple[float, float]:
   nanos, flops = ctypes.c_int64(), ctypes.c_int64()
-  load().EtOnednnCallStats(ctypes.byref(nanos), ctypes.byref(flops))
+  library.EtOnednnCallStats(ctypes.byref(nanos), ctypes.byref(flops))
   return nanos.value / 1e9, float(flops.value)
 
 
@@ -319,8 +323,12 @@ class FreeCoreFollower:
   determinism.
   """
 
-  def __init__(self, interval: float = 1.0, set_threads=set_threads, stats=call_stats,
+  def __init__(self, interval: float = 1.0, set_threads=None, stats=None,
                probe: float = 4.0, hold: float = 60.0):
+    if set_threads is None or stats is None:
+      library = load()  # bound here: the follower's thread never loads it
+      set_threads = set_threads or library.EtOnednnSetThreads
+      stats = stats or functools.partial(_call_stats, library)
     self._interval = interval
     self._set = set_threads
     self._stats = stats
