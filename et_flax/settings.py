@@ -2,8 +2,9 @@
 
 `resolve(config, platform)` turns the config's performance fields
 (`conv_impl`, `compute_dtype`, `micro_batch_size`, `onednn_threads`,
-`data.device_resident`) and `preprocessing` into a frozen `Settings`. It is the only place that
-knows what 'auto' means; training, evaluation, prediction and the benchmark
+`data.device_resident`) and `preprocessing` into a frozen `Settings`. It is
+the only place that decides 'auto' (the micro-batches' size by the rule of
+`cpu/micro_batches.py`); training, evaluation, prediction and the benchmark
 use its result, the run's header shows it and the checkpoints keep it.
 `Platform.current()` is the only query of the machine (JAX's backend, its
 devices, their memory and bfloat16 support); tests pass a `Platform` of
@@ -35,22 +36,13 @@ from jax._src import xla_bridge
 from et_flax import augment
 from et_flax import console
 from et_flax import models
+from et_flax.cpu import micro_batches
 from et_flax.cpu import onednn
 
 CONV_IMPLS = ('auto', 'xla', 'onednn')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PREPROCESSING = augment.PREPROCESSING
 
-# Per image, CPUs train fastest on parts of the batch whose activations stay
-# in cache (docs/performance.md has the sweeps): 'auto' picks the largest part
-# whose widest activation tensor fits this budget, but no fewer images than
-# the floor (smaller parts only add per-call overhead and compile time), and
-# no fewer than it takes for the part's convolution outputs to outweigh the
-# convolution kernels, which every part reads, reorders and adds a gradient
-# for (VGG16: 59 MB of kernels, 4.4 MB of outputs per image: parts of 16).
-# The oneDNN calls split a part into pieces of whole images, one thread each,
-# so a part has at least as many images as the process has cores.
-AUTO_CPU_MICRO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
 # 'auto' keeps the training images on the accelerator when they take less
 # than this share of its memory.
 DEVICE_RESIDENT_SHARE = 0.5
@@ -182,11 +174,11 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
   x86-64 machine where they build (`onednn.available`, tried once per process,
   a warning saying why not), XLA's elsewhere; bfloat16 on GPUs and TPUs,
   float32 on CPUs; on CPUs and for models without batch norm, micro-batches
-  whose activations fit AUTO_CPU_MICRO_BUDGET, whole batches elsewhere; the
-  training images on the device when one host has an accelerator with room
-  for them (`train_bytes`, once decoded; unknown means no). An explicit value
-  is never changed: `conv_impl='onednn'` is built here, and fails loudly if it
-  cannot be.
+  whose activations stay in cache (`micro_batches.micro_batch_size`), whole
+  batches elsewhere; the training images on the device when one host has an
+  accelerator with room for them (`train_bytes`, once decoded; unknown means
+  no). An explicit value is never changed: `conv_impl='onednn'` is built
+  here, and fails loudly if it cannot be.
 
   Raises:
     ValueError: a value that is not one of the choices, or that cannot run
@@ -197,7 +189,7 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
   platform = platform or Platform.current()
   dtype = _compute_dtype(config.get('compute_dtype', 'auto'), platform)
   conv_impl = _conv_impl(config.get('conv_impl', 'auto'), dtype, platform)
-  micro = _micro_batch_size(config, conv_impl, platform)
+  micro = micro_batches.micro_batch_size(config, conv_impl, platform.backend)
   threads = _onednn_threads(config.get('onednn_threads', 'auto'))
   if conv_impl == 'onednn':
     onednn.use_threads(threads)
@@ -261,82 +253,6 @@ def _conv_impl(name: str, dtype: str, platform: Platform) -> str:
                        f"dtype is {dtype}; use conv_impl='xla' or compute_dtype='float32'")
     onednn.load()  # builds it now, before any data is read, or says why it cannot
   return name
-
-
-def _micro_setting(config: ml_collections.ConfigDict) -> Any:
-  # The default config holds a string ('auto'), so a command-line override
-  # arrives as one too: '16' means 16.
-  micro = config.get('micro_batch_size', 'auto')
-  return int(micro) if isinstance(micro, str) and micro.isdigit() else micro
-
-
-def _activation_bytes_per_image(config: ml_collections.ConfigDict,
-                                facts: models.ModelFacts) -> int:
-  """Float32 bytes of the model's widest activation tensor, per image."""
-  return config.data.image_size ** 2 * facts.widest_channels * 4
-
-
-def _is_conv(module: nn.Module, method: str) -> bool:
-  """A convolution's call: a module whose 'kernel' parameter is 4-D (et_flax's
-  Conv, nn.Conv or any other)."""
-  return (method == '__call__' and module.has_variable('params', 'kernel')
-          and module.get_variable('params', 'kernel').ndim == 4)
-
-
-def _kernel_and_output_bytes(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """Float32 bytes of the model's convolution kernels, and of its convolution
-  outputs for one image (shapes only: nothing is computed)."""
-  size = config.data.image_size
-  model = models.create_model(config.model, num_classes=2)
-
-  def shapes():
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    variables = model.init(jax.random.key(0), images)
-    _, state = model.apply(variables, images, capture_intermediates=_is_conv,
-                           mutable=['intermediates'])
-    return variables['params'], state['intermediates']
-
-  params, intermediates = jax.eval_shape(shapes)
-  kernels = [leaf for path, leaf in models.flatten_params(params).items()
-             if path.endswith('/kernel') and leaf.ndim == 4]
-  return (sum(4 * k.size for k in kernels),
-          sum(4 * o.size for o in jax.tree.leaves(intermediates)))
-
-
-def _micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
-                      platform: Platform) -> int:
-  """config.micro_batch_size, with 'auto' resolved (0: whole batches).
-
-  'auto' is 4 images for plain E.T. at 64x64 with the oneDNN convolutions (or
-  one per core where there are more cores), 8 with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
-  divisor of the batch whose activations fit AUTO_CPU_MICRO_BUDGET, at least
-  its floor, and at least as many images as it takes for their convolution
-  outputs to outweigh the kernels; whole batches for a model with batch norm.
-  The model says its widest activation and batch norm (`models.facts`).
-  """
-  micro, batch = _micro_setting(config), config.batch_size
-  if micro != 'auto':
-    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 0 or (
-        micro and batch % micro):
-      raise ValueError("config.micro_batch_size must be 'auto', 0 (whole batches) or "
-                       f'divide config.batch_size={batch}, got {micro!r}')
-    return micro
-  facts = models.facts(config.model)
-  if platform.backend != 'cpu' or facts.batch_norm:
-    return 0  # batch norm would normalise the parts apart
-  budget, floor = AUTO_CPU_MICRO_BUDGET[conv_impl]
-  if conv_impl == 'onednn':
-    floor = max(floor, len(os.sched_getaffinity(0)))
-  per_image = _activation_bytes_per_image(config, facts)
-  fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * per_image <= budget]
-  kernel_bytes, output_bytes = _kernel_and_output_bytes(config)
-  # Images enough for their convolution outputs to outweigh the kernels (none
-  # for a model without convolutions).
-  outweigh = -(-kernel_bytes // output_bytes) if output_bytes else 1
-  size = max(fitting[-1] if fitting else 1, min(floor, batch), min(outweigh, batch))
-  while batch % size:  # the part must divide the batch
-    size += 1
-  return 0 if size >= batch else size
 
 
 def _device_resident(config: ml_collections.ConfigDict, platform: Platform,

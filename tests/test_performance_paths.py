@@ -17,6 +17,7 @@ from et_flax import models
 from et_flax import optim
 from et_flax import settings
 from et_flax import train
+from et_flax.cpu import micro_batches
 from et_flax.cpu import onednn
 from et_flax.data import input_pipeline
 
@@ -186,14 +187,14 @@ def test_kernel_and_output_bytes_by_hand():
   kernels = sum(9 * cin * cout for cin, cout in zip(channels, channels[1:]))
   outputs = (2 * 64 * 64 * 64 + 2 * 32 * 32 * 128 + 3 * 16 * 16 * 256 + 3 * 8 * 8 * 512
              + 3 * 4 * 4 * 512)
-  assert settings._kernel_and_output_bytes(vgg16_20.get_config()) == (4 * kernels, 4 * outputs)
+  assert micro_batches.kernel_and_output_bytes(vgg16_20.get_config()) == (4 * kernels, 4 * outputs)
   config = default.get_config()
   config.data.image_size = 16
   params = train.init_variables(jax.random.key(0), models.create_model(config.model, 200),
                                 16)['params']
   kernel_bytes = sum(4 * leaf.size for path, leaf in models.flatten_params(params).items()
                      if path.endswith('/kernel') and leaf.ndim == 4)
-  assert settings._kernel_and_output_bytes(config)[0] == kernel_bytes
+  assert micro_batches.kernel_and_output_bytes(config)[0] == kernel_bytes
 
 
 def test_micro_batches_hold_one_part_of_activations_at_a_time():
