@@ -3,11 +3,11 @@
 //
 // Built at first use by et_flax/cpu/onednn.py (g++, the onednn-cpu-gomp library
 // and its devel headers, jaxlib's FFI headers). Tensors cross the boundary in
-// JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, layers
-// of up to 16 channels run on the layout oneDNN picks for this CPU (nChw16c,
-// which with 16 channels *is* NHWC byte for byte, so E.T.'s activations pass
-// through untouched); wider layers run oneDNN's NHWC kernels on JAX's arrays
-// as they are (`Act`). Kernels are reordered to oneDNN's layout at each call.
+// JAX's layouts: activations NHWC, kernels HWIO, all float32. Inside, the
+// activations stay NHWC, untouched: oneDNN's NHWC kernels (brgconv) run on
+// JAX's arrays as they are, and narrow 1x1 layers on oneDNN's blocked layout
+// where it is NHWC byte for byte (`Act`). Kernels are reordered to oneDNN's
+// layout at each call.
 //
 // Handlers (attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left,
 // pad_right, activation = 0 none | 1 relu | 2 tanh):
@@ -144,15 +144,28 @@ bool AliasesNhwc(const memory::desc& inner, int64_t channels) {
 
 memory::desc Any(const memory::dims& d) { return memory::desc(d, Dt::f32, Tag::any); }
 
-// The activations' layout the primitives are created for. Up to 16 channels
-// (plain E.T.), oneDNN's own choice: nChw16c, NHWC byte for byte at 16
-// channels, with its fastest kernels there. Wider layers take NHWC: oneDNN's
-// blocked choice would be reordered in and out at every call, where its NHWC
-// kernels (brgconv) read and write JAX's arrays as they are
-// (docs/performance.md).
+// The activations' layout the primitives are created for: NHWC, where
+// oneDNN runs its brgconv kernels on JAX's arrays as they are, except for 1x1
+// kernels of up to 16 channels whose blocked layout (oneDNN's own choice) is
+// NHWC byte for byte (nChw16c at 16 channels on AVX-512), where its jit_1x1
+// kernels are faster. Measured per pass on plain E.T.'s layers
+// (docs/performance.md, "Layouts"): 3x3 on NHWC 12.3 / 11.5 / 11.7 ms
+// (forward / input / weight gradient, 128 images) against 15.8 / 15.1 / 13.6
+// on nChw16c; 1x1 6.0 ms in all on nChw16c against 7.6 on NHWC. A blocked
+// layout that is not NHWC in memory would be reordered in and out at every
+// call.
+bool Blocked(const Geometry& g) {
+  if (g.c > 16 || g.o > 16 || g.kh != 1 || g.kw != 1) return false;
+  dnnl::primitive_attr attr;
+  auto pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      Any(g.src_dims()), Any(g.wei_dims()), Any(g.bia_dims()), Any(g.dst_dims()),
+      g.strides(), g.pad_l(), g.pad_r(), attr);
+  return AliasesNhwc(pd.src_desc(), g.c) && AliasesNhwc(pd.dst_desc(), g.o);
+}
+
 memory::desc Act(const Geometry& g, const memory::dims& d) {
-  bool narrow = g.c <= 16 && g.o <= 16;
-  return memory::desc(d, Dt::f32, narrow ? Tag::any : Tag::nhwc);
+  return memory::desc(d, Dt::f32, Blocked(g) ? Tag::any : Tag::nhwc);
 }
 
 struct Ports {
