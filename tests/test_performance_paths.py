@@ -144,24 +144,26 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   def micro_batch_size(platform=cpu):
     return settings.resolve(config, platform).micro_batch_size
 
-  assert micro_batch_size() == 4  # oneDNN convolutions
+  assert micro_batch_size() == 16  # oneDNN convolutions: 16 images fit in 4 MiB
   # A oneDNN call runs a piece of whole images per thread: a part has at
   # least an image per core.
-  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
-  assert micro_batch_size() == 8
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(32)))
+  assert micro_batch_size() == 32
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
   assert micro_batch_size(settings.Platform('gpu')) == 0  # whole batches on GPUs
   config.conv_impl = 'xla'
   assert micro_batch_size() == 8
   config.conv_impl = 'auto'
-  config.model.width = 4  # 1 MiB per image: the floor
+  config.model.width = 4  # 1 MiB per image: 4, the floor
   assert micro_batch_size() == 4
+  config.model.width = 2  # 512 KiB per image: 8 fit in 4 MiB
+  assert micro_batch_size() == 8
   config.model.width = 1
   config.data.image_size = 16  # 32 images fit in 1 MiB: whole batches of 32
   config.batch_size = 32
   assert micro_batch_size() == 0
-  config.batch_size = 96  # 64 images fit in 1 MiB; the largest divisor below is 48
-  assert micro_batch_size() == 48
+  config.batch_size = 384  # 256 images fit in 4 MiB; the largest divisor below is 192
+  assert micro_batch_size() == 192
   config.data.image_size = 64
   config.batch_size = 6  # the floor, 4, does not divide 6: the next size that does is 6
   assert micro_batch_size() == 0

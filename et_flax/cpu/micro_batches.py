@@ -26,8 +26,11 @@ from et_flax import models
 # convolution kernels, which every part reads, reorders and adds a gradient
 # for (VGG16: 59 MB of kernels, 4.4 MB of outputs per image: parts of 16).
 # The oneDNN calls split a part into pieces of whole images, one thread each,
-# so a part has at least as many images as the process has cores.
-AUTO_BUDGET = {'onednn': (1 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
+# so a part has at least as many images as the process has cores; their
+# budget is larger, as each call costs a hand-over to the pool's threads
+# (plain E.T., 128 images, 2 cores: parts of 4 172 img/s, 8 190-193, 16
+# 195-205, whole batches 185-194; docs/performance.md, "Layouts").
+AUTO_BUDGET = {'onednn': (4 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
 
 
 def _setting(config: ml_collections.ConfigDict) -> Any:
@@ -75,7 +78,7 @@ def micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
   `conv_impl` is the resolved convolution ('onednn' or 'xla'), `backend`
-  JAX's ('cpu', 'gpu', ...). 'auto' is 4 images for plain E.T. at 64x64 with
+  JAX's ('cpu', 'gpu', ...). 'auto' is 16 images for plain E.T. at 64x64 with
   the oneDNN convolutions (or one per core where there are more cores), 8
   with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
   divisor of the batch whose activations fit AUTO_BUDGET, at least its floor,
