@@ -1,6 +1,6 @@
 """Wide E.T. (k=2, 32 filters), 5 classes, no dropout or augmentation.
 
-Report (4.3, Fig. 10): validation accuracy 0.70 at ~20 epochs (plain: 0.66).
+Report (4.3, Fig. 10): validation accuracy 0.70 at ~20 epochs (plain_5: 0.66).
 
   python -m et_flax.main --config=configs/wide_5.py --workdir=runs/wide_5 \
       --config.data.data_dir=/path/to/tiny-imagenet-200

@@ -23,20 +23,10 @@ from absl import flags
 
 from et_flax import console
 from et_flax import evaluate
+from et_flax.report import report_numbers
 
 # The report's table 5.1: (model, classes, pretrained) -> (row, top-1, top-5).
-REPORT_RESULTS = {
-    ('et', 20, False): ('E.T. (with dropout)', 0.525, 0.838),
-    ('et', 200, False): ('E.T. (with dropout)', 0.347, 0.551),
-    ('vgg16', 20, True): ('VGG16 (pre-trained)', 0.456, 0.892),
-    ('vgg16', 200, True): ('VGG16 (pre-trained)', 0.520, 0.794),
-    ('vgg16', 20, False): ('VGG16 (retrained)', 0.531, 0.854),
-    ('vgg16', 200, False): ('VGG16 (retrained)', 0.442, 0.782),
-    ('resnet50', 20, True): ('ResNet50 (pre-trained)', 0.663, 0.909),
-    ('resnet50', 200, True): ('ResNet50 (pre-trained)', 0.623, 0.821),
-    ('resnet50', 20, False): ('ResNet50 (retrained)', 0.562, 0.873),
-    ('resnet50', 200, False): ('ResNet50 (retrained)', 0.541, 0.801),
-}
+REPORT_RESULTS = report_numbers.TABLE_5_1
 COLUMNS = ['run', 'model', 'classes', 'epoch', 'top1', 'top5', 'report_model',
            'report_top1', 'report_top5']
 

@@ -5,7 +5,8 @@
 `table_rows` puts our numbers beside the report's; `CLAIMS` are the report's
 qualitative findings, each checked against our runs (`check_claims`);
 `claims_figure` draws the report's pairwise comparisons side by side.
-The numbers of the report's table 5.1 are compare.REPORT_RESULTS's.
+The report's numbers, here and in the findings' words, are
+report_numbers.FIGURES's.
 
 An experiment trained with several seeds (reproduce --seeds=N) has a run per
 seed: the table gives their mean and standard deviation, and a finding
@@ -25,74 +26,77 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from et_flax import compare
 from et_flax import run_files
+from et_flax.report import report_numbers
 
 REPORT, FUTURE_WORK, PRETRAINED = 'report', 'future work', 'pretrained'
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """One config of the report, and what the report says it got."""
+  """One config of the report; what the report got is report_numbers.FIGURES's."""
   name: str  # configs/<name>.py, and the run's sub-workdir
   what: str
   group: str = REPORT
-  top1: float | None = None  # validation top-1 as the report gives it
-  top5: float | None = None
-  said: str = ''  # the report's words, where it gives no single number
-  seconds_per_epoch: float | None = None  # the report's, on its GTX 1080
-  table_key: tuple[str, int, bool] | None = None  # its row in table 5.1
+
+  @property
+  def figures(self) -> report_numbers.Figures:
+    return report_numbers.FIGURES[self.name]
 
   @property
   def report_top1(self) -> float | None:
-    return compare.REPORT_RESULTS[self.table_key][1] if self.table_key else self.top1
+    """Validation top-1 as the report gives it (table 5.1's where it has a row)."""
+    return self.figures.top1
 
   @property
   def report_top5(self) -> float | None:
-    return compare.REPORT_RESULTS[self.table_key][2] if self.table_key else self.top5
+    return self.figures.top5
+
+  @property
+  def said(self) -> str:
+    """The report's words, where it gives no single number."""
+    return self.figures.said
+
+  @property
+  def seconds_per_epoch(self) -> float | None:
+    """The report's, on its GTX 1080."""
+    return self.figures.seconds_per_epoch
+
+  @property
+  def table_key(self) -> tuple[str, int, bool] | None:
+    """Its row in table 5.1: compare.REPORT_RESULTS's key."""
+    return self.figures.table_key
 
 
 # In the report's order (section 4, then table 5.1, then section 7).
 EXPERIMENTS = (
-    Experiment('plain_2', 'plain E.T., 2 classes', said='overfits'),
-    Experiment('optimizer_adam_10', 'Adam 1e-3 + plateau halving, 10 classes', top1=0.55),
-    Experiment('optimizer_sgd_10', 'SGD 0.01, momentum 0.9, 10 classes', top1=0.22,
-               said='0.22 after 800 epochs'),
-    Experiment('optimizer_rmsprop_10', 'RMSprop 1e-3, 10 classes', top1=0.05,
-               said='chance'),
-    Experiment('plain_5', 'plain E.T., 5 classes', top1=0.66, seconds_per_epoch=11),
-    Experiment('dropout_5', 'dropout 0.5, 5 classes', top1=0.72, seconds_per_epoch=11),
-    Experiment('augment8_5', '8 augmentations, 5 classes', top1=0.705, said='0.70-0.71',
-               seconds_per_epoch=17),
-    Experiment('dropout_augment5_20', 'dropout + 5 augmentations, 20 classes',
-               table_key=('et', 20, False)),
-    Experiment('dropout_augment5_200', 'dropout + 5 augmentations, 200 classes', top1=0.29,
-               said='~0.29', seconds_per_epoch=580),
-    Experiment('dropout_200', 'dropout, 200 classes (the Kaggle model)',
-               table_key=('et', 200, False), seconds_per_epoch=505),
-    Experiment('wide_5', 'k=2, 5 classes', top1=0.70, said='0.70 at ~20 epochs',
-               seconds_per_epoch=13),
-    Experiment('wide_200', 'k=2 + dropout + 5 augmentations, 200 classes',
-               said='+0.01 over dropout_augment5_200 in 50 epochs'),
-    Experiment('deep_5', '8 modules, 5 classes', top1=0.68, seconds_per_epoch=22),
-    Experiment('stride2_5', 'stride-2 max-pool after the stem, 5 classes', top1=0.38),
-    Experiment('hinge_5', 'categorical hinge, 5 classes', top1=0.60),
-    Experiment('tanh_5', 'tanh, 5 classes', top1=0.65),
-    Experiment('vgg16_20', 'VGG16 from scratch, 20 classes', table_key=('vgg16', 20, False)),
-    Experiment('resnet50_20', 'ResNet50 from scratch, 20 classes',
-               table_key=('resnet50', 20, False)),
-    Experiment('vgg16_200', 'VGG16 from scratch, 200 classes',
-               table_key=('vgg16', 200, False)),
-    Experiment('resnet50_200', 'ResNet50 from scratch, 200 classes',
-               table_key=('resnet50', 200, False)),
-    Experiment('vgg16_pretrained_20', 'VGG16 from ImageNet weights, 20 classes',
-               PRETRAINED, table_key=('vgg16', 20, True)),
+    Experiment('plain_2', 'plain E.T., 2 classes'),
+    Experiment('optimizer_adam_10', 'Adam 1e-3 + plateau halving, 10 classes'),
+    Experiment('optimizer_sgd_10', 'SGD 0.01, momentum 0.9, 10 classes'),
+    Experiment('optimizer_rmsprop_10', 'RMSprop 1e-3, 10 classes'),
+    Experiment('plain_5', 'plain E.T., 5 classes'),
+    Experiment('dropout_5', 'dropout 0.5, 5 classes'),
+    Experiment('augment8_5', '8 augmentations, 5 classes'),
+    Experiment('dropout_augment5_20', 'dropout + 5 augmentations, 20 classes'),
+    Experiment('dropout_augment5_200', 'dropout + 5 augmentations, 200 classes'),
+    Experiment('dropout_200', 'dropout, 200 classes (the Kaggle model)'),
+    Experiment('wide_5', 'k=2, 5 classes'),
+    Experiment('wide_200', 'k=2 + dropout + 5 augmentations, 200 classes'),
+    Experiment('deep_5', '8 modules, 5 classes'),
+    Experiment('stride2_5', 'stride-2 max-pool after the stem, 5 classes'),
+    Experiment('hinge_5', 'categorical hinge, 5 classes'),
+    Experiment('tanh_5', 'tanh, 5 classes'),
+    Experiment('vgg16_20', 'VGG16 from scratch, 20 classes'),
+    Experiment('resnet50_20', 'ResNet50 from scratch, 20 classes'),
+    Experiment('vgg16_200', 'VGG16 from scratch, 200 classes'),
+    Experiment('resnet50_200', 'ResNet50 from scratch, 200 classes'),
+    Experiment('vgg16_pretrained_20', 'VGG16 from ImageNet weights, 20 classes', PRETRAINED),
     Experiment('resnet50_pretrained_20', 'ResNet50 from ImageNet weights, 20 classes',
-               PRETRAINED, table_key=('resnet50', 20, True)),
+               PRETRAINED),
     Experiment('vgg16_pretrained_200', 'VGG16 from ImageNet weights, 200 classes',
-               PRETRAINED, table_key=('vgg16', 200, True)),
+               PRETRAINED),
     Experiment('resnet50_pretrained_200', 'ResNet50 from ImageNet weights, 200 classes',
-               PRETRAINED, table_key=('resnet50', 200, True)),
+               PRETRAINED),
     Experiment('inblock_dropout_200', 'dropout 0.1 inside the blocks, 200 classes',
                FUTURE_WORK),
     Experiment('wide4_heavy_200', 'k=4 + heavy augmentation, 200 classes', FUTURE_WORK),
@@ -517,59 +521,91 @@ def _all(*tests: Callable[[Results], tuple[Outcome, str]]
   return test
 
 
+# The report's side of a claim, in its words, with report_numbers's figures.
+_FIGURES, _text, _said_top1 = (report_numbers.FIGURES, report_numbers.text,
+                               report_numbers.top1)
+
+
+def _vs(*names: str) -> str:
+  """'0.72 vs 0.66': the report's top-1s of `names`."""
+  return ' vs '.join(_said_top1(name) for name in names)
+
+
+def _said_seconds(name: str) -> str:
+  return f'{_FIGURES[name].seconds_per_epoch:g}'
+
+
+def _seconds_vs(slow: str, fast: str) -> str:
+  return f'{_said_seconds(slow)} s vs {_said_seconds(fast)} s'
+
+
+def _said_epochs(name: str) -> int:
+  return _FIGURES[name].epochs
+
+
+_RMSPROP, _SGD, _ADAM = (_FIGURES[f'optimizer_{name}_10'] for name in ('rmsprop', 'sgd', 'adam'))
+
 CLAIMS = (
-    Claim('Plain E.T. overfits a 2-class subset (the sanity check)', 'overfits',
+    Claim('Plain E.T. overfits a 2-class subset (the sanity check)', _FIGURES['plain_2'].said,
           ('plain_2',), _overfits_two_classes),
     Claim('RMSprop 1e-3 cannot train E.T.: validation accuracy stays at chance',
-          'val 0.05 (chance), train 0.49', ('optimizer_rmsprop_10',), _rmsprop_at_chance),
+          f'val {_text(_RMSPROP.top1)} (chance), train {_text(_RMSPROP.train_top1)}',
+          ('optimizer_rmsprop_10',), _rmsprop_at_chance),
     Claim('SGD (momentum 0.9, decay 1e-6) trains E.T. slowly, below Adam',
-          '0.22 after 800 epochs vs 0.55', ('optimizer_sgd_10', 'optimizer_adam_10'),
-          _sgd_slow),
+          f'{_text(_SGD.top1)} after {_SGD.epochs} epochs vs {_text(_ADAM.top1)}',
+          ('optimizer_sgd_10', 'optimizer_adam_10'), _sgd_slow),
     Claim('Adam 1e-3 with plateau halving is the best of the three optimizers',
-          '0.55 vs 0.22 (SGD) and chance (RMSprop)',
+          f'{_text(_ADAM.top1)} vs {_text(_SGD.top1)} (SGD) and {_RMSPROP.said} (RMSprop)',
           ('optimizer_adam_10', 'optimizer_sgd_10', 'optimizer_rmsprop_10'), _adam_best),
-    Claim('Plain E.T. overfits early on 5 classes', 'overfits after ~15 epochs at 0.66',
+    Claim('Plain E.T. overfits early on 5 classes',
+          f'overfits after ~{_said_epochs("plain_5")} epochs at {_said_top1("plain_5")}',
           ('plain_5',), _plain_overfits),
-    Claim('Dropout 0.5 before the last Dense helps on 5 classes', '0.72 vs 0.66',
+    Claim('Dropout 0.5 before the last Dense helps on 5 classes', _vs('dropout_5', 'plain_5'),
           ('dropout_5', 'plain_5'), _higher('dropout_5', 'plain_5')),
-    Claim('With dropout the model converges later', '~400 epochs later',
+    Claim('With dropout the model converges later', f'~{_said_epochs("dropout_5")} epochs later',
           ('dropout_5', 'plain_5'), _later('dropout_5', 'plain_5')),
-    Claim('The 8 augmentations help on 5 classes', '0.70-0.71 vs 0.66',
+    Claim('The 8 augmentations help on 5 classes', _vs('augment8_5', 'plain_5'),
           ('augment8_5', 'plain_5'), _higher('augment8_5', 'plain_5')),
-    Claim('Augmentation ends slightly below dropout', '0.70-0.71 vs 0.72',
+    Claim('Augmentation ends slightly below dropout', _vs('augment8_5', 'dropout_5'),
           ('dropout_5', 'augment8_5'), _higher('dropout_5', 'augment8_5')),
-    Claim('Augmentation costs time per epoch', '17 s vs 11 s (dropout)',
+    Claim('Augmentation costs time per epoch',
+          f'{_seconds_vs("augment8_5", "dropout_5")} (dropout)',
           ('augment8_5', 'dropout_5'), _slower('augment8_5', 'dropout_5')),
-    Claim('Width (k=2) helps on 5 classes', '0.70 vs 0.66', ('wide_5', 'plain_5'),
+    Claim('Width (k=2) helps on 5 classes', _vs('wide_5', 'plain_5'), ('wide_5', 'plain_5'),
           _higher('wide_5', 'plain_5')),
-    Claim('Width costs a little time per epoch', '13 s vs 11 s', ('wide_5', 'plain_5'),
-          _slower('wide_5', 'plain_5')),
-    Claim('Width helps on 200 classes early on', '+0.01 in the first 50 epochs',
+    Claim('Width costs a little time per epoch', _seconds_vs('wide_5', 'plain_5'),
+          ('wide_5', 'plain_5'), _slower('wide_5', 'plain_5')),
+    Claim('Width helps on 200 classes early on',
+          f'+{_text(_FIGURES["wide_200"].top1_gain)} in the first '
+          f'{_said_epochs("wide_200")} epochs',
           ('wide_200', 'dropout_augment5_200'), _wide_200_early),
-    Claim('Depth (8 modules) helps slightly on 5 classes', '0.68 vs 0.66',
+    Claim('Depth (8 modules) helps slightly on 5 classes', _vs('deep_5', 'plain_5'),
           ('deep_5', 'plain_5'), _higher('deep_5', 'plain_5')),
-    Claim('Width is more effective than depth', '0.70 at 13 s/epoch vs 0.68 at 22 s',
+    Claim('Width is more effective than depth',
+          f'{_said_top1("wide_5")} at {_said_seconds("wide_5")} s/epoch vs '
+          f'{_said_top1("deep_5")} at {_said_seconds("deep_5")} s',
           ('wide_5', 'deep_5'), _wide_over_deep),
-    Claim('A stride-2 max-pool after the stem hurts', '0.38 vs 0.66',
+    Claim('A stride-2 max-pool after the stem hurts', _vs('stride2_5', 'plain_5'),
           ('stride2_5', 'plain_5'), _higher('plain_5', 'stride2_5')),
-    Claim('Categorical hinge is worse than cross-entropy', '0.60 vs 0.66',
+    Claim('Categorical hinge is worse than cross-entropy', _vs('hinge_5', 'plain_5'),
           ('hinge_5', 'plain_5'), _higher('plain_5', 'hinge_5')),
-    Claim('tanh ends slightly below ReLU', '0.65 vs 0.66', ('tanh_5', 'plain_5'),
+    Claim('tanh ends slightly below ReLU', _vs('tanh_5', 'plain_5'), ('tanh_5', 'plain_5'),
           _higher('plain_5', 'tanh_5')),
-    Claim('tanh converges sooner than ReLU', '~5 epochs sooner', ('tanh_5', 'plain_5'),
-          _tanh_sooner),
+    Claim('tanh converges sooner than ReLU', f'~{_said_epochs("tanh_5")} epochs sooner',
+          ('tanh_5', 'plain_5'), _tanh_sooner),
     Claim('tanh is less steady than ReLU', '"seems more unsteady"', ('tanh_5', 'plain_5'),
           _tanh_unsteady),
-    Claim('VGG16 from scratch beats E.T. on 20 classes', '0.531 vs 0.525',
+    Claim('VGG16 from scratch beats E.T. on 20 classes', _vs('vgg16_20', 'dropout_augment5_20'),
           ('vgg16_20', 'dropout_augment5_20'), _higher('vgg16_20', 'dropout_augment5_20')),
-    Claim('ResNet50 from scratch beats E.T. on 20 classes', '0.562 vs 0.525',
-          ('resnet50_20', 'dropout_augment5_20'),
+    Claim('ResNet50 from scratch beats E.T. on 20 classes',
+          _vs('resnet50_20', 'dropout_augment5_20'), ('resnet50_20', 'dropout_augment5_20'),
           _higher('resnet50_20', 'dropout_augment5_20')),
     Claim('VGG16 and ResNet50 from scratch beat E.T. on 200 classes',
-          '0.442 and 0.541 vs 0.347', ('vgg16_200', 'resnet50_200', 'dropout_200'),
+          f'{_said_top1("vgg16_200")} and {_vs("resnet50_200", "dropout_200")}',
+          ('vgg16_200', 'resnet50_200', 'dropout_200'),
           _all(_higher('vgg16_200', 'dropout_200'), _higher('resnet50_200', 'dropout_200'))),
     Claim('Pretrained ResNet50 is the best model on 20 and 200 classes',
-          '0.663 and 0.623',
+          f'{_said_top1("resnet50_pretrained_20")} and {_said_top1("resnet50_pretrained_200")}',
           ('resnet50_pretrained_20', 'resnet50_20', 'vgg16_pretrained_20', 'vgg16_20',
            'dropout_augment5_20', 'resnet50_pretrained_200', 'resnet50_200',
            'vgg16_pretrained_200', 'vgg16_200', 'dropout_200'),
@@ -578,7 +614,8 @@ CLAIMS = (
                _highest('resnet50_pretrained_200', 'resnet50_200', 'vgg16_pretrained_200',
                         'vgg16_200', 'dropout_200'))),
     Claim('Pretrained VGG16 is below retrained on 20 classes, above on 200',
-          '0.456 vs 0.531; 0.520 vs 0.442',
+          f'{_vs("vgg16_pretrained_20", "vgg16_20")}; '
+          f'{_vs("vgg16_pretrained_200", "vgg16_200")}',
           ('vgg16_pretrained_20', 'vgg16_20', 'vgg16_pretrained_200', 'vgg16_200'),
           _all(_higher('vgg16_20', 'vgg16_pretrained_20'),
                _higher('vgg16_pretrained_200', 'vgg16_200'))),
