@@ -305,7 +305,8 @@ def test_jit_bias_gradient_at_batch_1024_equals_a_float64_sum():
 
   With gradients of one sign (1 + 0.1 N(0, 1)), oneDNN's own float32 bias
   gradient was 1.0e-5 and 1.3e-5 off a float64 sum (measured); XLA's
-  reduction of g, now used, 2e-8 and 5e-8. The bound, 1e-6, sits between.
+  reduction of g 2e-8 and 5e-8. The bound, 1e-6, sits between; the handler's
+  sum (rows in float32, rows added in float64) must stay under it.
   """
   rng = np.random.default_rng(4)
   shape = (1024, 64, 64, 1)
@@ -358,12 +359,16 @@ def test_the_handlers_check_every_shape_they_are_given():
   with pytest.raises(Exception, match=r'the shortcut \(2, 3, 4, 3\) must have the output'):
     _handler('et_onednn_conv_fwd_residual', [y], x, w, jnp.ones(4), jnp.ones((2, 3, 4, 3)))
   dy = jnp.ones(y)
-  g, dx, dw = _handler('et_onednn_conv_bwd', [y, x.shape, w.shape], x, w, out, dy)
+  g, dx, dw, db = _handler('et_onednn_conv_bwd', [y, x.shape, w.shape, (4,)], x, w, out, dy)
   np.testing.assert_allclose(dw, 2 * 9)  # every kernel element sees 2 x 9 ones
+  np.testing.assert_allclose(db, 2 * 3 * 3)  # dy's ones over 2 x 3 x 3 pixels
   with pytest.raises(Exception, match=r'dy and the results must have the shapes'):
-    _handler('et_onednn_conv_bwd', [y, x.shape, (3, 3, 3, 3)], x, w, out, dy)
+    _handler('et_onednn_conv_bwd', [y, x.shape, (3, 3, 3, 3), (4,)], x, w, out, dy)
   with pytest.raises(Exception, match=r'dy and the results must have the shapes'):
-    _handler('et_onednn_conv_bwd', [y, x.shape, w.shape], x, w, out, jnp.ones((2, 3, 3, 3)))
+    _handler('et_onednn_conv_bwd', [y, x.shape, w.shape, (4,)], x, w, out,
+             jnp.ones((2, 3, 3, 3)))
+  with pytest.raises(Exception, match=r'db must have shape \(4,\), got \(3\)'):
+    _handler('et_onednn_conv_bwd', [y, x.shape, w.shape, (3,)], x, w, out, dy)
 
 
 @needs_build

@@ -474,16 +474,17 @@ def _backward(strides, pads, activation, residuals, dy):
     dy = jnp.zeros(y.shape, jnp.float32)
   dy = dy.astype(jnp.float32)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  g, dx, dkernel = jax.ffi.ffi_call(
-      'et_onednn_conv_bwd', (f32(y.shape), f32(x.shape), f32(kernel.shape)),
+  # The bias gradient is g's sum, made by the handler while g is in cache
+  # (rows in float32, the rows in float64: error near float32's rounding,
+  # where oneDNN's own adds one value at a time; tests/test_onednn.py).
+  g, dx, dkernel, dbias = jax.ffi.ffi_call(
+      'et_onednn_conv_bwd', (f32(y.shape), f32(x.shape), f32(kernel.shape),
+                             f32(kernel.shape[3:])),
       vmap_method='sequential')(x, kernel, y, dy, input_gradient=x_perturbed,
                                 **_attrs(strides, pads, activation))
   if activation == 'none':
     g = dy  # the handler leaves g unwritten: it is dy
-  # The bias gradient is g's sum: XLA's reduction (a tree of partial sums)
-  # keeps float32 error near 1e-7, where oneDNN's adds one value at a time
-  # (relative error 2e-2 over 64x64 maps at batch 1024, tests/test_onednn.py).
-  return g, dx if x_perturbed else None, dkernel, jnp.sum(g, axis=(0, 1, 2))
+  return g, dx if x_perturbed else None, dkernel, dbias
 
 
 def _primal(arg):

@@ -13,12 +13,13 @@
 // pad_right, activation = 0 none | 1 relu | 2 tanh):
 //   et_onednn_conv_fwd           (x, w, b)    -> y = act(conv(x, w) + b)
 //   et_onednn_conv_fwd_residual  (x, w, b, s) -> y = act(conv(x, w) + b + s)
-//   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw)
+//   et_onednn_conv_bwd           (x, w, y, dy) -> (g, dx, dw, db)
 //                                (one more attribute: input_gradient)
 // where g = dy * act'(.) is the gradient at the pre-activation (and so the
-// shortcut's and, summed, the bias's: the caller sums it, as oneDNN's own bias
-// gradient adds one value at a time in float32), dx and dw the gradients of
-// x and w. Without an activation g is dy and is not written; without
+// shortcut's), dx, dw and db the gradients of x, w and the bias (g summed
+// over the pixels while each piece of it is in cache, along rows in float32
+// and the rows in float64: oneDNN's own bias gradient adds one value at a
+// time in float32). Without an activation g is dy and is not written; without
 // input_gradient (x is not differentiated, e.g. the images) dx is not
 // written: an output left untouched costs XLA no page of memory. Every shape is checked here against the attributes. The bias,
 // shortcut and activation run as oneDNN post-ops in the convolution's own
@@ -700,6 +701,22 @@ struct BackwardPiecePlans {
   const ActivationPlan* activation;  // null without an activation
 };
 
+// acc[o] += the sum of channel o of g's `rows` rows of `row_pixels` pixels
+// (NHWC, `channels` channels): each row summed in float32, the rows added in
+// float64, so that the error stays near float32's rounding of the total.
+void SumChannels(const float* g, int64_t rows, int64_t row_pixels, int64_t channels,
+                 double* acc) {
+  thread_local std::vector<float> row;
+  row.resize(channels);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(row.begin(), row.end(), 0.f);
+    const float* p = g + r * row_pixels * channels;
+    for (int64_t q = 0; q < row_pixels; ++q)
+      for (int64_t o = 0; o < channels; ++o) row[o] += p[q * channels + o];
+    for (int64_t o = 0; o < channels; ++o) acc[o] += row[o];
+  }
+}
+
 // sum[k] = parts[0][k] + parts[1][k] + ... in that order, for k < count, the
 // elements split between the pool's threads.
 void SumInOrder(const std::vector<float*>& parts, float* sum, int64_t count) {
@@ -717,9 +734,10 @@ void SumInOrder(const std::vector<float*>& parts, float* sum, int64_t count) {
 
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> g_out,
-                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                   int64_t activation, bool input_gradient) {
+                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                   ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t activation,
+                   bool input_gradient) {
   if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb,
                              pl, pr, activation);
       err.failure())
@@ -731,6 +749,10 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
         ", g " + Dims(g_out->dimensions()) + ", dx " + Dims(dx->dimensions()) + ", dw " +
         Dims(dw->dimensions()) + " for x " + Dims(x.dimensions()) + ", w " +
         Dims(w.dimensions()) + ", y " + Dims(y.dimensions()));
+  if (db->dimensions().size() != 1 || db->dimensions()[0] != w.dimensions()[3])
+    return ffi::Error::InvalidArgument("db must have shape (" +
+                                       std::to_string(w.dimensions()[3]) + ",), got " +
+                                       Dims(db->dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
   call_flops.fetch_add(g.flops() * (input_gradient ? 2 : 1), std::memory_order_relaxed);
   return Guarded([&] {
@@ -764,6 +786,8 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                        : SharedArena().take(port.inner.get_size());
       partial.emplace_back(port.inner, Engine(), data);
     }
+    // Each piece's bias gradient, in float64, summed in order below.
+    std::vector<double> bias_parts(pieces.size() * g.o, 0.0);
     const int64_t in = g.h * g.w * g.c, out = g.oh * g.ow * g.o;
     Pool::Get().Run(static_cast<int>(pieces.size()), call_threads, [&](int i) {
       const Piece& p = pieces[i];
@@ -784,6 +808,8 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                              {DNNL_ARG_SCRATCHPAD, mem.scratchpad(act.scratch_bytes)}});
         diff_dst = gp;
       }
+      s.wait();  // g written before it is summed
+      SumChannels(diff_dst, p.size * g.oh, g.ow, g.o, &bias_parts[i * g.o]);
       const BackwardPlan& conv = *plan.conv;
       if (input_gradient) {
         const Ports& dp = conv.data_ports;
@@ -803,6 +829,11 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                                 mem.scratchpad(conv.weights_scratch_bytes)}});
       s.wait();
     });
+    for (int64_t o = 0; o < g.o; ++o) {
+      double total = 0.0;
+      for (size_t i = 0; i < pieces.size(); ++i) total += bias_parts[i * g.o + o];
+      db->typed_data()[o] = static_cast<float>(total);
+    }
     // dw: the pieces' gradients summed in their order.
     dnnl::stream& s = ThreadStream();
     const Port& first = plans.at(pieces[0].size)->conv->weights_ports.wei;
@@ -863,6 +894,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                       .Arg<F32>()
                       .Arg<F32>()
                       .Arg<F32>()
+                      .Ret<F32>()
                       .Ret<F32>()
                       .Ret<F32>()
                       .Ret<F32>())
