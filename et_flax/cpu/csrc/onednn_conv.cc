@@ -704,8 +704,10 @@ struct BackwardPiecePlans {
 // acc[o] += the sum of channel o of g's `rows` rows of `row_pixels` pixels
 // (NHWC, `channels` channels): each row summed in float32, the rows added in
 // float64, so that the error stays near float32's rounding of the total.
-void SumChannels(const float* g, int64_t rows, int64_t row_pixels, int64_t channels,
-                 double* acc) {
+// (-O3 here: the build's -O2 leaves the row loop unvectorized.)
+__attribute__((optimize("O3"))) void SumChannels(const float* g, int64_t rows,
+                                                 int64_t row_pixels, int64_t channels,
+                                                 double* acc) {
   thread_local std::vector<float> row;
   row.resize(channels);
   for (int64_t r = 0; r < rows; ++r) {
