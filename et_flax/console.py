@@ -12,13 +12,15 @@ other error keeps its traceback (`run`).
 et_flax code writes a console line with `info(message, *args)` (printf-style,
 as `logging.info`); it also goes to the log file. Without `setup_logging` (a
 test, a script that configures logging itself) these are ordinary INFO
-records of the `et_flax.console` logger.
+records of the `et_flax.console` logger. A process that runs a command
+inside itself and goes on (a test) undoes what it set up with `State`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import errno
 import functools
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import tqdm
@@ -388,6 +390,64 @@ def log_path() -> pathlib.Path | None:
   return None if _log is None else _log.written_to()
 
 
+@dataclasses.dataclass(frozen=True)
+class State:
+  """The console and logging as they are at one time (`save`), to go back to.
+
+  It holds what `setup_logging` (so a command's `run`) changes: the console's
+  handlers, log and verbosity, every logger's handlers and level, the absl
+  handler's filters, whether warnings are logged, and `sys.unraisablehook`.
+  A process that runs a command inside itself and goes on (a test) saves it
+  first and restores it after:
+
+    state = console.State.save()
+    ...  # a command's `run`
+    state.restore()
+  """
+  installed: tuple[logging.Handler, ...]
+  log: WorkdirLog | None
+  verbose: bool
+  loggers: tuple[tuple[logging.Logger, tuple[logging.Handler, ...], int], ...]
+  absl_filters: tuple[Any, ...]
+  warnings_logged: bool
+  unraisablehook: Callable[[Any], Any]
+
+  @classmethod
+  def save(cls) -> State:
+    """The state now."""
+    loggers = [logging.getLogger(), *(
+        logger for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger))]
+    return cls(
+        installed=tuple(_installed), log=_log, verbose=_verbose,
+        loggers=tuple((logger, tuple(logger.handlers), logger.level) for logger in loggers),
+        absl_filters=tuple(absl_logging.get_absl_handler().filters),
+        # logging has no public way to ask whether it captures warnings.
+        warnings_logged=(
+            logging._warnings_showwarning is not None),  # pylint: disable=protected-access
+        unraisablehook=sys.unraisablehook)
+
+  def restore(self) -> None:
+    """Goes back to this state, closing the console's handlers set up since.
+
+    Loggers made since keep their handlers and levels; restoring again is
+    harmless.
+    """
+    global _log, _verbose
+    for handler in _installed:
+      if handler not in self.installed:
+        handler.close()
+    _installed[:] = self.installed
+    _log, _verbose = self.log, self.verbose
+    for logger, handlers, level in self.loggers:
+      logger.handlers[:] = handlers
+      logger.setLevel(level)
+    absl_logging.get_absl_handler().filters[:] = self.absl_filters
+    if not self.warnings_logged:
+      logging.captureWarnings(False)
+    sys.unraisablehook = self.unraisablehook
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 
@@ -514,25 +574,39 @@ def _given_value(argv: list[str], name: str) -> str | None:
   return value
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a config error on one line (no traceback)."""
+@contextlib.contextmanager
+def unknown_config_fields(argv: Sequence[str]) -> Iterator[None]:
+  """Within: an override in `argv` of a field the config lacks is one
+  `error:` line, exit 1.
+
+  ml_collections raises a KeyError or AttributeError for
+  `--config.modle.width=2` as it reads the overrides: while absl parses the
+  flags (as `run` does), or as a config flag with a default config
+  (`config_flags.DEFINE_config_dict`) is defined. Any other is raised as it is.
+  """
   try:
-    remaining = flags.FLAGS(argv)
-  except flags.Error as error:
-    _exit_with(_flag_error(error, argv),
-               'Pass --helpshort or --helpfull to see help on flags.')
+    yield
   except (KeyError, AttributeError) as error:
-    # ml_collections: `--config.modle.width=2` names a field the config lacks.
     inner = error
     while inner.args and isinstance(inner.args[0], BaseException):
       inner = inner.args[0]
     text = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
     field, _, hint = text.partition('\n')
-    override = _override_of(field.strip('\'"'), argv)
+    override = _override_of(field.strip('\'"'), list(argv))
     if override is None:
       raise
     _exit_with(f'error: {override}: the config has no field {field}.'
                + (f' {hint}' if hint else ''))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config error on one line (no traceback)."""
+  try:
+    with unknown_config_fields(argv):
+      remaining = flags.FLAGS(argv)
+  except flags.Error as error:
+    _exit_with(_flag_error(error, argv),
+               'Pass --helpshort or --helpfull to see help on flags.')
   for name in flags.FLAGS:
     reason = _config_load_failure(flags.FLAGS[name])
     if reason is not None:

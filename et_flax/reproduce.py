@@ -63,7 +63,6 @@ from et_flax import sweep_workers
 from et_flax import train
 from et_flax.cpu import host_memory
 
-REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ lives there
 STATUS_FILE = 'status.json'
 TABLE = 'reproduction'  # .md and .csv
 FIGURE = 'claims.png'
@@ -726,16 +725,16 @@ def define_flags() -> None:
   _ARGV[:] = sys.argv[1:]
   flags.DEFINE_string('workdir', None, 'The sweep: each run in <workdir>/<config name>/, '
                       'the table and status.json in it (required, except with --estimate).')
-  # Overrides for every run, typed by configs/default.py. The file is put on the
-  # command line so that absl parses the overrides with the other flags (a
-  # typo is then one error line from console.run).
+  # Overrides for every run, typed by configs/default.py. ml_collections reads
+  # them from the command line as it defines the flag (a typo: one error line).
   if any(re.match(r'^--?config(=|$)', arg) for arg in sys.argv[1:]):
     sys.exit('error: et_flax.reproduce runs the experiment configs; set a field for '
              'every run with --config.a.b=value, not --config=FILE')
-  sys.argv.insert(1, f'--config={REPO / "configs" / "default.py"}')
-  config_flags.DEFINE_config_file(
-      'config', None, 'Set a field for every run, e.g. --config.data.data_dir=/data/'
-      'tiny-imagenet-200 (a field a config lacks fails that run).', lock_config=True)
+  with console.unknown_config_fields(sys.argv):
+    config_flags.DEFINE_config_dict(
+        'config', config_files.load('default'), 'Set a field for every run, e.g. '
+        '--config.data.data_dir=/data/tiny-imagenet-200 (a field a config lacks fails '
+        'that run).', lock_config=True)
   flags.DEFINE_list('only', [], 'Run only these experiments (config names), e.g. '
                     '--only=wide_5,deep_5.')
   flags.DEFINE_bool('future_work', False, "Also run the report's future-work configs.")

@@ -6,7 +6,6 @@ data dir whose digits are already prepared and decoded (at 8x8 and 16x16),
 for a machine without TensorFlow (tools/measure_gpu.sh makes one)."""
 
 import collections
-import logging
 import os
 import pathlib
 import runpy
@@ -28,7 +27,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from et_flax import console  # noqa: E402
 from et_flax import settings  # noqa: E402
@@ -164,26 +162,12 @@ def run_command(monkeypatch, capsys):
   undone afterwards. An exception that escapes it (an internal error, whose
   traceback a process prints) is raised.
   """
-  # pylint: disable=protected-access
   jax.devices()  # started: host_memory's 'auto' leaves this process as it is
-  monkeypatch.setattr(host_memory, '_applied', host_memory._applied)
   app.define_help_flags()  # absl defines them once a process: kept
   defined, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-  loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
-                                    if isinstance(logger, logging.Logger))]
-  saved_loggers = [(logger, list(logger.handlers), logger.level) for logger in loggers]
-  absl_handler = absl_logging.get_absl_handler()
-  saved_filters = list(absl_handler.filters)
-  warnings_were_logged = logging._warnings_showwarning is not None
-  saved_console = (list(console._installed), console._log, console._verbose)
-  saved_unraisablehook = sys.unraisablehook
+  saved_console = console.State.save()
 
   def restore():
-    for handler in console._installed:
-      if handler not in saved_console[0]:
-        handler.close()
-    console._installed[:] = saved_console[0]
-    console._log, console._verbose = saved_console[1:]
     for name in set(flags.FLAGS) - defined:
       if name in flags.FLAGS:  # not gone with its long name
         delattr(flags.FLAGS, name)
@@ -191,13 +175,7 @@ def run_command(monkeypatch, capsys):
     if was_parsed:
       flags.FLAGS.mark_as_parsed()
     # After the flags: resetting --verbosity sets the absl logger's level.
-    for logger, handlers, level in saved_loggers:
-      logger.handlers[:] = handlers
-      logger.setLevel(level)
-    absl_handler.filters[:] = saved_filters
-    if not warnings_were_logged:
-      logging.captureWarnings(False)
-    sys.unraisablehook = saved_unraisablehook
+    saved_console.restore()
 
   def run(module, *args, cwd=REPO):
     monkeypatch.chdir(cwd)
@@ -216,4 +194,5 @@ def run_command(monkeypatch, capsys):
     output = capsys.readouterr()
     return Command(code, output.out, output.err)
 
-  return run
+  with host_memory.preserved():
+    yield run

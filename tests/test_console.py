@@ -16,8 +16,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
+from absl import logging as absl_logging
 
 from et_flax import console
 from et_flax import distributed
@@ -142,6 +144,44 @@ def test_the_log_file_waits_until_the_workdir_holds_a_run(tmp_path):
   log.close()
   assert console.log_file_name(0) == 'log.txt'
   assert console.log_file_name(2) == 'log.process2.txt'
+
+
+def _logging_now():
+  """What setup_logging changes, as the console's public names show it."""
+  root = logging.getLogger()
+  stdout = sys.stdout
+  with console.library_output():
+    library_output_to_log = sys.stdout is not stdout
+  return dict(root_handlers=list(root.handlers), root_level=root.level,
+              absl_level=logging.getLogger('absl').level,
+              absl_filters=list(absl_logging.get_absl_handler().filters),
+              log_path=console.log_path(), library_output_to_log=library_output_to_log,
+              showwarning=warnings.showwarning, unraisablehook=sys.unraisablehook)
+
+
+def test_a_saved_state_restores_the_console_and_logging(tmp_path):
+  (tmp_path / 'classes.json').write_text('{}')  # a run: the log file is written
+  before = _logging_now()
+  state = console.State.save()
+  console.setup_logging(tmp_path)
+  quiet = _logging_now()
+  assert quiet['log_path'] == tmp_path / console.LOG_FILE
+  assert quiet['library_output_to_log'] and quiet['root_handlers'] != before['root_handlers']
+  quiet_state = console.State.save()
+  for _ in range(2):  # restoring again gives the same state back
+    console.setup_logging(tmp_path, verbose=True)
+    logging.getLogger('absl').setLevel(logging.DEBUG)
+    assert not _logging_now()['library_output_to_log']
+    quiet_state.restore()
+    now = _logging_now()
+    assert now['library_output_to_log'] and now['root_handlers'] == quiet['root_handlers']
+  state.restore()
+  assert _logging_now() == before
+  logging.getLogger('et_flax').warning('after the restore')
+  assert 'after the restore' not in (tmp_path / console.LOG_FILE).read_text()
+  if os.path.isdir('/proc/self/fd'):  # the handlers set up since are closed
+    assert str(tmp_path / console.LOG_FILE) not in [
+        os.path.realpath(f'/proc/self/fd/{fd}') for fd in os.listdir('/proc/self/fd')]
 
 
 # ---------------------------------------------------------------------------

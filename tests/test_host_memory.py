@@ -93,6 +93,27 @@ def test_configure_refuses_what_it_cannot_do():
   assert host_memory.configure('release') == 'release'
 
 
+# A fresh process: what `configure` did, restored by `preserved` but for 'reuse'.
+PRESERVED = """
+from et_flax.cpu import host_memory
+print(host_memory.applied())
+with host_memory.preserved():
+  print(host_memory.configure('release'))
+print(host_memory.applied())
+with host_memory.preserved():
+  print(host_memory.configure('reuse'))
+print(host_memory.applied())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='glibc on Linux')
+def test_preserved_restores_what_configure_did_but_reuse():
+  result = subprocess.run([sys.executable, '-c', PRESERVED], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=True)
+  assert result.stdout.split() == ['None', 'release', 'None', 'reuse', 'reuse']
+
+
 def test_the_commands_refuse_an_unknown_value(tmp_path, run_command):
   code, _, stderr = run_command('et_flax.main', '--config=configs/quickstart.py',
                                 f'--workdir={tmp_path / "run"}', '--host_memory=keep')

@@ -370,3 +370,26 @@ def test_estimate_command_totals_its_runs(tmp_path):
   expected = f'{run_hours:.1f}' if run_hours < 100 else f'{run_hours:.0f}'
   assert total_line.split()[2:4] == [expected, 'h'], (run_line, total_line)
   assert not list(tmp_path.iterdir())
+
+
+def test_the_overrides_are_typed_by_the_default_config_and_leave_sys_argv(run_command):
+  """--config.a.b=value for every run: typed by configs/default.py, a typo one
+  error line, --config=FILE refused; the command line is read, never edited."""
+  args = ['--workdir=unused', '--workers=0', '--config.batch_size=16',
+          '--config.model.width', '2']
+  code, _, stderr = run_command('et_flax.reproduce', *args)
+  assert code == 1
+  assert stderr.splitlines() == [
+      'error: --workers=0: give the number of worker processes (1 or more)']
+  assert sys.argv == ['-m', *args]
+  code, _, stderr = run_command('et_flax.reproduce', '--config.batch_size=abc')
+  assert code == 1
+  assert stderr.splitlines()[0] == ("error: --config.batch_size=abc: config.batch_size "
+                                    "takes an integer (its value now: 128), not 'abc'")
+  code, _, stderr = run_command('et_flax.reproduce', '--config.modle.width=2')
+  assert code == 1
+  assert stderr.splitlines() == [
+      "error: --config.modle.width=2: the config has no field 'modle'. Did you mean "
+      '"model" instead of "modle"?']
+  code, _, _ = run_command('et_flax.reproduce', '--config=configs/default.py')
+  assert code == 1 and sys.argv == ['-m', '--config=configs/default.py']

@@ -26,6 +26,7 @@ a small allocation splits the freed buffer (docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -33,6 +34,7 @@ import pkgutil
 import platform
 import re
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 
 import jax
@@ -142,3 +144,23 @@ def configure(mode: str) -> str:
                "(--host_memory=%s).", mode)
   _applied = 'reuse'
   return _applied
+
+
+def applied() -> str | None:
+  """What `configure` made of this process: 'reuse', 'release', or None
+  before it ran."""
+  return _applied
+
+
+@contextlib.contextmanager
+def preserved() -> Iterator[None]:
+  """`applied()` as it is now, again at exit, for a process that runs a
+  command inside itself and goes on (a test). 'reuse' applied inside stays:
+  it cannot be undone."""
+  global _applied
+  saved = _applied
+  try:
+    yield
+  finally:
+    if _applied != 'reuse':
+      _applied = saved
