@@ -4,9 +4,9 @@ A workdir holds `checkpoints/<epoch>/` (the latest `max_to_keep`) and
 `checkpoints_best/<epoch>/` (the one with the best validation top-1: the
 report's "best weights saved"). Each holds two items: `state` (params, batch
 stats, optimizer state with the plateau state, step, RNG) and `meta` (JSON:
-epoch, config, history, best accuracy). Orbax writes a checkpoint to a
-temporary folder and renames it when complete, so a run killed during a save
-resumes from the previous one.
+epoch, config, settings, history, best accuracy: `run_files.RunMeta`).
+Orbax writes a checkpoint to a temporary folder and renames it when
+complete, so a run killed during a save resumes from the previous one.
 
 Every array is saved as a global array, by all processes of a multi-process
 run together, and restored with shardings built for the devices at hand: a
@@ -23,10 +23,11 @@ deleted. Every other call of a `RunCheckpoints` first waits for a pending save.
 
 A checkpoint is read whole (every array and the meta) before it is used: one
 damaged on disk (a file missing, truncated or unreadable, as a broken copy
-leaves it) is passed over for the newest intact one, with a console line. A
-resumed run moves the damaged ones to `checkpoints_damaged/` (never deletes
-them); readers leave them in place. A full disk or quota while writing is a
-`console.StorageFullError` saying what was being written (`writing`).
+leaves it, or a meta without one of its fields) is passed over for the
+newest intact one, with a console line. A resumed run moves the damaged ones
+to `checkpoints_damaged/` (never deletes them); readers leave them in place.
+A full disk or quota while writing is a `console.StorageFullError` saying
+what was being written (`writing`).
 """
 
 from __future__ import annotations
@@ -218,14 +219,20 @@ def _read_failure(error: Exception) -> str | None:
 
 
 def _read_whole(manager: ocp.CheckpointManager, step: int,
-                sharding: jax.sharding.Sharding) -> tuple[dict[str, Any], dict[str, Any]]:
+                sharding: jax.sharding.Sharding) -> tuple[dict[str, Any], run_files.RunMeta]:
   """Every array (as saved, with `sharding`) and the meta of `step`."""
   abstract = abstract_like(manager.item_metadata(step)['state'], sharding)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   if restored['meta'] is None:
     raise FileNotFoundError(f'{manager.directory / str(step)} has no meta')
-  return restored['state'], restored['meta']
+  return restored['state'], run_files.RunMeta.from_dict(restored['meta'])
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> run_files.RunMeta:
+  """The meta of `step` alone."""
+  return run_files.RunMeta.from_dict(manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta'])
 
 
 def _read_or_note(read: Callable[[], Any], manager: ocp.CheckpointManager, step: int,
@@ -244,7 +251,7 @@ def _read_or_note(read: Callable[[], Any], manager: ocp.CheckpointManager, step:
 
 def _newest_intact(candidates: Sequence[tuple[ocp.CheckpointManager, int]],
                    sharding: jax.sharding.Sharding, damaged: list[Damage]
-                   ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+                   ) -> tuple[int, dict[str, Any], run_files.RunMeta] | None:
   """(index, state, meta) of the first candidate that reads whole; the ones
   before it go to `damaged`. None if none does."""
   for index, (manager, step) in enumerate(candidates):
@@ -383,22 +390,21 @@ class RunCheckpoints:
         interrupted.delete(step)
       self._interrupted_outdated = False
 
-  def _checkpoint_of(self, which: int | Mapping[str, Any]
+  def _checkpoint_of(self, which: int | run_files.RunMeta
                      ) -> tuple[ocp.CheckpointManager, int]:
     """The manager and step of epoch `which`'s checkpoint, or of the one the
     meta `which` describes (an epoch's, or the interrupted one)."""
     if isinstance(which, int):
       return self.latest, which
-    stopped = StoppedWithin.from_meta(which)
-    if stopped is not None:
-      return self._interrupted_manager(), stopped.global_step
-    return self.latest, which['epoch']
+    if which.interrupted is not None:
+      return self._interrupted_manager(), which.interrupted.global_step
+    return self.latest, which.epoch
 
   def latest_epoch(self) -> int | None:
     self._finish_pending()
     return self.latest.latest_step()
 
-  def check_fits(self, meta: Mapping[str, Any], abstract_state: Mapping[str, Any]) -> None:
+  def check_fits(self, meta: run_files.RunMeta, abstract_state: Mapping[str, Any]) -> None:
     """Refuses, naming them, saved arrays whose shapes `abstract_state` changes.
 
     For the checkpoint `meta` describes, as `restore` chooses it; called
@@ -410,13 +416,13 @@ class RunCheckpoints:
                            pathlib.Path(manager.directory) / str(step), self.workdir)
 
   @staticmethod
-  def _save_args(state: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
+  def _save_args(state: Mapping[str, Any], meta: run_files.RunMeta) -> ocp.args.Composite:
     # The meta is written in the background: a copy of it, as it is now (the
     # caller's history list grows by the next epoch). Orbax copies the arrays.
     return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(json.loads(json.dumps(meta))))
+                              meta=ocp.args.JsonSave(meta.to_dict()))
 
-  def save(self, epoch: int, state: Mapping[str, Any], meta: Mapping[str, Any],
+  def save(self, epoch: int, state: Mapping[str, Any], meta: run_files.RunMeta,
            *, best: bool) -> None:
     """Starts saving `state` (global arrays) and `meta` as `epoch`, and as best if `best`.
 
@@ -458,7 +464,7 @@ class RunCheckpoints:
       lock.close()
 
   def save_interrupted(self, step: int, state: Mapping[str, Any],
-                       meta: Mapping[str, Any]) -> None:
+                       meta: run_files.RunMeta) -> None:
     """Saves a run stopped within an epoch, as optimizer step `step`; returns when written."""
     self._finish_pending()
     args = self._save_args(state, meta)
@@ -471,8 +477,8 @@ class RunCheckpoints:
           # The process is about to exit: written before the lock goes.
           manager.wait_until_finished()
 
-  def restore(self, which: int | Mapping[str, Any], abstract_state: Mapping[str, Any]
-              ) -> tuple[dict[str, Any], dict[str, Any]]:
+  def restore(self, which: int | run_files.RunMeta, abstract_state: Mapping[str, Any]
+              ) -> tuple[dict[str, Any], run_files.RunMeta]:
     """The state of an epoch's checkpoint, or of the one a meta describes.
 
     `which` is an epoch, or a meta from `latest_meta` (which may describe the
@@ -483,7 +489,7 @@ class RunCheckpoints:
     manager, step = self._checkpoint_of(which)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    return restored['state'], run_files.RunMeta.from_dict(restored['meta'])
 
   def close(self) -> None:
     """Waits for the pending save (raising its error) and closes the managers."""
@@ -504,47 +510,40 @@ class RunCheckpoints:
           manager.close()
 
 
-def _newest_meta(directory: pathlib.Path) -> dict[str, Any] | None:
+def _newest_meta(directory: pathlib.Path) -> run_files.RunMeta | None:
   if not directory.is_dir():
     return None
   manager = _read_only_manager(directory)
   try:
     step = manager.latest_step()
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    return None if step is None else _read_meta(manager, step)
   finally:
     manager.close()
 
 
-def _global_step(meta: Mapping[str, Any]) -> int:
-  stopped = StoppedWithin.from_meta(meta)
-  if stopped is not None:
-    return stopped.global_step
-  return meta['history'][-1]['step'] if meta['history'] else 0
-
-
-def latest_meta(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+def latest_meta(workdir: str | pathlib.Path) -> run_files.RunMeta | None:
   """The newest checkpoint's meta, or None; creates nothing.
 
   That is the latest epoch's, or the interrupted one's if it is further on
-  (then it has an 'interrupted' entry: the epoch under way, the steps done
-  in it and its partial metrics). Only the meta is read: a run resumes from
+  (then its `interrupted` says the epoch under way, the steps done in it and
+  its partial metrics). Only the meta is read: a run resumes from
   `find_resume_point`, which reads each checkpoint whole.
+
+  Raises:
+    ValueError: a meta without one of its fields (`run_files.RunMeta.from_dict`).
   """
   workdir = pathlib.Path(workdir)
   with workdir_lock.checkpoint_access(workdir, exclusive=False):
     metas = [meta for meta in (_newest_meta(workdir / LATEST),
                                _newest_meta(workdir / INTERRUPTED)) if meta is not None]
-  return max(metas, key=_global_step, default=None)
+  return max(metas, key=lambda meta: meta.global_step, default=None)
 
 
 @dataclasses.dataclass
 class Checkpoint:
   """A checkpoint as a reader got it."""
   variables: dict[str, Any]  # params and batch stats
-  meta: dict[str, Any]
+  meta: run_files.RunMeta
   which: str  # 'best', 'latest' or the epoch: the one read (latest if best was damaged)
   path: pathlib.Path
 
@@ -599,17 +598,17 @@ def read_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
   used = 'latest' if path.parent.name == LATEST and which == 'best' else which
   if damaged:
     console.warning('%s, left in place; using %s (epoch %d) instead',
-                    _damage_line(damaged, workdir), _shown(path, workdir), meta['epoch'])
+                    _damage_line(damaged, workdir), _shown(path, workdir), meta.epoch)
   elif used != which:
     console.warning('%s holds no checkpoint; using %s (epoch %d) instead', directory,
-                    _shown(path, workdir), meta['epoch'])
+                    _shown(path, workdir), meta.epoch)
   return Checkpoint({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
                     meta, used, path)
 
 
 def load_checkpoint(workdir: str | pathlib.Path, which: str | int = 'latest',
                     sharding: jax.sharding.Sharding | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+                    ) -> tuple[dict[str, Any], run_files.RunMeta]:
   """Params, batch stats and meta of a run's checkpoint (`read_checkpoint`)."""
   checkpoint = read_checkpoint(workdir, which, sharding)
   return checkpoint.variables, checkpoint.meta
@@ -687,38 +686,6 @@ def check_resumable_shapes(saved: Any, expected: Any, source: str | pathlib.Path
 HISTORY_FILE = run_files.HISTORY_FILE  # the file is run_files.py's
 
 
-@dataclasses.dataclass(frozen=True)
-class StoppedWithin:
-  """A run stopped by a signal within an epoch, where it stood.
-
-  Saved in its interrupted checkpoint's meta, under 'interrupted', as a JSON
-  object of these fields (`to_json`, `from_meta`); a resumed run takes the
-  epoch up at the next step, with the same rate and running metrics.
-  """
-  global_step: int  # the optimizer step: the checkpoint's index in INTERRUPTED
-  epoch: int = 0  # the epoch under way
-  steps_done: int = 0  # its steps done
-  learning_rate: float = 0.0  # its learning rate
-  # Its running metrics, exactly (train._metrics_to_json); None before a step.
-  train_metrics: list[float] | None = None
-  # The epoch's time, and time waiting for input, before the stop (every
-  # stopped part of it); 0 in checkpoints written before they were recorded.
-  seconds: float = 0.0
-  wait_seconds: float = 0.0
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_meta(cls, meta: Mapping[str, Any]) -> StoppedWithin | None:
-    """The record in a checkpoint's meta; None for an epoch's checkpoint."""
-    saved = meta.get('interrupted')
-    if saved is None:
-      return None
-    return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)
-                  if field.name in saved})
-
-
 @dataclasses.dataclass
 class RunProgress:
   """Where a run stands, as its checkpoints record it."""
@@ -726,7 +693,7 @@ class RunProgress:
   best_top1: float = -1.0
   epoch: int = 0  # the last finished epoch
   # A run stopped within epoch `epoch + 1`; None otherwise.
-  within: StoppedWithin | None = None
+  within: run_files.StoppedWithin | None = None
   # The finished epoch whose checkpoint is the latest (None: only the
   # interrupted one is newer).
   saved_epoch: int | None = 0
@@ -741,8 +708,7 @@ def _resume_candidates(managers: Mapping[str, ocp.CheckpointManager],
   for folder in (LATEST, INTERRUPTED):
     manager = managers.get(folder)
     for step in [] if manager is None else manager.all_steps():
-      global_step = _read_or_note(lambda: _global_step(manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']),
+      global_step = _read_or_note(lambda: _read_meta(manager, step).global_step,
                                   manager, step, damaged)
       if global_step is not None:
         ranked.append((global_step, folder == LATEST, manager, step))
@@ -750,7 +716,7 @@ def _resume_candidates(managers: Mapping[str, ocp.CheckpointManager],
   return [(manager, step) for _, _, manager, step in ranked]
 
 
-def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
+def find_resume_point(workdir: pathlib.Path) -> run_files.RunMeta | None:
   """The meta of the checkpoint a run in `workdir` resumes from; None for a new run.
 
   That is the newest one (interrupted or of an epoch) that reads whole. The
@@ -791,9 +757,8 @@ def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('et_flax_checkpoints_moved')
   if damaged:
-    stopped = StoppedWithin.from_meta(meta)
-    where = (f'interrupted, step {stopped.global_step}' if stopped is not None else
-             f'epoch {meta["epoch"]}')
+    where = (f'interrupted, step {meta.interrupted.global_step}'
+             if meta.interrupted is not None else f'epoch {meta.epoch}')
     console.warning(
         '%s: moved to %s (kept, not deleted); resuming from the newest intact checkpoint '
         '(%s)%s', _damage_line(damaged, workdir),
@@ -804,7 +769,7 @@ def find_resume_point(workdir: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _check_best(managers: Mapping[str, ocp.CheckpointManager], damaged: list[Damage],
-                meta: Mapping[str, Any]) -> tuple[pathlib.Path, pathlib.Path] | None:
+                meta: run_files.RunMeta) -> tuple[pathlib.Path, pathlib.Path] | None:
   """Reads the best checkpoint whole; if damaged, adds it to `damaged` and
   returns (source, target) to write it again from its epoch's intact checkpoint."""
   best = managers.get(BEST)
@@ -814,7 +779,7 @@ def _check_best(managers: Mapping[str, ocp.CheckpointManager], damaged: list[Dam
   epoch, latest = steps[0], managers.get(LATEST)
   if latest is None or epoch not in latest.all_steps():
     return None
-  if epoch != meta['epoch'] or StoppedWithin.from_meta(meta) is not None:  # else read whole
+  if epoch != meta.epoch or meta.interrupted is not None:  # else read whole
     if _newest_intact([(latest, epoch)], _local_sharding(), []) is None:
       return None
   return (pathlib.Path(latest.directory) / str(epoch),
@@ -832,7 +797,7 @@ def _copy_step(source: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                    allow_config_change: bool) -> dict[str, Any] | None:
+                    allow_config_change: bool) -> run_files.RunMeta | None:
   """The meta a run in `workdir` resumes from (None: a new run), from
   `find_resume_point`.
 
@@ -843,7 +808,7 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   saved = find_resume_point(workdir)
   if saved is None:
     return None
-  differences = config_differences(saved['config'], config_to_dict(config))
+  differences = config_differences(saved.config, config_to_dict(config))
   if differences and not allow_config_change:
     raise ValueError(
         f'{workdir} holds a run with another config; refusing to resume it. '
@@ -853,13 +818,19 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
 
 def run_meta(config: ml_collections.ConfigDict, progress: RunProgress,
-             settings: Mapping[str, Any], interrupted: StoppedWithin | None = None,
-             **more: Any) -> dict[str, Any]:
-  """The JSON saved beside a checkpoint's arrays (`run_files.checkpoint_meta`)."""
-  if interrupted is not None:
-    more['interrupted'] = interrupted.to_json()
-  return run_files.checkpoint_meta(config_to_dict(config), progress.epoch, settings,
-                                   progress.history, progress.best_top1, **more)
+             settings: Mapping[str, Any],
+             interrupted: run_files.StoppedWithin | None = None,
+             keras_import: Mapping[str, Any] | None = None) -> run_files.RunMeta:
+  """The meta saved beside a checkpoint's arrays, for a run at `progress`.
+
+  `settings` is `settings.Settings.to_dict()`, `interrupted` a run stopped
+  within an epoch, `keras_import` the record of a run made from a Keras file.
+  """
+  return run_files.RunMeta(
+      epoch=progress.epoch, config=config_to_dict(config), settings=dict(settings),
+      history=progress.history, best_val_top1_accuracy=progress.best_top1,
+      interrupted=interrupted,
+      keras_import=None if keras_import is None else dict(keras_import))
 
 
 def state_dict(state: Any, rng: jax.Array) -> dict[str, Any]:
@@ -890,7 +861,7 @@ def starting_variables(config: ml_collections.ConfigDict,
   return None
 
 
-def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: Mapping[str, Any] | None,
+def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: run_files.RunMeta | None,
                     state: Any, rng: jax.Array, sharding: jax.sharding.Sharding
                     ) -> tuple[Any, jax.Array, RunProgress]:
   """`state` and `rng` as the checkpoint `saved_meta` describes, or as given.
@@ -906,16 +877,16 @@ def restore_or_init(run_checkpoints: RunCheckpoints, saved_meta: Mapping[str, An
   restored, meta = run_checkpoints.restore(saved_meta, abstract)
   state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'],
                         opt_state=restored['opt_state'], step=restored['step'])
-  within = StoppedWithin.from_meta(saved_meta)
-  progress = RunProgress(history=meta['history'], best_top1=meta['best_val_top1_accuracy'],
-                         epoch=meta['epoch'], within=within,
-                         saved_epoch=meta['epoch'] if within is None else None)
+  within = saved_meta.interrupted
+  progress = RunProgress(history=meta.history, best_top1=meta.best_val_top1_accuracy,
+                         epoch=meta.epoch, within=within,
+                         saved_epoch=meta.epoch if within is None else None)
   workdir = run_checkpoints.workdir
   if within is not None and within.steps_done:
     console.info('Resuming %s within epoch %d, after its step %d (global step %d)',
                  workdir, within.epoch, within.steps_done, int(state.step))
   else:
-    console.info('Resuming %s after epoch %d (global step %d)', workdir, meta['epoch'],
+    console.info('Resuming %s after epoch %d (global step %d)', workdir, meta.epoch,
                  int(state.step))
   return state, jax.random.wrap_key_data(restored['rng']), progress
 
@@ -928,19 +899,19 @@ def last_good_checkpoint(workdir: pathlib.Path, epoch: int | None) -> str:
           f'{workdir / LATEST / str(epoch)}')
 
 
-def finished_run_summary(workdir: pathlib.Path, meta: Mapping[str, Any],
+def finished_run_summary(workdir: pathlib.Path, meta: run_files.RunMeta,
                          num_epochs: int) -> dict[str, float]:
   """Says that a rerun has nothing left to train, and how to go on.
 
   Returns the last epoch's summary, as a run that trained it would.
   """
-  history = meta['history']
+  history = meta.history
   best = max(history, key=lambda entry: entry['val_top1_accuracy'], default=None)
   console.info(
       '%s is complete: %d epochs trained (config.num_epochs=%d)%s. Checkpoints: %s '
       '(latest) and %s (best). To train on, rerun with a larger --config.num_epochs '
-      '(e.g. --config.num_epochs=%d).', workdir, meta['epoch'], num_epochs,
+      '(e.g. --config.num_epochs=%d).', workdir, meta.epoch, num_epochs,
       '' if best is None else (f'; best val top-1 {best["val_top1_accuracy"]:.4f} '
                                f'at epoch {best["epoch"]}'),
-      workdir / LATEST, workdir / BEST, 2 * meta['epoch'])
+      workdir / LATEST, workdir / BEST, 2 * meta.epoch)
   return history[-1] if history else {}

@@ -60,14 +60,14 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'best',
   # A damaged best checkpoint gives the latest (said on the console): named so.
   read = checkpoints.read_checkpoint(workdir, checkpoint)
   variables, meta, checkpoint = read.variables, read.meta, read.which
-  config = ml_collections.ConfigDict(meta['config'])
+  config = ml_collections.ConfigDict(meta.config)
   if data_dir:
     config.data.data_dir = data_dir
   info = input_pipeline.get_dataset_info(config.data)
   run_files.check_classes(workdir, info.wnids)
   settings = settings_lib.resolve(config)
   model = settings_lib.build_model(config, settings, info.num_classes, info.image_size)
-  return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta['epoch'],
+  return Run(workdir=workdir, checkpoint=str(checkpoint), epoch=meta.epoch,
              config=config, info=info, model=model, variables=variables,
              settings=settings)
 

@@ -418,7 +418,7 @@ class _Run:
     optim.check_optimizer_config(config.optimizer)
     augment_config = augment.config_from(config.augment)
     saved_meta = checkpoints.check_resumable(workdir, config, allow_config_change)
-    if saved_meta is not None and saved_meta['epoch'] >= config.num_epochs:
+    if saved_meta is not None and saved_meta.epoch >= config.num_epochs:
       return checkpoints.finished_run_summary(workdir, saved_meta, config.num_epochs)
 
     # Starting weights of a new run, loaded before any decoding so that a wrong
@@ -444,7 +444,8 @@ class _Run:
       state = create_train_state(init_rng, model, info.image_size, tx, variables)
       state, rng, self.progress = checkpoints.restore_or_init(
           self.run_checkpoints, saved_meta, state, rng, replicated)
-      changed = settings_lib.changes((saved_meta or {}).get('settings', {}), self.settings)
+      saved_settings = None if saved_meta is None else saved_meta.settings
+      changed = settings_lib.changes(saved_settings or {}, self.settings)
       if changed:
         # Another platform or dtype computes the same maths with other rounding.
         console.info('Resumed with other settings than the checkpoint was written with: %s',
@@ -501,7 +502,7 @@ class _Run:
                        progress=progress, stop=self.stop, train_metrics=train_metrics,
                        steps_done=steps_done), learning_rate
 
-  def _stopped_within(self, epoch: int) -> checkpoints.StoppedWithin | None:
+  def _stopped_within(self, epoch: int) -> run_files.StoppedWithin | None:
     """Where a stopped run left epoch `epoch`, when this run resumes it there."""
     within = self.progress.within
     return within if within is not None and within.epoch == epoch else None
@@ -519,7 +520,7 @@ class _Run:
     if saved_epoch != epoch - 1 or steps_done:
       global_step = int(jax.device_get(epoch_run.state.step))
       seconds, wait_seconds = self._time_before(epoch)
-      interrupted = checkpoints.StoppedWithin(
+      interrupted = run_files.StoppedWithin(
           global_step=global_step, epoch=epoch, steps_done=steps_done,
           learning_rate=learning_rate,
           train_metrics=_metrics_to_json(epoch_run.train_metrics),

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from et_flax import checkpoints
+from et_flax import run_files
 from et_flax import workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -87,6 +88,10 @@ def _state(value):
   return {'w': jnp.full((3,), value, jnp.float32), 'step': jnp.int32(value)}
 
 
+def _meta(epoch, **fields):
+  return run_files.RunMeta(epoch=epoch, config={}, **fields)
+
+
 def _abstract():
   return checkpoints.abstract_like(_state(0), jax.sharding.SingleDeviceSharding(
       jax.devices()[0]))
@@ -111,7 +116,7 @@ def _lock_is_free(workdir):
 def test_save_returns_before_the_checkpoint_is_written(tmp_path, gate):
   run = checkpoints.RunCheckpoints(tmp_path)
   started = time.perf_counter()
-  run.save(1, _state(1), {'epoch': 1}, best=True)
+  run.save(1, _state(1), _meta(1), best=True)
   assert time.perf_counter() - started < GATE_SECONDS / 2
   assert gate.reached.wait(10)  # the write goes on in the background
   assert run.latest.is_saving_in_progress()
@@ -127,10 +132,10 @@ def test_save_returns_before_the_checkpoint_is_written(tmp_path, gate):
 def test_a_reader_waits_until_the_pending_save_is_finalized(tmp_path, gate):
   run = checkpoints.RunCheckpoints(tmp_path, max_to_keep=1)
   gate.open()
-  run.save(1, _state(1), {'epoch': 1}, best=False)
+  run.save(1, _state(1), _meta(1), best=False)
   run.latest_epoch()  # written
   gate.close()
-  run.save(2, _state(2), {'epoch': 2}, best=False)  # renames 2, then deletes 1
+  run.save(2, _state(2), _meta(2), best=False)  # renames 2, then deletes 1
   read, seen = threading.Event(), []
 
   def reader():
@@ -152,7 +157,7 @@ def test_a_reader_waits_until_the_pending_save_is_finalized(tmp_path, gate):
 def test_restore_and_latest_epoch_see_the_pending_save(tmp_path, gate):
   run = checkpoints.RunCheckpoints(tmp_path)
   history = [{'epoch': 1}]
-  run.save(1, _state(1), {'epoch': 1, 'history': history}, best=False)
+  run.save(1, _state(1), _meta(1, history=history), best=False)
   # The next epoch's entry, appended while the meta may still be unwritten:
   # Orbax was given a copy.
   history.append({'epoch': 2})
@@ -163,20 +168,20 @@ def test_restore_and_latest_epoch_see_the_pending_save(tmp_path, gate):
   assert _lock_is_free(tmp_path)
 
   gate.close()
-  run.save(2, _state(2), {'epoch': 2}, best=False)
+  run.save(2, _state(2), _meta(2), best=False)
   gate.open(after=0.5)
   state, meta = run.restore(2, _abstract())
   assert _finalized(tmp_path, checkpoints.LATEST, 2)
   assert _lock_is_free(tmp_path)
   np.testing.assert_array_equal(state['w'], np.full(3, 2.0))
-  assert meta == {'epoch': 2}
-  assert run.restore(1, _abstract())[1] == {'epoch': 1, 'history': [{'epoch': 1}]}
+  assert meta == _meta(2)
+  assert run.restore(1, _abstract())[1] == _meta(1, history=[{'epoch': 1}])
 
   # An epoch saved again while its save is pending is not saved twice.
   gate.close()
-  run.save(3, _state(3), {'epoch': 3}, best=True)
+  run.save(3, _state(3), _meta(3), best=True)
   gate.open(after=0.5)
-  run.save(3, _state(3), {'epoch': 3}, best=True)
+  run.save(3, _state(3), _meta(3), best=True)
   assert run.latest_epoch() == 3
   assert run.latest.all_steps() == [1, 2, 3]
   assert run.best.all_steps() == [3]
@@ -187,7 +192,7 @@ def test_the_interrupted_checkpoint_goes_only_after_the_new_save_is_written(
     tmp_path, gate, monkeypatch):
   run = checkpoints.RunCheckpoints(tmp_path)
   gate.open(after=0.5)
-  run.save_interrupted(5, _state(5), {'epoch': 0, 'interrupted': {'global_step': 5}})
+  run.save_interrupted(5, _state(5), _meta(0, interrupted=run_files.StoppedWithin(5)))
   assert _finalized(tmp_path, checkpoints.INTERRUPTED, 5)  # synchronous
   assert _lock_is_free(tmp_path)
   run.close()
@@ -203,7 +208,7 @@ def test_the_interrupted_checkpoint_goes_only_after_the_new_save_is_written(
   monkeypatch.setattr(ocp.CheckpointManager, 'delete', recorded_delete)
   gate.close()
   run = checkpoints.RunCheckpoints(tmp_path)  # the resumed run
-  meta = {'epoch': 1, 'history': [{'epoch': 1, 'step': 9}]}
+  meta = _meta(1, history=[{'epoch': 1, 'step': 9}])
   run.save(1, _state(1), meta, best=True)
   assert gate.reached.wait(10)
   assert _finalized(tmp_path, checkpoints.INTERRUPTED, 5)
@@ -216,7 +221,7 @@ def test_the_interrupted_checkpoint_goes_only_after_the_new_save_is_written(
 
 def test_close_and_leaving_a_with_block_wait_for_the_pending_save(tmp_path, gate):
   run = checkpoints.RunCheckpoints(tmp_path)
-  run.save(1, _state(1), {'epoch': 1}, best=False)
+  run.save(1, _state(1), _meta(1), best=False)
   gate.open(after=0.5)
   run.close()
   assert _finalized(tmp_path, checkpoints.LATEST, 1)
@@ -226,7 +231,7 @@ def test_close_and_leaving_a_with_block_wait_for_the_pending_save(tmp_path, gate
   gate.close()
   with pytest.raises(RuntimeError, match='the training loop failed'):
     with checkpoints.RunCheckpoints(tmp_path) as run:
-      run.save(2, _state(2), {'epoch': 2}, best=False)
+      run.save(2, _state(2), _meta(2), best=False)
       gate.open(after=0.5)
       raise RuntimeError('the training loop failed')
   assert _finalized(tmp_path, checkpoints.LATEST, 2)
@@ -240,16 +245,17 @@ PROCESS_SCRIPT = textwrap.dedent('''
     port, process_id, workdir = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
                                process_id=process_id, initialization_timeout=60)
-    from et_flax import checkpoints
+    from et_flax import checkpoints, run_files
+    meta = lambda epoch, **fields: run_files.RunMeta(epoch=epoch, config={}, **fields)
     replicated = NamedSharding(jax.make_mesh((2,), ('d',), devices=jax.devices()), P())
     state = lambda value: {'w': jax.device_put(np.full(4, value, np.float32), replicated)}
     with checkpoints.RunCheckpoints(workdir, max_to_keep=2) as run:
-      run.save_interrupted(7, state(0), {'epoch': 0, 'interrupted': {'global_step': 7}})
+      run.save_interrupted(7, state(0), meta(0, interrupted=run_files.StoppedWithin(7)))
       for epoch in range(1, 5):  # the latest and the best, finalized together
-        run.save(epoch, state(epoch), {'epoch': epoch}, best=True)
+        run.save(epoch, state(epoch), meta(epoch), best=True)
       assert run.latest_epoch() == 4
-      restored, meta = run.restore(4, checkpoints.abstract_like(state(0), replicated))
-      assert meta == {'epoch': 4}, meta
+      restored, saved = run.restore(4, checkpoints.abstract_like(state(0), replicated))
+      assert saved == meta(4), saved
       np.testing.assert_array_equal(restored['w'].addressable_data(0), np.full(4, 4.0))
     print('done', flush=True)
 ''')

@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import pytest
 
-from et_flax import checkpoints
 from et_flax import models
 from et_flax import settings
 
@@ -84,21 +83,6 @@ def test_the_report_models_say_their_facts():
                        'stem_pool': True}) == models.ModelFacts(True, 64, 2)
   assert models.facts({'name': 'vgg16'}) == models.ModelFacts(False, 64, 32, 'VGG16')
   assert models.facts({'name': 'resnet50'}) == models.ModelFacts(True, 16, 32, 'ResNet50')
-
-
-def test_a_run_stopped_within_an_epoch_is_stored_as_before():
-  """The record's stored form is the untyped dict earlier versions wrote and
-  read: a workdir stopped by them resumes, and theirs reads ours."""
-  stored = {'global_step': 130, 'epoch': 3, 'steps_done': 46, 'learning_rate': 0.001,
-            'train_metrics': [2.5, 46.0, 0.25, 46.0, 0.5, 46.0], 'seconds': 12.5,
-            'wait_seconds': 0.75}
-  stopped = checkpoints.StoppedWithin.from_meta({'epoch': 2, 'interrupted': stored})
-  assert (stopped.global_step, stopped.epoch, stopped.steps_done) == (130, 3, 46)
-  assert list(stopped.to_json().items()) == list(stored.items())
-  # Written before the epoch's time was recorded: none counted.
-  older = {k: v for k, v in stored.items() if k not in ('seconds', 'wait_seconds')}
-  assert checkpoints.StoppedWithin.from_meta({'interrupted': older}).seconds == 0.0
-  assert checkpoints.StoppedWithin.from_meta({'epoch': 3, 'history': []}) is None
 
 
 # Imports each et_flax module in one fresh process, in turn, after the

@@ -385,10 +385,10 @@ def test_the_command_makes_a_workdir_that_evaluates_as_keras(tmp_path, digits,
   from et_flax import checkpoints
   from et_flax import settings as settings_lib
   _, meta = checkpoints.load_checkpoint(workdir, 'best')
-  assert sorted(meta) == ['best_val_top1_accuracy', 'config', 'epoch', 'history',
-                          'keras_import', 'settings']
-  assert meta['epoch'] == 0 and meta['history'] == [] and meta['keras_import'] == record
-  assert settings_lib.from_dict(meta['settings']).preprocessing == 'rescale'
+  assert sorted(meta.to_dict()) == ['best_val_top1_accuracy', 'config', 'epoch', 'history',
+                                    'keras_import', 'settings']
+  assert meta.epoch == 0 and meta.history == [] and meta.keras_import == record
+  assert settings_lib.from_dict(meta.settings).preprocessing == 'rescale'
 
   report = evaluate.evaluate_run(workdir)  # the best checkpoint, val, with figures
   # 270 images: one image is 3.7e-3 of top-1; Keras sums in float32.

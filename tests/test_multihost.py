@@ -112,7 +112,7 @@ def _history(workdir):
 
 def _final_state(workdir):
   variables, meta = checkpoints.load_checkpoint(workdir, 'latest')
-  return meta['epoch'], jax.device_get(variables)
+  return meta.epoch, jax.device_get(variables)
 
 
 def _max_relative_difference(a, b):

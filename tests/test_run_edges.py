@@ -66,7 +66,7 @@ def test_auto_falls_back_to_xla_without_a_compiler(digits_data_dir, tmp_path, mo
   assert "$CXX='/nonexistent/g++'" in warnings[0]
   assert 'apt-get install g++' in warnings[0] and 'docs/performance.md' in warnings[0]
   assert 'xla convolutions' in output  # the run's model line agrees
-  saved = checkpoints.latest_meta(workdir)['settings']  # and so do its checkpoints
+  saved = checkpoints.latest_meta(workdir).settings  # and so do its checkpoints
   assert saved['conv_impl'] == 'xla' and saved['compute_dtype'] == 'float32'
   history = (workdir / checkpoints.HISTORY_FILE).read_text().splitlines()
   assert [json.loads(line)['epoch'] for line in history] == [1]

@@ -143,7 +143,7 @@ def test_a_damaged_best_checkpoint_falls_back_to_latest_and_is_written_again(
   # A reader (evaluate, predict, compare, a warm start) says so and uses the latest.
   with caplog.at_level(logging.INFO):
     read = checkpoints.read_checkpoint(run, 'best')
-  assert (read.which, read.meta['epoch']) == ('latest', 3)
+  assert (read.which, read.meta.epoch) == ('latest', 3)
   assert _warnings(caplog) == [
       f'{run / checkpoints.BEST / str(best)} is damaged (FAILED_PRECONDITION: Error reading '
       f'local file "{(run / checkpoints.BEST / str(best) / "state" / "_sharding").absolute()}'
@@ -259,7 +259,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes_after(
   assert len(lines) <= 12, stderr
   # The half-written checkpoint is not one; the earlier ones restore.
   assert checkpoints.complete_epochs(run) == [1, 2, 3]
-  assert checkpoints.read_checkpoint(run, 'latest').meta['epoch'] == 3
+  assert checkpoints.read_checkpoint(run, 'latest').meta.epoch == 3
   filler.unlink()
   code, stderr = _run(_command(run, digits_data_dir, 4))
   assert code == 0, stderr[-3000:]

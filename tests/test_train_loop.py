@@ -20,6 +20,7 @@ from helpers import tiny_config
 from et_flax import checkpoints
 from et_flax import interrupts
 from et_flax import optim
+from et_flax import run_files
 from et_flax import train
 from et_flax import workdir_lock
 
@@ -247,7 +248,7 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, t
       and not (latest / str(held['epoch'])).exists()):
     landed.append('save')
   # The run resumes from the checkpoint before, finalized.
-  resumed_from = checkpoints.latest_meta(interrupted)['epoch']
+  resumed_from = checkpoints.latest_meta(interrupted).epoch
   assert 1 <= resumed_from < held['epoch']
 
   # Within an epoch: after a random step of the second epoch the resumed run
@@ -285,12 +286,12 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(digits_data_dir, t
 def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
   script = textwrap.dedent(f'''
       import numpy as np
-      from et_flax import checkpoints
+      from et_flax import checkpoints, run_files
       run = checkpoints.RunCheckpoints({str(tmp_path)!r})
-      run.save(1, {{'w': np.ones(3)}}, {{'epoch': 1}}, best=False)
+      run.save(1, {{'w': np.ones(3)}}, run_files.RunMeta(epoch=1, config={{}}), best=False)
       print('saved 1', flush=True)
       big = {{f'w{{i}}': np.random.rand(4_000_000) for i in range(30)}}
-      run.save(2, big, {{'epoch': 2}}, best=False)
+      run.save(2, big, run_files.RunMeta(epoch=2, config={{}}), best=False)
       print('saved 2', flush=True)
   ''')
   process = subprocess.Popen([sys.executable, '-c', script], cwd=REPO,
@@ -309,7 +310,7 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
   assert run.latest_epoch() == 1
   state, meta = run.restore(1, {'w': jax.ShapeDtypeStruct((3,), np.float64)})
   np.testing.assert_array_equal(state['w'], np.ones(3))
-  assert meta == {'epoch': 1}
+  assert meta == run_files.RunMeta(epoch=1, config={})
 
 
 def test_changed_config_is_refused_unless_allowed(one_epoch_run, digits_data_dir, tmp_path):
@@ -507,11 +508,11 @@ def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
     stops += 1
     meta = checkpoints.latest_meta(workdir)
     # No finished epoch lost: not one in the history then, nor one since.
-    assert meta is not None and meta['epoch'] >= finished
-    assert meta['epoch'] == len(history_path.read_text().splitlines())
+    assert meta is not None and meta.epoch >= finished
+    assert meta.epoch == len(history_path.read_text().splitlines())
     if hold['at'] == 'step':  # saved where it stood, not at the epoch's start
-      interrupted = meta.get('interrupted') or {}
-      assert (interrupted.get('epoch'), interrupted.get('steps_done')) == (
+      interrupted = meta.interrupted
+      assert interrupted is not None and (interrupted.epoch, interrupted.steps_done) == (
           held['epoch'], held['step']), interrupted
   assert stops >= 3
   subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
@@ -557,14 +558,14 @@ def test_a_resumed_epoch_counts_its_time_before_the_stop(digits_data_dir, tmp_pa
   for _ in range(2):
     with pytest.raises(interrupts.TrainingInterrupted):
       train.train_and_evaluate(config, str(tmp_path))
-    parts.append(checkpoints.latest_meta(tmp_path)['interrupted'])
-  assert parts[0]['steps_done'] < parts[1]['steps_done'] < steps_per_epoch
-  assert parts[0]['seconds'] >= 2.0 and parts[1]['seconds'] >= parts[0]['seconds'] + 2.0
-  assert 0 < parts[0]['wait_seconds'] < parts[1]['wait_seconds']
+    parts.append(checkpoints.latest_meta(tmp_path).interrupted)
+  assert parts[0].steps_done < parts[1].steps_done < steps_per_epoch
+  assert parts[0].seconds >= 2.0 and parts[1].seconds >= parts[0].seconds + 2.0
+  assert 0 < parts[0].wait_seconds < parts[1].wait_seconds
   monkeypatch.setattr(train, 'train_epoch', timed)
   train.train_and_evaluate(config, str(tmp_path))
   (entry,) = map(json.loads, (tmp_path / checkpoints.HISTORY_FILE).read_text().splitlines())
-  assert entry['epoch_seconds'] > parts[1]['seconds'] + resumed_seconds[0]
+  assert entry['epoch_seconds'] > parts[1].seconds + resumed_seconds[0]
   train_seconds = steps_per_epoch * config.batch_size / entry['train_images_per_second']
-  assert train_seconds > parts[1]['seconds'] + resumed_seconds[0]
-  assert entry['input_wait_fraction'] * train_seconds > parts[1]['wait_seconds']
+  assert train_seconds > parts[1].seconds + resumed_seconds[0]
+  assert entry['input_wait_fraction'] * train_seconds > parts[1].wait_seconds

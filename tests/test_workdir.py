@@ -109,7 +109,7 @@ def test_a_busy_workdir_refuses_a_second_run_and_serves_readers(digits_data_dir,
         training.poll() is None):
       for which in ('latest', 'best'):
         _, meta = checkpoints.load_checkpoint(workdir, which)
-        epochs_seen.add(meta['epoch'])
+        epochs_seen.add(meta.epoch)
         reads += 1
       if reads % 10 == 0:
         report = evaluate.evaluate_run(workdir, 'best', figures=False)
