@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
