@@ -156,17 +156,22 @@ def test_a_bad_setting_is_refused(value, digits_data_dir):
     settings.resolve(config)
 
 
-@pytest.mark.parametrize('batch', [1, 4, 19])
-def test_jit_the_calls_give_the_same_bits_on_any_number_of_threads(batch):
-  # Each call is split along the batch into pieces set by the batch alone
-  # (19 images: pieces of two sizes) and the weight gradient summed over the
-  # pieces in their order, so the same layer on 1, 2 and 3 threads, one after
-  # the other, gives the same bits; and the values are XLA's convolution's.
+@pytest.mark.parametrize('batch, side, channels', [(1, 8, 16), (4, 8, 16), (19, 8, 16),
+                                                  (19, 2, 64)])
+def test_jit_the_calls_give_the_same_bits_on_any_number_of_threads(batch, side, channels):
+  # Each call is split along the batch into pieces set by the batch, the
+  # geometry and the cores at start (19 images: pieces of two sizes; a 2x2
+  # map under a 64-channel kernel: fewer backward pieces than forward ones)
+  # and the weight and bias gradients summed over the pieces in their order,
+  # so the same layer on 1, 2 and 3 threads, one after the other, gives the
+  # same bits; and the values are XLA's convolution's.
   rng = np.random.default_rng(batch)
-  x = jax.numpy.asarray(rng.normal(size=(batch, 8, 8, 16)), jax.numpy.float32)
-  kernel = jax.numpy.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jax.numpy.float32)
-  bias = jax.numpy.asarray(rng.normal(size=16) * 0.1, jax.numpy.float32)
-  shortcut = jax.numpy.asarray(rng.normal(size=(batch, 8, 8, 16)), jax.numpy.float32)
+  shape = (batch, side, side, channels)
+  x = jax.numpy.asarray(rng.normal(size=shape), jax.numpy.float32)
+  kernel = jax.numpy.asarray(rng.normal(size=(3, 3, channels, channels)) * 0.1,
+                             jax.numpy.float32)
+  bias = jax.numpy.asarray(rng.normal(size=channels) * 0.1, jax.numpy.float32)
+  shortcut = jax.numpy.asarray(rng.normal(size=shape), jax.numpy.float32)
 
   def loss(x, kernel, shortcut, conv):
     return jax.numpy.sum(conv(x, kernel, shortcut) ** 2)
