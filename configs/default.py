@@ -117,9 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ~2-9x faster on CPUs; built at first use, docs/performance.md). 'auto':
   # oneDNN for float32 on one CPU device of a Linux x86-64 machine, else XLA.
   config.conv_impl = 'auto'
-  # The oneDNN convolutions' threads: 'auto' follows the cores other
-  # processes leave free (measured every second), so that a busy core does
-  # not stall every parallel region; or a fixed number (docs/performance.md).
+  # The oneDNN convolutions' threads: 'auto' is one per core, and two per
+  # core while other processes keep cores busy where the calls run faster so
+  # (timed every minute of load); or a fixed number (docs/performance.md).
   config.onednn_threads = ml_collections.FieldReference('auto', field_type=object)
   # Multi-host: call jax.distributed.initialize() first.
   config.distributed = False

@@ -132,8 +132,8 @@ class Settings:
   # --deterministic=false on a GPU.
   deterministic: bool = True
   # The oneDNN convolutions' threads: that many, or onednn.ALL_CORES (0:
-  # every core), or onednn.FREE_CORES (-1, 'auto': the cores other processes
-  # leave free, followed).
+  # every core), or onednn.FOLLOW_LOAD (-1, 'auto': one per core, or two
+  # when other processes keep cores busy and that is faster).
   onednn_threads: int = 0
 
   @property
@@ -153,7 +153,7 @@ class Settings:
              f'{self.preprocessing} preprocessing']
     if self.conv_impl == 'onednn':
       parts.append({onednn.ALL_CORES: 'oneDNN on every core',
-                    onednn.FREE_CORES: 'oneDNN on the free cores'}.get(
+                    onednn.FOLLOW_LOAD: 'oneDNN threads following the load'}.get(
                         self.onednn_threads, f'oneDNN on {self.onednn_threads} threads'))
     if self.device_resident:
       parts.append('training images on the device')
@@ -207,13 +207,13 @@ def resolve(config: ml_collections.ConfigDict, platform: Platform | None = None,
 
 
 def _onednn_threads(value: Any) -> int:
-  """config.onednn_threads: a count >= 1, or 'auto': the cores other
-  processes leave free, followed (docs/performance.md, "Under load"); the
-  bits are the same on any count."""
+  """config.onednn_threads: a count >= 1, or 'auto': one thread per core,
+  two when other processes keep cores busy and the calls run faster so
+  (docs/performance.md, "Under load"); the bits are the same on any count."""
   if isinstance(value, str) and value.isdigit():
     value = int(value)  # --config.onednn_threads=1 on the command line
   if value == 'auto':
-    return onednn.FREE_CORES
+    return onednn.FOLLOW_LOAD
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.onednn_threads must be 'auto' or a number of threads >= 1, "
                      f'got {value!r}')

@@ -1,4 +1,4 @@
-"""The oneDNN calls' threads: a fixed count, or the cores other processes leave free."""
+"""The oneDNN calls' threads: a fixed count, or following the load on the cores."""
 
 import itertools
 import logging
@@ -75,7 +75,7 @@ def _follow(monkeypatch, others, rates, until):
   others = itertools.chain(others, itertools.repeat(others[-1]))
   monkeypatch.setattr(onednn, '_others', lambda before, after: next(others))
   calls = FakeCalls(rates)
-  follower = onednn.FreeCoreFollower(interval=0.001, set_threads=calls.set_threads,
+  follower = onednn.LoadFollower(interval=0.001, set_threads=calls.set_threads,
                                      stats=calls.stats, probe=0.001, hold=3600).start()
   deadline = time.monotonic() + 30
   while not until(calls) and time.monotonic() < deadline:
@@ -86,35 +86,36 @@ def _follow(monkeypatch, others, rates, until):
 
 def test_beside_a_busy_core_the_follower_keeps_the_faster_count_and_says_so_once(
     monkeypatch, caplog):
-  # A busy loop: the calls run faster on the free core alone.
+  # A busy loop: the calls run faster on two threads per core, which take a
+  # larger share of the cores.
   caplog.set_level(logging.DEBUG)
-  calls, follower = _follow(monkeypatch, [1.0], {1: 3.0, 2: 2.0},
+  calls, follower = _follow(monkeypatch, [1.0], {2: 2.0, 4: 3.0},
                             until=lambda calls: len(calls.set) >= 5)
-  # All cores at the start; each count timed; then 1, held (no new probe
-  # for `hold` seconds while the same core stays busy).
-  assert calls.set[:5] == [2, 2, 1, 2, 1]
-  assert follower.threads == 1
+  # One thread per core at the start; each count timed; then 4, held (no new
+  # probe for `hold` seconds while the same core stays busy).
+  assert calls.set[:5] == [2, 2, 4, 2, 4]
+  assert follower.threads == 4
   said = [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
   assert [r.levelno for r in said] == [logging.INFO]
   assert said[0].getMessage().startswith(
-      'oneDNN convolutions on 1 of 2 cores: other processes keep 1.0 busy, and the calls '
-      'ran 1.50x faster on 1 than on 2')
+      'oneDNN convolutions on 4 threads for 2 cores: other processes keep 1.0 cores busy, '
+      'and the calls ran 1.50x faster on 4 threads than on 2')
 
 
 def test_beside_a_process_that_waits_the_follower_keeps_every_core(monkeypatch, caplog):
-  # Another training process: the calls run faster on both cores anyway.
+  # The calls run faster on one thread per core.
   caplog.set_level(logging.DEBUG)
-  calls, follower = _follow(monkeypatch, [1.0], {1: 2.0, 2: 3.0},
+  calls, follower = _follow(monkeypatch, [1.0], {2: 3.0, 4: 2.0},
                             until=lambda calls: len(calls.set) >= 4)
-  assert calls.set[:4] == [2, 2, 1, 2]
+  assert calls.set[:4] == [2, 2, 4, 2]
   assert follower.threads == 2
   assert not [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
 
 
 def test_when_the_cores_are_free_again_the_follower_takes_them_all(monkeypatch):
-  calls, follower = _follow(monkeypatch, [1.0, 1.0, 0.0], {1: 3.0, 2: 2.0},
+  calls, follower = _follow(monkeypatch, [1.0, 1.0, 0.0], {2: 2.0, 4: 3.0},
                             until=lambda calls: len(calls.set) >= 6)
-  assert calls.set[:6] == [2, 2, 1, 2, 1, 2]
+  assert calls.set[:6] == [2, 2, 4, 2, 4, 2]
   assert follower.threads == 2
 
 
@@ -129,9 +130,9 @@ def test_jit_the_calls_count_their_operations_and_time():
 
 
 @pytest.mark.parametrize('value, expected', [
-    ('auto', onednn.FREE_CORES), (1, 1), ('3', 3)])
+    ('auto', onednn.FOLLOW_LOAD), (1, 1), ('3', 3)])
 def test_the_setting(value, expected, digits_data_dir):
-  # 'auto' follows the free cores: the calls give the same bits on any count.
+  # 'auto' follows the load: the calls give the same bits on any count.
   config = tiny_config(digits_data_dir, conv_impl='xla', onednn_threads=value)
   resolved = settings.resolve(config)
   assert resolved.onednn_threads == expected
@@ -141,10 +142,10 @@ def test_the_setting(value, expected, digits_data_dir):
 def test_deterministic_false_changes_nothing_on_cpus():
   settings.configure_determinism('false')
   try:
-    assert settings._onednn_threads('auto') == onednn.FREE_CORES
+    assert settings._onednn_threads('auto') == onednn.FOLLOW_LOAD
   finally:
     settings.configure_determinism('auto')
-  assert settings._onednn_threads('auto') == onednn.FREE_CORES
+  assert settings._onednn_threads('auto') == onednn.FOLLOW_LOAD
   assert settings._onednn_threads(2) == 2
 
 
@@ -163,7 +164,7 @@ def test_jit_the_calls_give_the_same_bits_on_any_number_of_threads(batch, side, 
   # geometry and the cores at start (19 images: pieces of two sizes; a 2x2
   # map under a 64-channel kernel: fewer backward pieces than forward ones)
   # and the weight and bias gradients summed over the pieces in their order,
-  # so the same layer on 1, 2 and 3 threads, one after the other, gives the
+  # so the same layer on 1, 2, 3 and 4 threads, one after the other, gives the
   # same bits; and the values are XLA's convolution's.
   rng = np.random.default_rng(batch)
   shape = (batch, side, side, channels)
@@ -187,7 +188,7 @@ def test_jit_the_calls_give_the_same_bits_on_any_number_of_threads(batch, side, 
 
   grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
   results = []
-  for threads in (1, 2, 3, 1):
+  for threads in (1, 2, 3, 4, 1):
     onednn.use_threads(threads)
     results.append(jax.block_until_ready(grads(x, kernel, shortcut, ours)))
     assert onednn.set_threads(threads) == threads  # the last call's threads
@@ -223,7 +224,7 @@ def test_the_follower_never_loads_the_library_from_its_thread(monkeypatch):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
   monkeypatch.setattr(onednn, '_sample', lambda cores: (0.0, 0.0, 0.0))
   monkeypatch.setattr(onednn, '_others', lambda before, after: 1.0)
-  follower = onednn.FreeCoreFollower(interval=0.001, probe=0.001, hold=0.0).start()
+  follower = onednn.LoadFollower(interval=0.001, probe=0.001, hold=0.0).start()
   loads = []
   monkeypatch.setattr(onednn, 'load', lambda: loads.append(1) or pytest.fail('loaded'))
   time.sleep(0.5)  # many probes
@@ -232,3 +233,27 @@ def test_the_follower_never_loads_the_library_from_its_thread(monkeypatch):
   monkeypatch.undo()
   onednn.set_threads(0)  # the calls' threads as the suite had them
   assert alive and not loads
+
+
+def test_jit_calls_from_several_threads_at_once_give_each_its_own_result():
+  # Each call runs on the thread that reaches it, one call at a time (the
+  # pieces share one arena per call): threads running steps side by side get
+  # the results each gets alone.
+  import concurrent.futures
+  rng = np.random.default_rng(7)
+  kernel = jax.numpy.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jax.numpy.float32)
+  bias = jax.numpy.zeros(16, jax.numpy.float32)
+
+  @jax.jit
+  def grads(x):
+    return jax.grad(lambda x, k: jax.numpy.sum(
+        onednn.conv_layer(x, k, bias, activation='relu') ** 2), argnums=(0, 1))(x, kernel)
+
+  xs = [jax.numpy.asarray(rng.normal(size=(8, 8, 8, 16)), jax.numpy.float32)
+        for _ in range(4)]
+  alone = [jax.block_until_ready(grads(x)) for x in xs]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for _ in range(5):
+      together = list(pool.map(lambda x: jax.block_until_ready(grads(x)), xs))
+      for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)):
+        np.testing.assert_array_equal(a, b)

@@ -302,24 +302,23 @@ def _call_stats(library: ctypes.CDLL) -> tuple[float, float]:
   return nanos.value / 1e9, float(flops.value)
 
 
-class FreeCoreFollower:
-  """Sets the oneDNN calls' threads for the cores other processes leave
-  free, on a daemon thread that reads /proc/stat every `interval` seconds
-  (oneDNN runs on Linux only).
+class LoadFollower:
+  """Sets the oneDNN calls' threads for the load on the cores, on a daemon
+  thread that reads /proc/stat every `interval` seconds (oneDNN runs on
+  Linux only).
 
-  While the cores are free the calls run on all of them. When other
-  processes keep a core busy, which count is faster depends on them: a
-  busy loop pauses a thread of ours on its core while it holds a piece of a
-  call (fewer threads win), a training process that waits between its own
-  steps leaves the core to us in short turns (all of them win;
-  docs/performance.md, "Under load"). So the follower times the calls on
-  all cores and on the free ones, `probe` seconds each (their operations
-  per second of call time, `stats`), keeps the faster, and times them again
-  after `hold` seconds or when the busy cores change. The first time it
-  takes fewer threads than cores it says so in one log line; later changes
-  are logged at debug level. The calls give the same bits on any number of
-  threads (their pieces are set by the batch and the cores the process
-  started with), so following costs no
+  While the cores are free the calls run on one thread per core. When other
+  processes keep a core busy, the system shares the cores among every
+  thread that wants one, so more threads of ours take a larger share, while
+  a piece that a paused thread holds delays its call. Which wins depends on
+  the load and the model (docs/performance.md, "Under load"), so the
+  follower times the calls on one thread per core and on two, `probe`
+  seconds each (their operations per second of call time, `stats`), keeps
+  the faster, and times them again after `hold` seconds or when the busy
+  cores change. The first time it takes more threads than cores it says so
+  in one log line; later changes are logged at debug level. The calls give
+  the same bits on any number of threads (their pieces are set by the batch
+  and the cores the process started with), so following costs no
   determinism.
   """
 
@@ -338,10 +337,10 @@ class FreeCoreFollower:
     self._stop = threading.Event()
     self._said = False
     self.threads = len(self._cores)
-    self._thread = threading.Thread(target=self._follow, name='onednn-free-cores',
+    self._thread = threading.Thread(target=self._follow, name='onednn-load',
                                     daemon=True)
 
-  def start(self) -> FreeCoreFollower:
+  def start(self) -> LoadFollower:
     self._set(self.threads)
     self._thread.start()
     return self
@@ -354,9 +353,9 @@ class FreeCoreFollower:
     if threads == self.threads:
       return
     log = logging.debug if self._said else logging.info
-    self._said = self._said or threads < len(self._cores)
-    log("oneDNN convolutions on %d of %d cores: %s (onednn_threads='auto' follows the "
-        "free cores; a number keeps its count).", threads, len(self._cores), why)
+    self._said = self._said or threads != len(self._cores)
+    log("oneDNN convolutions on %d threads for %d cores: %s (onednn_threads='auto' "
+        "follows the load; a number keeps its count).", threads, len(self._cores), why)
     self.threads = threads
     self._set(threads)
 
@@ -372,48 +371,49 @@ class FreeCoreFollower:
 
   def _follow(self) -> None:
     cores = len(self._cores)
-    before, probed, probed_at = _sample(self._cores), None, 0.0
+    more = 2 * cores
+    before, busy_then, probed_at = _sample(self._cores), None, 0.0
     while not self._stop.wait(self._interval):
       after = _sample(self._cores)
       others, before = _others(before, after), after
-      fewer = threads_for(cores - others, cores)
-      if fewer == cores:
-        probed = None
+      busy = cores - threads_for(cores - others, cores)  # cores the others keep busy
+      if busy == 0:
+        busy_then = None
         self._use(cores, 'the cores are free again')
         continue
-      if probed == fewer and time.monotonic() - probed_at < self._hold:
+      if busy_then == busy and time.monotonic() - probed_at < self._hold:
         continue
-      rates = {n: self._rate(n) for n in (cores, fewer)}
+      rates = {n: self._rate(n) for n in (cores, more)}
       self._set(self.threads)  # until the choice below
       if None in rates.values():
         continue  # no calls meanwhile (or stopping): try again later
-      probed, probed_at, before = fewer, time.monotonic(), _sample(self._cores)
+      busy_then, probed_at, before = busy, time.monotonic(), _sample(self._cores)
       best = max(rates, key=rates.get)
-      self._use(best, f'other processes keep {others:.1f} busy, and the calls ran '
-                f'{rates[best] / rates[cores if best == fewer else fewer]:.2f}x faster on '
-                f'{best} than on {cores if best == fewer else fewer}')
+      other = more if best == cores else cores
+      self._use(best, f'other processes keep {others:.1f} cores busy, and the calls ran '
+                f'{rates[best] / rates[other]:.2f}x faster on {best} threads than on {other}')
 
 
-_follower: FreeCoreFollower | None = None
+_follower: LoadFollower | None = None
 _follower_lock = threading.Lock()
 
 
-ALL_CORES, FREE_CORES = 0, -1  # `use_threads` settings besides a count
+ALL_CORES, FOLLOW_LOAD = 0, -1  # `use_threads` settings besides a count
 
 
 def use_threads(setting: int) -> None:
   """The oneDNN calls' threads in this process: `setting` (>= 1), ALL_CORES
-  (every core, or $OMP_NUM_THREADS), or FREE_CORES (a `FreeCoreFollower`
-  sets them to the cores left free)."""
+  (every core, or $OMP_NUM_THREADS), or FOLLOW_LOAD (a `LoadFollower`
+  sets them for the load on the cores)."""
   global _follower
   with _follower_lock:
     if _follower is not None:
-      if setting == FREE_CORES:
+      if setting == FOLLOW_LOAD:
         return
       _follower.stop()
       _follower = None
-    if setting == FREE_CORES:
-      _follower = FreeCoreFollower().start()
+    if setting == FOLLOW_LOAD:
+      _follower = LoadFollower().start()
     else:
       set_threads(setting)
 

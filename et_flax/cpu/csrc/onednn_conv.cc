@@ -25,9 +25,9 @@
 // shortcut and activation run as oneDNN post-ops in the convolution's own
 // pass over memory.
 //
-// Calls run one at a time on one thread of their own (the executor). Each
-// call is split along the batch into pieces whose sizes depend on the batch
-// and the cores at start only (`Split`); the executor and the pool's helpers take the pieces from
+// Calls run one at a time, on the XLA thread that reaches them. Each call is
+// split along the batch into pieces whose sizes depend on the batch and the
+// cores at start only (`Split`); the calling thread and the pool's helpers take the pieces from
 // a shared counter, each piece on one thread with oneDNN single-threaded, so
 // a thread the system pauses (another process on its core) delays at most
 // the piece it holds, where a static share per thread would hold up the
@@ -35,8 +35,8 @@
 // the bits do not depend on how many threads ran them. The pool's size is
 // the threads last set (EtOnednnSetThreads; by default all cores, or
 // $OMP_NUM_THREADS). Primitives are built once per shape and cached. The
-// caches, the engine, the pool and the call buffers are never destroyed: the
-// executor and helper threads may still be in a call while the process exits.
+// caches, the engine, the pool and the call buffers are never destroyed: a
+// calling or helper thread may still be in a call while the process exits.
 
 #include <algorithm>
 #include <atomic>
@@ -92,24 +92,24 @@ struct Geometry {
 };
 
 // The threads of the next calls (0: every core, or $OMP_NUM_THREADS), set
-// from Python at any time; the executor applies it between calls.
+// from Python at any time; applied between calls.
 std::atomic<int> requested_threads{0};
 std::atomic<int> applied_threads{0};  // the threads of the last call
 
-// Since the process started: the calls' wall time on the executor and their
+// Since the process started: the calls' wall time and their
 // convolutions' floating-point operations, so that a caller can compare the
 // calls' speed on different numbers of threads over the same kind of work
 // (EtOnednnCallStats).
 std::atomic<int64_t> call_nanos{0};
 std::atomic<int64_t> call_flops{0};
 
-// The pool's size for the call running now (set by the executor between
-// calls; read by the calls on the executor's thread).
+// The pool's size for the call running now (set between calls, under the
+// call lock; read by the call's calling thread).
 int call_threads = 1;
 
 // Pieces per core: enough that a thread the system pauses holds up little.
 constexpr int64_t kPiecesPerCore = 4;
-int64_t start_cores = 2;  // the cores at start (Executor)
+int64_t start_cores = 2;  // the cores at start (the first call)
 int64_t max_pieces = 8;  // kPiecesPerCore * start_cores
 
 dnnl::engine& Engine() {
@@ -289,7 +289,7 @@ Arena& PieceArena() {
   return *arena;
 }
 
-// The executor's arena for what a call's pieces share: weights and bias in
+// The arena for what a call's pieces share (one call at a time): weights and bias in
 // the primitives' layouts, the weight gradient's partial sums.
 Arena& SharedArena() {
   static auto* arena = new Arena;
@@ -339,7 +339,7 @@ class CallMemory {
   dnnl::stream& s_;
 };
 
-// What a call's pieces share, made once on the executor before they run:
+// What a call's pieces share, made once by the calling thread before they run:
 // a tensor in each layout the pieces' primitives take it in.
 class SharedInputs {
  public:
@@ -428,9 +428,9 @@ std::vector<Piece> Split(int64_t n, int64_t count = max_pieces) {
   return pieces;
 }
 
-// The threads that run a call's pieces: the executor and its helpers, each
+// The threads that run a call's pieces: the calling thread and helpers, each
 // taking the next piece from the call's counter until none is left. The
-// executor waits only for pieces taken, never for a helper that has not
+// caller waits only for pieces taken, never for a helper that has not
 // woken yet: a helper that wakes late finds nothing left.
 class Pool {
  public:
@@ -523,57 +523,45 @@ class Pool {
   uint64_t generation_ = 0;
 };
 
-// Every oneDNN call starts on this one thread, one call at a time, and
-// spreads over the pool. Running calls from whichever XLA thread reaches
-// them would give each calling thread a pool of its own, and two calls at
-// once (XLA runs independent ops concurrently) would oversubscribe the cores.
+// Calls run one at a time, each on the XLA thread that reaches it, spread
+// over the pool. The calling thread works on pieces itself, so a call costs
+// no hand-over to another thread and back; two calls at once (XLA runs
+// independent ops concurrently) wait for each other rather than
+// oversubscribe the cores.
 class Executor {
  public:
   static Executor& Get() {
-    static Executor* executor = new Executor();  // never destroyed: the thread outlives exit
+    static Executor* executor = new Executor();  // never destroyed (see the top)
     return *executor;
   }
 
   void Run(const std::function<void()>& task) {
-    std::unique_lock<std::mutex> caller(call_mu_);
-    std::unique_lock<std::mutex> lock(mu_);
-    task_ = &task;
-    done_ = false;
-    cv_.notify_all();
-    cv_.wait(lock, [&] { return done_; });
+    thread_local bool single = [] {
+      omp_set_num_threads(1);  // oneDNN single-threaded in this thread's pieces
+      return true;
+    }();
+    (void)single;
+    std::lock_guard<std::mutex> lock(call_mu_);
+    int threads = requested_threads.load(std::memory_order_relaxed);
+    call_threads = threads > 0 ? threads : default_threads_;
+    applied_threads.store(call_threads, std::memory_order_relaxed);
+    auto start = std::chrono::steady_clock::now();
+    task();
+    call_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count(),
+                         std::memory_order_relaxed);
   }
 
  private:
-  Executor() : thread_([this] { Loop(); }) { thread_.detach(); }
-
-  void Loop() {
-    const int default_threads = omp_get_max_threads();  // every core, or $OMP_NUM_THREADS
-    start_cores = std::max(1, default_threads);
+  // Read on the first calling thread before it sets its own count to 1.
+  Executor() : default_threads_(std::max(1, omp_get_max_threads())) {
+    start_cores = default_threads_;  // every core, or $OMP_NUM_THREADS
     max_pieces = kPiecesPerCore * start_cores;
-    omp_set_num_threads(1);  // oneDNN single-threaded in the executor's pieces
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      cv_.wait(lock, [&] { return task_ != nullptr; });
-      int threads = requested_threads.load(std::memory_order_relaxed);
-      call_threads = threads > 0 ? threads : default_threads;
-      applied_threads.store(call_threads, std::memory_order_relaxed);
-      auto start = std::chrono::steady_clock::now();
-      (*task_)();
-      call_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                               std::chrono::steady_clock::now() - start)
-                               .count(),
-                           std::memory_order_relaxed);
-      task_ = nullptr;
-      done_ = true;
-      cv_.notify_all();
-    }
   }
 
-  std::mutex call_mu_, mu_;
-  std::condition_variable cv_;
-  const std::function<void()>* task_ = nullptr;
-  bool done_ = false;
-  std::thread thread_;
+  const int default_threads_;
+  std::mutex call_mu_;
 };
 
 template <typename F>
@@ -592,7 +580,7 @@ ffi::Error Guarded(F body) {
     }
   };
   try {
-    Executor::Get().Run(guarded);  // starting the executor's thread may throw too
+    Executor::Get().Run(guarded);
   } catch (const std::exception& e) {
     error = std::string("oneDNN convolution could not run: ") + e.what();
   } catch (...) {
@@ -602,7 +590,7 @@ ffi::Error Guarded(F body) {
   return ffi::Error::Success();
 }
 
-// The plan of each piece size of a call (at most two), made on the executor.
+// The plan of each piece size of a call (at most two), made by the calling thread.
 template <typename Plan, typename Make>
 std::map<int64_t, const Plan*> PiecePlans(const std::vector<Piece>& pieces, Make make) {
   std::map<int64_t, const Plan*> plans;
