@@ -728,12 +728,13 @@ void SumInOrder(const std::vector<float*>& parts, float* sum, int64_t count) {
 // A backward call's pieces: each adds a weight gradient of its own, written
 // and then summed, so a layer whose kernel outweighs its activations (deep
 // VGG16 and ResNet50 layers: a 4 MB kernel against 32 KB an image) takes
-// fewer pieces, no fewer than the cores at start, where each piece's
-// activations at least match its kernel's gradient.
+// fewer pieces, where each piece's activations at least match its kernel's
+// gradient; but no fewer than two per core at start, so that two threads per
+// core (onednn_threads='auto' under load) each have one.
 int64_t BackwardPieces(const Geometry& g) {
   const int64_t kernel = g.o * g.c * g.kh * g.kw;
   const int64_t per_image = g.h * g.w * g.c + g.oh * g.ow * g.o;  // x and dy
-  return std::max(start_cores, g.n * per_image / std::max<int64_t>(kernel, 1));
+  return std::max(2 * start_cores, g.n * per_image / std::max<int64_t>(kernel, 1));
 }
 
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
