@@ -60,6 +60,12 @@ def pytest_configure(config):
                     float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 
+def pytest_collection_modifyitems(config, items):
+  # The longest tests (marked `first`) go to the front, in their order: the
+  # first worker starts them at once, and the others take the rest.
+  items.sort(key=lambda item: item.get_closest_marker('first') is None)
+
+
 def pytest_unconfigure(config):
   if not hasattr(config, 'workerinput') and os.environ.pop(_COMPILATION_CACHE_OWNED, None):
     shutil.rmtree(os.environ.pop('JAX_COMPILATION_CACHE_DIR'), ignore_errors=True)

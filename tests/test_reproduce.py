@@ -89,6 +89,7 @@ def test_a_sweep_of_the_other_mode_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.first
 def test_quick_mode_trains_every_config(digits_data_dir, tmp_path, monkeypatch):
   """Each config, 1 epoch on 2 digit classes: a finite loss; the outputs say quick."""
   # No Keras ImageNet weights under this HOME: the pretrained runs fail, recorded.
@@ -183,6 +184,7 @@ def _wait_for(condition, process, timeout, what):
   raise AssertionError(f'timed out waiting for {what}')
 
 
+@pytest.mark.first
 @pytest.mark.slow
 def test_a_killed_and_stopped_sweep_resumes_to_the_uninterrupted_history(
     digits_data_dir, tmp_path):

@@ -454,6 +454,7 @@ def test_four_devices_equal_one_through_mesh_and_pmap():
     assert diffs[name] < 1e-3, diffs
 
 
+@pytest.mark.first
 @pytest.mark.slow
 def test_sigint_and_sigterm_save_and_resume_exactly(digits_data_dir, tmp_path):
   """Signals at random moments of steps, an evaluation and a save: each run
