@@ -144,7 +144,7 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   def micro_batch_size(platform=cpu):
     return settings.resolve(config, platform).micro_batch_size
 
-  assert micro_batch_size() == 16  # oneDNN convolutions: 16 images fit in 4 MiB
+  assert micro_batch_size() == 16  # oneDNN convolutions: 16 images fit in 4 MiB, the floor
   # A oneDNN call runs a piece of whole images per thread: a part has at
   # least an image per core.
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(32)))
@@ -154,10 +154,13 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   config.conv_impl = 'xla'
   assert micro_batch_size() == 8
   config.conv_impl = 'auto'
-  config.model.width = 4  # 1 MiB per image: 4, the floor
-  assert micro_batch_size() == 4
-  config.model.width = 2  # 512 KiB per image: 8 fit in 4 MiB
+  config.model.width = 4  # 1 MiB per image: 4 fit in 4 MiB, but the floor is 16
+  assert micro_batch_size() == 16
+  config.conv_impl = 'xla'  # 2 MiB and a floor of 8 for XLA's
   assert micro_batch_size() == 8
+  config.conv_impl = 'auto'
+  config.model.width = 2  # 512 KiB per image: 8 fit in 4 MiB, the floor is 16
+  assert micro_batch_size() == 16
   config.model.width = 1
   config.data.image_size = 16  # 32 images fit in 1 MiB: whole batches of 32
   config.batch_size = 32
@@ -165,7 +168,7 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   config.batch_size = 384  # 256 images fit in 4 MiB; the largest divisor below is 192
   assert micro_batch_size() == 192
   config.data.image_size = 64
-  config.batch_size = 6  # the floor, 4, does not divide 6: the next size that does is 6
+  config.batch_size = 6  # the floor, 16, is more than the batch: whole batches
   assert micro_batch_size() == 0
   config.batch_size = 128
   config.model.batch_norm = True
@@ -174,8 +177,11 @@ def test_micro_batch_size_auto_and_command_line_values(monkeypatch):
   assert settings.resolve(config, cpu).micro_batches == 4
   config = vgg16_20.get_config()  # 14 images' outputs outweigh the kernels: parts of 16
   assert micro_batch_size() == 16
-  config.batch_size = 28  # the smallest divisor of 28 from 14 up
+  config.batch_size = 28  # oneDNN's floor, 16, does not divide 28: whole batches
+  assert micro_batch_size() == 0
+  config.conv_impl = 'xla'  # XLA's floor is 8: the smallest divisor of 28 from 14 up
   assert micro_batch_size() == 14
+  config.conv_impl = 'auto'
   config.batch_size = 8  # fewer images than that: whole batches
   assert micro_batch_size() == 0
 

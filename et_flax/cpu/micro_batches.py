@@ -26,11 +26,14 @@ from et_flax import models
 # convolution kernels, which every part reads, reorders and adds a gradient
 # for (VGG16: 59 MB of kernels, 4.4 MB of outputs per image: parts of 16).
 # The oneDNN calls split a part into pieces of whole images, one thread each,
-# so a part has at least as many images as the process has cores; their
-# budget is larger, as each call costs a hand-over to the pool's threads
-# (plain E.T., 128 images, 2 cores: parts of 4 172 img/s, 8 190-193, 16
-# 195-205, whole batches 185-194; docs/performance.md, "Layouts").
-AUTO_BUDGET = {'onednn': (4 << 20, 4), 'xla': (2 << 20, 8)}  # bytes, images
+# so a part has at least as many images as the process has cores, and at
+# least 16: each call ends when its last piece does, so fewer, longer calls
+# wait less, quiet and more so beside other work (plain E.T., 128 images, 2
+# cores: parts of 4 172 img/s, 8 190-193, 16 195-205, whole batches 185-194;
+# wide E.T. k=4: parts of 4 15.7 img/s quiet and 9.6 beside a busy loop, 16
+# 16.4 and 10.9; docs/performance.md, "Layouts" and "Threads, calls and part
+# sizes under load").
+AUTO_BUDGET = {'onednn': (4 << 20, 16), 'xla': (2 << 20, 8)}  # bytes, images
 
 
 def _setting(config: ml_collections.ConfigDict) -> Any:
@@ -78,9 +81,9 @@ def micro_batch_size(config: ml_collections.ConfigDict, conv_impl: str,
   """config.micro_batch_size, with 'auto' resolved (0: whole batches).
 
   `conv_impl` is the resolved convolution ('onednn' or 'xla'), `backend`
-  JAX's ('cpu', 'gpu', ...). 'auto' is 16 images for plain E.T. at 64x64 with
-  the oneDNN convolutions (or one per core where there are more cores), 8
-  with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
+  JAX's ('cpu', 'gpu', ...). 'auto' is 16 images for every E.T. at 64x64
+  with the oneDNN convolutions (or one per core where there are more cores),
+  8 for plain E.T. with XLA's, whole batches at 16x16, 16 for VGG16 at 64x64: the largest
   divisor of the batch whose activations fit AUTO_BUDGET, at least its floor,
   and at least as many images as it takes for their convolution outputs to
   outweigh the kernels; whole batches off CPUs and for a model with batch
