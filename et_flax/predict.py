@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+from typing import Iterable
 
 import numpy as np
 from absl import flags
@@ -36,17 +37,27 @@ def write_submission(workdir: str | pathlib.Path, output: str | pathlib.Path,
   logits = evaluate.predict_logits(run, data)
   ranking = np.argsort(-logits, axis=1, kind='stable')[:, :min(5, run.info.num_classes)]
   order = sorted(range(len(data)), key=lambda i: _natural_key(data.file_names[i]))
-  tmp = output.with_name(output.name + '.tmp')
-  with tmp.open('w', newline='') as file:
-    writer = csv.writer(file)
-    writer.writerow(['file_name', 'wnid'] + (['top5'] if top5 else []))
-    for i in order:
-      row = [data.file_names[i], run.info.wnids[ranking[i, 0]]]
-      if top5:
-        row.append(' '.join(run.info.wnids[c] for c in ranking[i]))
-      writer.writerow(row)
-  tmp.rename(output)
+  rows = ([data.file_names[i], run.info.wnids[ranking[i, 0]]]
+          + ([' '.join(run.info.wnids[c] for c in ranking[i])] if top5 else [])
+          for i in order)
+  write_csv(output, ['file_name', 'wnid'] + (['top5'] if top5 else []), rows)
   return len(order)
+
+
+def write_csv(output: pathlib.Path, header: list[str], rows: Iterable[list[str]]) -> None:
+  """Writes `output` whole or not at all: the rows go to a .tmp file beside
+  it, renamed when complete, and removed when writing fails (a full disk, an
+  interrupt), so that no partial submission is left behind."""
+  tmp = output.with_name(output.name + '.tmp')
+  try:
+    with tmp.open('w', newline='') as file:
+      writer = csv.writer(file)
+      writer.writerow(header)
+      writer.writerows(rows)
+    tmp.rename(output)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def read_submission(path: str | pathlib.Path) -> dict[str, list[str]]:

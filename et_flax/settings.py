@@ -343,14 +343,21 @@ def configure_determinism(setting: str) -> bool:
   The XLA flag is harmless on CPUs, whose steps give the same bits either way.
 
   Raises:
-    ValueError: `setting` is not one of DETERMINISM; or 'true' after JAX's
-      backends have started without the flag.
+    ValueError: `setting` is not one of DETERMINISM; 'true' after JAX's
+      backends have started without the flag; or 'false' where XLA_FLAGS
+      already turns them on.
   """
   setting = str(setting).lower()
   if setting not in DETERMINISM:
     raise ValueError(f'--deterministic must be one of {list(DETERMINISM)}, got {setting!r}')
-  if setting == 'false' or deterministic_gpu_ops():
-    return deterministic_gpu_ops()
+  if setting == 'false':
+    if deterministic_gpu_ops():  # two explicit settings that disagree
+      raise ValueError(f'--deterministic=false, but XLA_FLAGS turns deterministic GPU ops on '
+                       f"({os.environ['XLA_FLAGS']!r}): remove --xla_gpu_deterministic_ops "
+                       'from XLA_FLAGS, or leave --deterministic at auto')
+    return False
+  if deterministic_gpu_ops():
+    return True
   if xla_bridge.backends_are_initialized():
     if setting == 'true':
       raise ValueError("--deterministic=true: JAX's backends have already started without "

@@ -1,6 +1,7 @@
 """Evaluation, figures, comparison table and submission from tiny runs."""
 
 import csv
+import errno
 import json
 import shutil
 
@@ -126,6 +127,21 @@ def test_submission_has_one_valid_line_per_test_image(run_dir, tmp_path):
     assert len(submitted[name]) == 5 and set(submitted[name]) <= set(run.info.wnids)
   with pytest.raises(FileExistsError, match='submission.csv exists'):
     predict.write_submission(run_dir, output)
+
+
+def test_a_submission_that_cannot_be_written_leaves_nothing_behind(tmp_path):
+  output = tmp_path / 'submission.csv'
+
+  def rows():
+    yield ['test_0.JPEG', 'n01443537']
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  with pytest.raises(OSError, match='No space left'):
+    predict.write_csv(output, ['file_name', 'wnid'], rows())
+  assert list(tmp_path.iterdir()) == []  # neither the submission nor its .tmp
+  predict.write_csv(output, ['file_name', 'wnid'], [['test_0.JPEG', 'n01443537']])
+  assert output.read_text().splitlines() == ['file_name,wnid', 'test_0.JPEG,n01443537']
+  assert list(tmp_path.iterdir()) == [output]
 
 
 def test_comparison_table_from_two_runs(run_dir, tmp_path):

@@ -73,6 +73,11 @@ def test_configure_determinism(monkeypatch):
       '--xla_force_host_platform_device_count=1 --xla_gpu_deterministic_ops=true')
   assert settings.configure_determinism('true') is True  # once only
   assert settings.os.environ['XLA_FLAGS'].count('deterministic') == 1
+  # Two explicit settings that disagree: neither is changed.
+  with pytest.raises(ValueError, match="--deterministic=false, but XLA_FLAGS turns deterministic GPU ops on"):
+    settings.configure_determinism('false')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_deterministic_ops=false')
+  assert settings.configure_determinism('false') is False
 
 
 def test_a_resumed_run_names_the_settings_that_changed():

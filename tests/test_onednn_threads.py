@@ -139,16 +139,6 @@ def test_the_setting(value, expected, digits_data_dir):
   assert resolved.deterministic
 
 
-def test_deterministic_false_changes_nothing_on_cpus():
-  settings.configure_determinism('false')
-  try:
-    assert settings._onednn_threads('auto') == onednn.FOLLOW_LOAD
-  finally:
-    settings.configure_determinism('auto')
-  assert settings._onednn_threads('auto') == onednn.FOLLOW_LOAD
-  assert settings._onednn_threads(2) == 2
-
-
 @pytest.mark.parametrize('value', [0, -1, 'many', True, 1.5])
 def test_a_bad_setting_is_refused(value, digits_data_dir):
   config = tiny_config(digits_data_dir, conv_impl='xla', onednn_threads=value)
