@@ -594,6 +594,7 @@ def main(argv):
       return
     os.environ.update(environments[0])  # --estimate: the rates of one worker's share
   sweep_workers.take_cores()
+  sweep_workers.stop_with_launcher()
   host_memory.configure(FLAGS.host_memory)  # before JAX's backends start
   settings_lib.configure_determinism(FLAGS.deterministic)
   overrides = config_flags.get_override_values(FLAGS['config'])

@@ -42,6 +42,9 @@ ESTIMATE_FILE = 'estimate.json'
 # the CPU cores the worker runs on ("0-3,8").
 WORKER_ENV = 'ET_FLAX_WORKER'
 CORES_ENV = 'ET_FLAX_WORKER_CORES'
+# The launcher's PID, in each worker's environment (`stop_with_launcher`).
+LAUNCHER_ENV = 'ET_FLAX_LAUNCHER'
+LAUNCHER_POLL_SECONDS = 0.5
 # JAX's own default share of a GPU's memory, split between the workers on it.
 GPU_MEMORY_FRACTION = 0.75
 # A worker with nothing left to claim looks this often for a run another
@@ -244,6 +247,26 @@ def take_cores() -> None:
     os.sched_setaffinity(0, parse_core_list(os.environ[CORES_ENV]))
 
 
+def stop_with_launcher() -> None:
+  """Sends this worker one SIGTERM when its launcher dies, however it dies
+  (SIGKILL included), so that the worker saves and stops as on Ctrl-C
+  rather than train on alone, its output going nowhere. A daemon thread
+  looks for the launcher as this process's parent every LAUNCHER_POLL_SECONDS
+  (Linux's parent-death signal comes once for each of the launcher's
+  threads, and a second SIGTERM stops a run without saving). Nothing for a
+  process the launcher did not start."""
+  launcher = os.environ.get(LAUNCHER_ENV)
+  if not launcher:
+    return
+
+  def watch() -> None:
+    while os.getppid() == int(launcher):
+      time.sleep(LAUNCHER_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=watch, name='et_flax-launcher-watch', daemon=True).start()
+
+
 def worker_label() -> str:
   """'2/4' from the launcher, the SLURM task, or the PID."""
   if os.environ.get(WORKER_ENV):
@@ -332,7 +355,9 @@ def launch(command: Sequence[str], environments: Sequence[Mapping[str, str]],
 
   Each worker's output comes through with its number in front. Ctrl-C or
   SIGTERM here goes to every worker (a second one too: they stop at once);
-  after `stop_seconds` those still running are killed by PID. Returns each
+  after `stop_seconds` those still running are killed by PID. A launcher
+  killed outright (SIGKILL) leaves each worker one SIGTERM
+  (`stop_with_launcher`). Returns each
   worker's exit code (negative: the signal that ended it) and the signal
   that stopped the launcher, if any.
   """
@@ -354,7 +379,8 @@ def launch(command: Sequence[str], environments: Sequence[Mapping[str, str]],
         break
       # A session of its own: the terminal's Ctrl-C reaches the launcher
       # only, which passes it on once.
-      process = subprocess.Popen(command, env={**os.environ, **environment},
+      process = subprocess.Popen(command, env={**os.environ, **environment,
+                                               LAUNCHER_ENV: str(os.getpid())},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
       processes.append(process)

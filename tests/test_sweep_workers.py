@@ -254,3 +254,74 @@ def test_a_killed_workers_run_is_resumed_by_another(digits_data_dir, tmp_path):
   assert f'Resuming {sweep / "hinge_5"}' in log
   assert _metrics(sweep / 'hinge_5') == _metrics(reference / 'hinge_5')
   assert len(_metrics(reference / 'hinge_5')) == overrides['num_epochs']
+
+
+WORKER = """
+import os, pathlib, signal, sys, time
+from et_flax import sweep_workers
+out = pathlib.Path(sys.argv[1]) / os.environ[sweep_workers.WORKER_ENV].split('/')[0]
+signals = []
+
+def stopped(signum, frame):
+  signals.append(signal.Signals(signum).name)
+
+signal.signal(signal.SIGTERM, stopped)
+sweep_workers.stop_with_launcher()
+out.with_suffix('.pid').write_text(str(os.getpid()))
+deadline = time.monotonic() + 120
+while not signals and time.monotonic() < deadline:
+  time.sleep(0.05)
+time.sleep(3)  # time for a second signal
+out.with_suffix('.stopped').write_text(' '.join(signals))
+"""
+LAUNCHER = """
+import sys
+from et_flax import sweep_workers
+sweep_workers.launch([sys.executable, '-c', sys.argv[1], sys.argv[2]],
+                     [{sweep_workers.WORKER_ENV: '1/2'}, {sweep_workers.WORKER_ENV: '2/2'}])
+"""
+
+
+def test_workers_stop_when_their_launcher_is_killed(tmp_path):
+  """SIGKILL to the launcher: each worker gets one SIGTERM (and so saves
+  and stops; a second would stop it without saving) rather than train on
+  alone."""
+  launcher = subprocess.Popen([sys.executable, '-c', LAUNCHER, WORKER, str(tmp_path)], cwd=REPO)
+  pid_files = [tmp_path / '1.pid', tmp_path / '2.pid']
+  pids = []
+  try:
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+      assert time.monotonic() < deadline and launcher.poll() is None, 'the workers did not start'
+      time.sleep(0.1)
+    pids = [int(p.read_text()) for p in pid_files]
+    launcher.kill()
+    launcher.wait(timeout=30)
+    stopped = [tmp_path / '1.stopped', tmp_path / '2.stopped']
+    deadline = time.monotonic() + 30
+    for pid in pids:
+      while _alive(pid):
+        assert time.monotonic() < deadline, 'a worker outlived its launcher'
+        time.sleep(0.1)
+    assert [p.read_text() for p in stopped] == ['SIGTERM', 'SIGTERM']
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+      launcher.wait(timeout=30)
+    for pid in pids:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  stat = pathlib.Path(f'/proc/{pid}/stat')
+  if not pathlib.Path('/proc').is_dir():
+    return True
+  try:  # an orphan that has exited but not yet been reaped counts as gone
+    return stat.read_text().rsplit(') ', 1)[1][0] != 'Z'
+  except FileNotFoundError:
+    return False
