@@ -394,6 +394,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except Exception as error:
       if console.storage_full(error) is None:
         raise
+      if isinstance(error, FloatingPointError):  # a non-finite loss, its save failed: both said
+        raise console.StorageFullError(
+            f'{error} Free space (or raise the quota) before running it again.') from error
       # Said once every save under way has ended: what is saved is what stays.
       raise console.StorageFullError(
           checkpoints.storage_full_message(error, workdir)) from error
@@ -554,10 +557,22 @@ class _Run:
     wait_seconds += epoch_run.wait_seconds
     train_seconds = time.perf_counter() - start
     if not np.isfinite(train_summary['loss']):
+      stop = f'Training loss is {train_summary["loss"]} in epoch {epoch}: stopping.'
+      fix = '(lower optimizer.learning_rate or check the data)'
+      try:
+        saved = self.run_checkpoints.latest_epoch()  # waits for the save under way
+      except Exception as save_error:
+        # That save failed: the stop says so too, and which checkpoint is complete.
+        epochs = checkpoints.complete_epochs(self.workdir)
+        failed = console.user_error_message(save_error)
+        if failed is None:
+          raise  # a bug: its traceback
+        raise FloatingPointError(
+            f'{stop} The checkpoint save before it failed too: {failed}. '
+            f'{checkpoints.last_good_checkpoint(self.workdir, epochs[-1] if epochs else None)} '
+            f'{fix}') from save_error
       raise FloatingPointError(
-          f'Training loss is {train_summary["loss"]} in epoch {epoch}: stopping. '
-          f'{checkpoints.last_good_checkpoint(self.workdir, self.run_checkpoints.latest_epoch())} '
-          '(lower optimizer.learning_rate or check the data)')
+          f'{stop} {checkpoints.last_good_checkpoint(self.workdir, saved)} {fix}')
     val_summary = evaluate(epoch_run.state, data.val, config.eval_batch_size,
                            self.steps.eval, self.mesh)
     steps_per_epoch = data.train.steps_per_epoch

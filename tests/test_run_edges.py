@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from helpers import tiny_config
 from et_flax import checkpoints
+from et_flax import console
 from et_flax import evaluate
 from et_flax import models
 from et_flax import optim
@@ -205,6 +206,39 @@ def test_a_nan_stop_names_the_checkpoint_that_exists(one_epoch_run, digits_data_
   assert (f'The last good checkpoint, of epoch 1, stays in '
           f'{resumed / checkpoints.LATEST / "1"}') in str(error.value)
   assert (resumed / checkpoints.LATEST / '1').is_dir()
+
+
+def test_a_nan_stop_after_a_failed_save_says_both(digits_data_dir, tmp_path, monkeypatch):
+  """The save under way when the loss turns non-finite has failed (a full
+  disk): the stop names the loss, the failure and the checkpoint that is
+  complete, where the save's error alone used to replace it."""
+  def nan_loss(logits, labels):
+    return optim.categorical_crossentropy(logits, labels) * float('nan')
+
+  def failed_save(self):
+    raise console.StorageFullError(
+        f'No space left on device while writing the checkpoint of epoch 1 in {tmp_path}')
+
+  monkeypatch.setitem(optim.LOSSES, 'categorical_crossentropy', nan_loss)
+  monkeypatch.setattr(checkpoints.RunCheckpoints, 'latest_epoch', failed_save)
+  # A full disk: the error of one (a sweep stops on it), with both said.
+  with pytest.raises(console.StorageFullError) as error:
+    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path / 'run'))
+  message = str(error.value)
+  assert message.startswith('Training loss is nan in epoch 1: stopping. The checkpoint save '
+                            'before it failed too: No space left on device while writing')
+  assert 'No checkpoint of a finished epoch was written yet' in message
+  assert message.endswith('Free space (or raise the quota) before running it again.')
+  assert console.user_error_message(error.value) == message  # one line, no traceback
+
+  def unwritable(self):
+    raise PermissionError(13, 'Permission denied', str(tmp_path / 'run2'))
+
+  monkeypatch.setattr(checkpoints.RunCheckpoints, 'latest_epoch', unwritable)
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(tiny_config(digits_data_dir, num_epochs=1), str(tmp_path / 'run2'))
+  assert str(error.value).startswith('Training loss is nan in epoch 1: stopping. The checkpoint '
+                                     'save before it failed too: [Errno 13] Permission denied')
 
 
 # ---------------------------------------------------------------------------
