@@ -4,7 +4,8 @@ Two workers end with the histories and table of one worker on the same
 share of the machine; a worker killed with SIGKILL leaves its run to the
 other, which resumes it to the uninterrupted history; two `--worker`
 processes started apart train each run once; the cores are split, never
-oversubscribed; runs go longest first.
+oversubscribed; runs go longest first; a launcher killed outright leaves
+each worker one SIGTERM.
 """
 
 import contextlib
