@@ -52,11 +52,11 @@ def test_a_busy_process_on_a_core_is_counted_there():
 
 
 class FakeCalls:
-  """The calls' (seconds, operations) as `call_stats` gives them, each count of
-  threads running the calls at `rates[threads]` operations per second."""
+  """The calls as `kind_stats` gives them: one kind, each count of threads
+  running `rates[threads]` calls a second."""
 
   def __init__(self, rates):
-    self.rates, self.threads, self.seconds, self.flops = rates, 0, 0.0, 0.0
+    self.rates, self.threads, self.calls, self.seconds = rates, 0, 0, 0.0
     self.set = []
 
   def set_threads(self, threads):
@@ -65,8 +65,8 @@ class FakeCalls:
 
   def stats(self):
     self.seconds += 1.0
-    self.flops += self.rates[self.threads]
-    return self.seconds, self.flops
+    self.calls += self.rates[self.threads]
+    return {7: (self.calls, self.seconds)}
 
 
 def _follow(monkeypatch, others, rates, until):
@@ -90,10 +90,11 @@ def test_beside_a_busy_core_the_follower_keeps_the_faster_count_and_says_so_once
   # larger share of the cores.
   caplog.set_level(logging.DEBUG)
   calls, follower = _follow(monkeypatch, [1.0], {2: 2.0, 4: 3.0},
-                            until=lambda calls: len(calls.set) >= 5)
-  # One thread per core at the start; each count timed; then 4, held (no new
-  # probe for `hold` seconds while the same core stays busy).
-  assert calls.set[:5] == [2, 2, 4, 2, 4]
+                            until=lambda calls: len(calls.set) >= 6)
+  # One thread per core at the start; the counts timed A-B-B-A, then the
+  # count in use until the choice; then 4, held (no new probe for `hold`
+  # seconds while the same core stays busy).
+  assert calls.set[:6] == [2, 2, 4, 2, 2, 4]
   assert follower.threads == 4
   said = [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
   assert [r.levelno for r in said] == [logging.INFO]
@@ -106,27 +107,77 @@ def test_beside_a_process_that_waits_the_follower_keeps_every_core(monkeypatch, 
   # The calls run faster on one thread per core.
   caplog.set_level(logging.DEBUG)
   calls, follower = _follow(monkeypatch, [1.0], {2: 3.0, 4: 2.0},
-                            until=lambda calls: len(calls.set) >= 4)
-  assert calls.set[:4] == [2, 2, 4, 2]
+                            until=lambda calls: len(calls.set) >= 5)
+  assert calls.set[:5] == [2, 2, 4, 2, 2]
   assert follower.threads == 2
   assert not [r for r in caplog.records if 'oneDNN convolutions on' in r.getMessage()]
 
 
 def test_when_the_cores_are_free_again_the_follower_takes_them_all(monkeypatch):
   calls, follower = _follow(monkeypatch, [1.0, 1.0, 0.0], {2: 2.0, 4: 3.0},
-                            until=lambda calls: len(calls.set) >= 6)
-  assert calls.set[:6] == [2, 2, 4, 2, 4, 2]
+                            until=lambda calls: len(calls.set) >= 7)
+  assert calls.set[:7] == [2, 2, 4, 2, 2, 4, 2]
   assert follower.threads == 2
 
 
-def test_jit_the_calls_count_their_operations_and_time():
-  seconds0, flops0 = onednn.call_stats()
-  x = jax.numpy.ones((2, 8, 8, 3), jax.numpy.float32)
-  kernel = jax.numpy.ones((3, 3, 3, 16), jax.numpy.float32)
-  jax.block_until_ready(onednn.conv_layer(x, kernel, jax.numpy.zeros(16)))
-  seconds1, flops1 = onednn.call_stats()
-  assert flops1 - flops0 == 2 * 2 * 8 * 8 * 16 * 3 * 3 * 3  # 2 n oh ow o kh kw c
-  assert seconds1 > seconds0
+def test_jit_the_calls_are_counted_per_kind_leaving_out_the_first():
+  def call(batch, channels):
+    x = jax.numpy.ones((batch, 8, 8, 3), jax.numpy.float32)
+    kernel = jax.numpy.ones((3, 3, 3, channels), jax.numpy.float32)
+    jax.block_until_ready(onednn.conv_layer(x, kernel, jax.numpy.zeros(channels)))
+
+  def new_kinds(before):
+    return {kind: counts for kind, counts in onednn._delta(onednn.kind_stats(), before).items()
+            if counts[0]}
+
+  before = onednn.kind_stats()
+  call(3, 17)  # a kind no other test runs: its first call builds its primitive
+  assert new_kinds(before) == {}
+  call(3, 17)
+  call(3, 17)
+  (kind, (calls, seconds)), = new_kinds(before).items()
+  assert calls == 2 and seconds > 0
+  call(3, 19)
+  call(3, 19)  # another kind
+  assert len(new_kinds(before)) == 2 and new_kinds(before)[kind] == (calls, seconds)
+
+
+def test_the_speedup_compares_the_windows_kind_by_kind():
+  # Kind 1 takes 1 s a call on A and 0.5 s on B; kind 2 takes 0.1 s and
+  # 0.1 s. A ran mostly kind 2, B mostly kind 1: over all their calls, B's
+  # seconds per call are the larger (0.46 against 0.14), yet B is faster.
+  a = {1: (1, 1.0), 2: (9, 0.9), 3: (5, 5.0)}  # kind 3 only in A: left out
+  b = {1: (9, 4.5), 2: (1, 0.1)}
+  # Both windows' calls: 10 of kind 1, 10 of kind 2; at A's times 10 + 1 s,
+  # at B's 5 + 1 s.
+  assert onednn.speedup(a, b) == pytest.approx(11 / 6)
+  assert onednn.speedup(b, a) == pytest.approx(6 / 11)
+  assert onednn.speedup(a, {3: (0, 0.0), 4: (2, 1.0)}) is None
+  assert onednn.speedup({}, {}) is None
+
+
+@pytest.mark.parametrize('faster', [1.0, 1.5])
+def test_a_load_that_grows_during_the_probe_weighs_on_both_counts_alike(monkeypatch, faster):
+  # Each window holds one call, whose time grows by 1 s a window (a load
+  # building up); on 4 threads the calls are `faster`. Timed A-B-B-A, the
+  # growth cancels: A's calls took 1 and 3 s, B's 2 s / `faster`. Timed A
+  # then B, 4 threads would seem half as fast on an even load.
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+  state = {'threads': 2, 'window': 0, 'calls': 0, 'seconds': 0.0, 'reads': 0}
+
+  def set_threads(threads):
+    state['threads'] = threads
+
+  def stats():
+    state['reads'] += 1
+    if state['reads'] % 2 == 0:  # a window's end: its call
+      state['window'] += 1
+      state['calls'] += 1
+      state['seconds'] += state['window'] / (faster if state['threads'] == 4 else 1.0)
+    return {7: (state['calls'], state['seconds'])}
+
+  follower = onednn.LoadFollower(set_threads=set_threads, stats=stats, probe=0.001)
+  assert follower._speedup(2, 4) == pytest.approx(faster)
 
 
 @pytest.mark.parametrize('value, expected', [

@@ -204,8 +204,10 @@ def load() -> ctypes.CDLL:
       library.EtOnednnVersion.restype = ctypes.c_char_p
       library.EtOnednnSetThreads.argtypes = [ctypes.c_int]
       library.EtOnednnSetThreads.restype = ctypes.c_int
-      library.EtOnednnCallStats.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 2
-      library.EtOnednnCallStats.restype = None
+      library.EtOnednnKindStats.argtypes = [
+          ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int64),
+          ctypes.POINTER(ctypes.c_int64)]
+      library.EtOnednnKindStats.restype = ctypes.c_int64
       _loaded = library
   return _loaded
 
@@ -290,16 +292,51 @@ def threads_for(free_cores: float, cores: int) -> int:
   return max(1, min(cores, math.floor(free_cores + 0.25)))
 
 
-def call_stats() -> tuple[float, float]:
-  """(seconds, floating-point operations) of this process's oneDNN calls so
-  far: their wall time and their convolutions' work."""
-  return _call_stats(load())
+KindStats = dict[int, tuple[int, float]]  # kind of call -> (calls, seconds)
 
 
-def _call_stats(library: ctypes.CDLL) -> tuple[float, float]:
-  nanos, flops = ctypes.c_int64(), ctypes.c_int64()
-  library.EtOnednnCallStats(ctypes.byref(nanos), ctypes.byref(flops))
-  return nanos.value / 1e9, float(flops.value)
+def kind_stats() -> KindStats:
+  """This process's oneDNN calls so far, per kind (direction and shapes):
+  their number and wall time, leaving out each kind's first call (which
+  builds its primitives)."""
+  return _kind_stats(load())
+
+
+def _kind_stats(library: ctypes.CDLL) -> KindStats:
+  capacity = 64
+  while True:
+    ids = (ctypes.c_uint64 * capacity)()
+    calls, nanos = (ctypes.c_int64 * capacity)(), (ctypes.c_int64 * capacity)()
+    kinds = library.EtOnednnKindStats(capacity, ids, calls, nanos)
+    if kinds <= capacity:
+      return {ids[i]: (calls[i], nanos[i] / 1e9) for i in range(kinds)}
+    capacity = kinds + 16  # kinds added meanwhile
+
+
+def speedup(slow: KindStats, fast: KindStats) -> float | None:
+  """How many times faster the calls ran in `fast` than in `slow` (each the
+  calls of a time window), kind by kind: the time that the calls of both
+  windows would take at each window's seconds per call of their kind. None
+  when no kind ran in both."""
+  slow_seconds = fast_seconds = 0.0
+  for kind in slow.keys() & fast.keys():
+    (slow_calls, slow_time), (fast_calls, fast_time) = slow[kind], fast[kind]
+    if slow_calls and fast_calls:
+      calls = slow_calls + fast_calls
+      slow_seconds += calls * slow_time / slow_calls
+      fast_seconds += calls * fast_time / fast_calls
+  return slow_seconds / fast_seconds if fast_seconds > 0 else None
+
+
+def _delta(after: KindStats, before: KindStats) -> KindStats:
+  return {kind: (calls - before.get(kind, (0, 0.0))[0], seconds - before.get(kind, (0, 0.0))[1])
+          for kind, (calls, seconds) in after.items()}
+
+
+def _add(a: KindStats, b: KindStats) -> KindStats:
+  return {kind: (a.get(kind, (0, 0.0))[0] + b.get(kind, (0, 0.0))[0],
+                 a.get(kind, (0, 0.0))[1] + b.get(kind, (0, 0.0))[1])
+          for kind in a.keys() | b.keys()}
 
 
 class LoadFollower:
@@ -312,14 +349,16 @@ class LoadFollower:
   thread that wants one, so more threads of ours take a larger share, while
   a piece that a paused thread holds delays its call. Which wins depends on
   the load and the model (docs/performance.md, "Under load"), so the
-  follower times the calls on one thread per core and on two, `probe`
-  seconds each (their operations per second of call time, `stats`), keeps
-  the faster, and times them again after `hold` seconds or when the busy
-  cores change. The first time it takes more threads than cores it says so
-  in one log line; later changes are logged at debug level. The calls give
-  the same bits on any number of threads (their pieces are set by the batch
-  and the cores the process started with), so following costs no
-  determinism.
+  follower times the calls on one thread per core and on two, in windows of
+  A-B-B-A (`probe` seconds on each count in all, so that a load that grows
+  or shrinks meanwhile weighs on both alike), compares them kind of call by
+  kind of call (`stats`; so that which layers happen to fall in a window
+  does not count), keeps the faster, and times them again after `hold`
+  seconds or when the busy cores change. The first time it takes more
+  threads than cores it says so in one log line; later changes are logged
+  at debug level. The calls give the same bits on any number of threads
+  (their pieces are set by the batch and the cores the process started
+  with), so following costs no determinism.
   """
 
   def __init__(self, interval: float = 1.0, set_threads=None, stats=None,
@@ -327,7 +366,7 @@ class LoadFollower:
     if set_threads is None or stats is None:
       library = load()  # bound here: the follower's thread never loads it
       set_threads = set_threads or library.EtOnednnSetThreads
-      stats = stats or functools.partial(_call_stats, library)
+      stats = stats or functools.partial(_kind_stats, library)
     self._interval = interval
     self._set = set_threads
     self._stats = stats
@@ -359,15 +398,22 @@ class LoadFollower:
     self.threads = threads
     self._set(threads)
 
-  def _rate(self, threads: int) -> float | None:
-    """The calls' operations per second of call time on `threads`, over
-    `probe` seconds; None without calls (or when stopped)."""
+  def _window(self, threads: int, seconds: float) -> KindStats | None:
+    """The calls on `threads` over `seconds`; None when stopped."""
     self._set(threads)
-    seconds0, flops0 = self._stats()
-    if self._stop.wait(self._probe):
+    before = self._stats()
+    if self._stop.wait(seconds):
       return None
-    seconds1, flops1 = self._stats()
-    return (flops1 - flops0) / (seconds1 - seconds0) if seconds1 > seconds0 else None
+    return _delta(self._stats(), before)
+
+  def _speedup(self, a: int, b: int) -> float | None:
+    """How many times faster the calls ran on `b` threads than on `a`, timed
+    A-B-B-A; None without calls of a kind on both (or when stopped)."""
+    first = self._window(a, self._probe / 2)
+    middle = first and self._window(b, self._probe)
+    last = middle and self._window(a, self._probe / 2)
+    self._set(self.threads)  # until the caller's choice
+    return speedup(_add(first, last), middle) if last is not None else None
 
   def _follow(self) -> None:
     cores = len(self._cores)
@@ -383,15 +429,15 @@ class LoadFollower:
         continue
       if busy_then == busy and time.monotonic() - probed_at < self._hold:
         continue
-      rates = {n: self._rate(n) for n in (cores, more)}
-      self._set(self.threads)  # until the choice below
-      if None in rates.values():
+      faster = self._speedup(cores, more)
+      if faster is None:
         continue  # no calls meanwhile (or stopping): try again later
+      logging.debug('oneDNN calls %.2fx as fast on %d threads as on %d, beside %.1f busy '
+                    'cores', faster, more, cores, others)
       busy_then, probed_at, before = busy, time.monotonic(), _sample(self._cores)
-      best = max(rates, key=rates.get)
-      other = more if best == cores else cores
+      best, other, ratio = (more, cores, faster) if faster > 1 else (cores, more, 1 / faster)
       self._use(best, f'other processes keep {others:.1f} cores busy, and the calls ran '
-                f'{rates[best] / rates[other]:.2f}x faster on {best} threads than on {other}')
+                f'{ratio:.2f}x faster on {best} threads than on {other}')
 
 
 _follower: LoadFollower | None = None

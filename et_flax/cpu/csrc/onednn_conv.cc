@@ -45,6 +45,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -88,7 +89,6 @@ struct Geometry {
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
-  int64_t flops() const { return 2 * n * oh * ow * o * kh * kw * c; }
 };
 
 // The threads of the next calls (0: every core, or $OMP_NUM_THREADS), set
@@ -96,12 +96,26 @@ struct Geometry {
 std::atomic<int> requested_threads{0};
 std::atomic<int> applied_threads{0};  // the threads of the last call
 
-// Since the process started: the calls' wall time and their
-// convolutions' floating-point operations, so that a caller can compare the
-// calls' speed on different numbers of threads over the same kind of work
-// (EtOnednnCallStats).
-std::atomic<int64_t> call_nanos{0};
-std::atomic<int64_t> call_flops{0};
+// Since the process started, per kind of call (its direction and shapes):
+// the calls and their wall time, so that a caller can compare the calls'
+// speed on different numbers of threads kind by kind, whatever mix of calls
+// falls in each window (EtOnednnKindStats). A call that built a primitive (a
+// kind's first) is left out: it times the build, not the threads.
+struct KindStats {
+  int64_t calls = 0, nanos = 0;
+};
+std::mutex kind_mu;
+auto* kind_stats = new std::map<uint64_t, KindStats>;  // never destroyed (see the top)
+thread_local bool built_plan = false;  // the calling thread's call built a primitive
+
+// A kind's id: its fields, hashed (FNV-1a over their bytes).
+uint64_t KindId(std::initializer_list<int64_t> fields) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t f : fields)
+    for (int i = 0; i < 8; ++i)
+      h = (h ^ ((static_cast<uint64_t>(f) >> (8 * i)) & 0xff)) * 1099511628211ull;
+  return h;
+}
 
 // The pool's size for the call running now (set between calls, under the
 // call lock; read by the call's calling thread).
@@ -256,7 +270,10 @@ const Plan& Cached(const Key& key, Make make) {
   static auto* plans = new std::map<Key, std::unique_ptr<Plan>>;
   std::lock_guard<std::mutex> lock(*mu);
   auto& slot = (*plans)[key];
-  if (!slot) slot = std::make_unique<Plan>(make());
+  if (!slot) {
+    slot = std::make_unique<Plan>(make());
+    built_plan = true;
+  }
   return *slot;
 }
 
@@ -535,7 +552,7 @@ class Executor {
     return *executor;
   }
 
-  void Run(const std::function<void()>& task) {
+  void Run(uint64_t kind, const std::function<void()>& task) {
     thread_local bool single = [] {
       omp_set_num_threads(1);  // oneDNN single-threaded in this thread's pieces
       return true;
@@ -545,12 +562,17 @@ class Executor {
     int threads = requested_threads.load(std::memory_order_relaxed);
     call_threads = threads > 0 ? threads : default_threads_;
     applied_threads.store(call_threads, std::memory_order_relaxed);
+    built_plan = false;
     auto start = std::chrono::steady_clock::now();
     task();
-    call_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                             std::chrono::steady_clock::now() - start)
-                             .count(),
-                         std::memory_order_relaxed);
+    int64_t nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+    if (built_plan) return;
+    std::lock_guard<std::mutex> stats_lock(kind_mu);
+    KindStats& stats = (*kind_stats)[kind];
+    ++stats.calls;
+    stats.nanos += nanos;
   }
 
  private:
@@ -565,7 +587,7 @@ class Executor {
 };
 
 template <typename F>
-ffi::Error Guarded(F body) {
+ffi::Error Guarded(uint64_t kind, F body) {
   std::string error;
   auto guarded = [&] {
     try {
@@ -580,7 +602,7 @@ ffi::Error Guarded(F body) {
     }
   };
   try {
-    Executor::Get().Run(guarded);
+    Executor::Get().Run(kind, guarded);
   } catch (const std::exception& e) {
     error = std::string("oneDNN convolution could not run: ") + e.what();
   } catch (...) {
@@ -613,8 +635,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                                        Dims(b.dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
   bool residual = shortcut != nullptr;
-  call_flops.fetch_add(g.flops(), std::memory_order_relaxed);
-  return Guarded([&] {
+  const uint64_t kind = KindId({0, g.n, g.h, g.w, g.c, g.o, g.kh, g.kw, g.sh, g.sw, g.pt, g.pb,
+                                g.pl, g.pr, residual, activation});
+  return Guarded(kind, [&] {
     auto pieces = Split(g.n);
     auto plans = PiecePlans<ForwardPlan>(pieces, [&](int64_t n) -> const ForwardPlan& {
       Geometry pg = g;
@@ -759,8 +782,9 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
                                        std::to_string(w.dimensions()[3]) + ",), got " +
                                        Dims(db->dimensions()));
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y.dimensions(), sh, sw, pt, pb, pl, pr);
-  call_flops.fetch_add(g.flops() * (input_gradient ? 2 : 1), std::memory_order_relaxed);
-  return Guarded([&] {
+  const uint64_t kind = KindId({1, g.n, g.h, g.w, g.c, g.o, g.kh, g.kw, g.sh, g.sw, g.pt, g.pb,
+                                g.pl, g.pr, input_gradient, activation});
+  return Guarded(kind, [&] {
     auto pieces = Split(g.n, BackwardPieces(g));
     auto plans = PiecePlans<BackwardPiecePlans>(
         pieces, [&](int64_t n) -> const BackwardPiecePlans& {
@@ -913,11 +937,22 @@ extern "C" int EtOnednnSetThreads(int n) {
   return applied_threads.load(std::memory_order_relaxed);
 }
 
-// The calls' wall time (ns) and convolution operations since the process
-// started.
-extern "C" void EtOnednnCallStats(int64_t* nanos, int64_t* flops) {
-  *nanos = call_nanos.load(std::memory_order_relaxed);
-  *flops = call_flops.load(std::memory_order_relaxed);
+// Each kind of call's id, calls and wall time (ns) since the process
+// started, in the first `capacity` places of each array; returns the number
+// of kinds (more than `capacity`: call again with room for them all).
+extern "C" int64_t EtOnednnKindStats(int64_t capacity, uint64_t* ids, int64_t* calls,
+                                     int64_t* nanos) {
+  std::lock_guard<std::mutex> lock(kind_mu);
+  int64_t i = 0;
+  for (const auto& [kind, stats] : *kind_stats) {
+    if (i < capacity) {
+      ids[i] = kind;
+      calls[i] = stats.calls;
+      nanos[i] = stats.nanos;
+    }
+    ++i;
+  }
+  return i;
 }
 
 // The oneDNN version this was linked against, for logs.
