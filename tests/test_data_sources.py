@@ -17,6 +17,7 @@ import pytest
 
 from helpers import make_tiny_imagenet_tree
 from helpers import tiny_config
+from et_flax import console
 from et_flax import train
 from et_flax.data import digits
 from et_flax.data import filelock
@@ -150,6 +151,42 @@ def test_official_layout_without_a_stored_fingerprint(tmp_path, official_is_3_cl
   with pytest.raises(ValueError, match=r"split sizes: \{'train': 12, 'val': 5, "
                                        r"'test': 3\} prepared, \{'train': 15"):
     input_pipeline.get_dataset_info(_config(tmp_path, _tree(tmp_path / 'c', WNIDS_A, 5)))
+
+
+def test_a_dataset_prepared_by_an_older_et_flax_is_decoded_once(
+    tmp_path, official_is_3_classes_8px, monkeypatch):
+  """Without a stored fingerprint, a split is still cached: a later run reads
+  it without TensorFlow, keyed by what tfds recorded of the prepared data."""
+  tree_a = _tree(tmp_path / 'a', WNIDS_A)
+  prepared = pathlib.Path(
+      input_pipeline.get_dataset_info(_config(tmp_path, tree_a)).data_dir)
+  metadata = prepared / 'metadata.json'
+  stored = json.loads(metadata.read_text())
+  del stored[tiny_imagenet.FINGERPRINT_KEY]
+  metadata.write_text(json.dumps(stored))
+
+  info = input_pipeline.get_dataset_info(_config(tmp_path, tree_a))
+  decoded = input_pipeline.load_split(info, 'val')
+  assert (input_pipeline.DecodedCache(info, 'val', None).path / 'meta.json').is_file()
+  assert re.fullmatch(r'older_[0-9a-f]{8}', info.source_key)
+
+  def no_tensorflow(purpose, module='tensorflow'):
+    raise AssertionError(f'{module} imported for {purpose}')
+  monkeypatch.setattr(console, 'import_tensorflow', no_tensorflow)
+  for data_dir in (tree_a, ''):  # checked again, or used as it is
+    again = input_pipeline.get_dataset_info(_config(tmp_path, data_dir))
+    assert again.source_key == info.source_key
+    cached = input_pipeline.load_split(again, 'val')
+    assert isinstance(cached.images, np.memmap)
+    np.testing.assert_array_equal(cached.images, decoded.images)
+
+  # Another dataset prepared in that folder records other bytes: another key.
+  dataset_info = prepared / 'dataset_info.json'
+  recorded = json.loads(dataset_info.read_text())
+  recorded['splits'][0]['numBytes'] = str(int(recorded['splits'][0]['numBytes']) + 1)
+  dataset_info.write_text(json.dumps(recorded))
+  other = input_pipeline.get_dataset_info(_config(tmp_path, tree_a))
+  assert other.source_key != info.source_key
 
 
 def _zip(tree, path, order=None):

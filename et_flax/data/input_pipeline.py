@@ -5,7 +5,8 @@ its extracted folder, its zip or (when allowed) its URL, and the embedded
 digits from the tree `et_flax.data.digits` writes in the same layout. A split is
 decoded once (in parallel, by tf.data) into uint8, and cached beside the
 prepared dataset as memory-mapped NumPy files, keyed by the source's
-fingerprint, the image size, the classes and the host's share
+fingerprint (for a dataset prepared by an older et_flax, without one: by
+what tfds recorded of it), the image size, the classes and the host's share
 (`DecodedCache`): a later run reads the cache and imports no TensorFlow at
 all. Tiny ImageNet's training split is 1.2 GB that way.
 
@@ -76,7 +77,9 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   image_size: int
   source_labels: tuple[int, ...]  # label i is source_labels[i] in the prepared dataset
-  source_key: str  # the fingerprint key of what it was prepared from
+  # The fingerprint key of what it was prepared from; prepared by an older
+  # et_flax (no fingerprint): `preparation.prepared_key`, prefixed 'older_'.
+  source_key: str
   source_check: str | None = None  # how it was checked (tiny_imagenet.SOURCE_CHECK_KEY)
 
   @property
@@ -270,8 +273,8 @@ def _prepare(source: _Source, allow_download: bool) -> dict[str, Any]:
 def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
   """Prepares (once) the dataset named by `config.data` and selects its classes.
 
-  A dataset already prepared (with its source's fingerprint) is read as
-  plain JSON: only preparing imports tensorflow-datasets.
+  A dataset already prepared (by this or an older et_flax) is read and
+  checked as plain JSON: only preparing imports tensorflow-datasets.
   """
   image_size = data_config.get('image_size')
   if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
@@ -294,7 +297,7 @@ def get_dataset_info(data_config: Mapping[str, Any]) -> DatasetInfo:
       wnids=wnids, class_names=tuple(names[w] for w in wnids), image_size=image_size,
       source_labels=tuple(all_wnids.index(w) for w in wnids),
       source_key=(tiny_imagenet.SourceFingerprint.from_json(stored).key if stored
-                  else 'unknown'),
+                  else f'older_{preparation.prepared_key(prepared_dir, metadata)}'),
       source_check=metadata.get(tiny_imagenet.SOURCE_CHECK_KEY))
 
 
@@ -330,9 +333,9 @@ class DecodedCache:
   share's positions) and `meta.json` (what it was decoded from, the file
   names); it is written to a temporary folder and renamed into place, so a
   killed run leaves nothing that passes for an entry. The key covers the
-  source's fingerprint, the split, the image size, the classes and the
-  share: a change of any of them decodes anew. Removing the prepared dataset
-  removes its cache.
+  source's fingerprint (`DatasetInfo.source_key`), the split, the image
+  size, the classes and the share: a change of any of them decodes anew.
+  Removing the prepared dataset removes its cache.
   """
 
   def __init__(self, info: DatasetInfo, split: str, share: Share | None):
@@ -350,8 +353,6 @@ class DecodedCache:
     another user's without read permission) is warned about and decoded
     again; a damaged one is removed first (it is derived data).
     """
-    if self.description['source_key'] == 'unknown':
-      return None
     try:
       if not (self.path / 'meta.json').is_file():
         return None
@@ -383,8 +384,6 @@ class DecodedCache:
     """Writes `split` as this entry, readable as the umask allows; where it
     cannot be written (a read-only folder, a full disk) it is warned about,
     and the split is decoded again by the next run."""
-    if self.description['source_key'] == 'unknown':
-      return
     tmp = None
     try:
       self.path.parent.mkdir(parents=True, exist_ok=True)

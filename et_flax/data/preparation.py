@@ -6,12 +6,14 @@ first prepares, the others wait and then reuse it. A prepared dataset keeps
 the fingerprint of its source (`tiny_imagenet.SourceFingerprint`), and a
 later run given another source is refused rather than silently trained on
 the data prepared before. Only `prepare` needs tensorflow-datasets (and
-TensorFlow); `check_stored_source` reads a prepared dataset's stored
-fingerprint as plain JSON.
+TensorFlow); a prepared dataset, with its stored fingerprint or prepared
+by an older et_flax without one, is read and checked as plain JSON
+(`read_prepared_metadata`, `check_stored_source`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -103,18 +105,33 @@ def _prepared_before(builder: Builder, source: Fingerprint | None) -> pathlib.Pa
 
 
 def check_source(builder: Builder, source: Fingerprint) -> None:
-  """Refuses a prepared dataset whose stored source differs from `source`.
-
-  A dataset prepared by an older et_flax has no stored fingerprint: what
-  that version stored (the wnids and split sizes) is checked instead, and a
-  match is used with a warning that the files could not be checked.
+  """Refuses a prepared dataset whose stored source differs from `source`
+  (`check_stored_source` on the builder's prepared folder).
 
   Raises:
     ValueError: naming the prepared folder, what differs and what to do.
   """
-  metadata = builder.info.metadata
-  if metadata.get(tiny_imagenet.FINGERPRINT_KEY) is not None:
-    check_stored_source(builder.data_dir, builder.builder_config.name, metadata, source)
+  check_stored_source(builder.data_dir, builder.builder_config.name,
+                      builder.info.metadata, source)
+
+
+def check_stored_source(data_dir: str | pathlib.Path, config_name: str,
+                        metadata: Mapping[str, Any], source: Fingerprint) -> None:
+  """Refuses the dataset prepared in `data_dir` (its `metadata`) when its
+  source differs from `source`.
+
+  A dataset prepared by an older et_flax has no stored fingerprint: what
+  that version stored (the wnids, and the split sizes tfds recorded) is
+  checked instead, and a match is used with a warning that the files could
+  not be checked.
+
+  Raises:
+    ValueError: naming the prepared folder, what differs and what to do.
+  """
+  stored = metadata.get(tiny_imagenet.FINGERPRINT_KEY)
+  if stored is not None:
+    _refuse(data_dir, config_name, stored['path'], source,
+            Fingerprint.from_json(stored).differences(source))
     return
   differences = []
   wnids = tuple(metadata.get('wnids', ()))
@@ -122,8 +139,8 @@ def check_source(builder: Builder, source: Fingerprint) -> None:
     differences.append(f'wnids: {len(wnids)} prepared (first {list(wnids[:3])}), '
                        f'{len(source.wnids)} in the source (first '
                        f'{list(source.wnids[:3])})')
-  prepared_sizes = {split: builder.info.splits[split].num_examples
-                    for split in tiny_imagenet.SPLITS}
+  prepared_sizes = {split: sum(shards) for split, (shards, _) in
+                    _prepared_splits(data_dir).items()}
   if prepared_sizes != source.split_sizes():
     differences.append(f'split sizes: {prepared_sizes} prepared, '
                        f'{source.split_sizes()} in the source')
@@ -132,27 +149,42 @@ def check_source(builder: Builder, source: Fingerprint) -> None:
         '%s was prepared by an older et_flax, which kept no fingerprint of its source: '
         'its wnids and split sizes match %s, so it is used, but its files could not '
         'be checked (remove that folder to prepare it again with a fingerprint)',
-        builder.data_dir, source.path)
-  _refuse(builder.data_dir, builder.builder_config.name,
-          'unknown: prepared by an older et_flax', source, differences)
-
-
-def check_stored_source(data_dir: str | pathlib.Path, config_name: str,
-                        metadata: Mapping[str, Any], source: Fingerprint) -> None:
-  """Refuses the dataset prepared in `data_dir` (its `metadata`, holding a
-  stored fingerprint) when its source differs from `source`."""
-  stored = metadata[tiny_imagenet.FINGERPRINT_KEY]
-  _refuse(data_dir, config_name, stored['path'], source,
-          Fingerprint.from_json(stored).differences(source))
+        data_dir, source.path)
+  _refuse(data_dir, config_name, 'unknown: prepared by an older et_flax', source,
+          differences)
 
 
 def read_prepared_metadata(data_dir: pathlib.Path) -> dict[str, Any] | None:
   """The metadata of the dataset prepared in `data_dir` (None: not prepared
-  there, or prepared without a stored fingerprint), read without tfds."""
+  there), read without tfds; one prepared by an older et_flax has no
+  `tiny_imagenet.FINGERPRINT_KEY`."""
   if not (data_dir / DATASET_INFO_FILENAME).is_file():
     return None
-  metadata = json.loads((data_dir / METADATA_FILENAME).read_text())
-  return metadata if tiny_imagenet.FINGERPRINT_KEY in metadata else None
+  return json.loads((data_dir / METADATA_FILENAME).read_text())
+
+
+def prepared_key(data_dir: str | pathlib.Path, metadata: Mapping[str, Any]) -> str:
+  """A short hash of the dataset prepared in `data_dir`: 8 hex digits.
+
+  What keys its decoded splits when it has no source fingerprint (prepared
+  by an older et_flax): its wnids, and each split's examples per shard and
+  bytes as tfds recorded them. The cache holds what this folder decodes to,
+  so any source that passes `check_stored_source` may read it. A dataset
+  prepared there anew is keyed by its fingerprint (by an older et_flax: by
+  its records' bytes, which another source's images all but surely change).
+  """
+  content = json.dumps([list(metadata.get('wnids', ())),
+                        sorted(_prepared_splits(data_dir).items())])
+  return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+
+def _prepared_splits(data_dir: str | pathlib.Path) -> dict[str, tuple[list[int], int]]:
+  """Each split's (examples per shard, bytes), from tfds's `dataset_info.json`."""
+  info = json.loads((pathlib.Path(data_dir) / DATASET_INFO_FILENAME).read_text())
+  splits = {split['name']: ([int(n) for n in split.get('shardLengths', ())],
+                            int(split.get('numBytes', 0)))
+            for split in info.get('splits', ())}
+  return {split: splits.get(split, ([], 0)) for split in tiny_imagenet.SPLITS}
 
 
 def _refuse(data_dir: str | pathlib.Path, config_name: str, stored_from: str,
