@@ -66,7 +66,7 @@ class FakeCalls:
   def stats(self):
     self.seconds += 1.0
     self.calls += self.rates[self.threads]
-    return {7: (self.calls, self.seconds)}
+    return {7: (self.calls, self.seconds, 0)}
 
 
 def _follow(monkeypatch, others, rates, until):
@@ -132,27 +132,28 @@ def test_jit_the_calls_are_counted_per_kind_leaving_out_the_first():
 
   before = onednn.kind_stats()
   call(3, 17)  # a kind no other test runs: its first call builds its primitive
-  assert new_kinds(before) == {}
+  (kind, built), = onednn._delta(onednn.kind_stats(), before).items()
+  assert built == (0, 0.0, 1)
   call(3, 17)
   call(3, 17)
-  (kind, (calls, seconds)), = new_kinds(before).items()
-  assert calls == 2 and seconds > 0
+  (kind, (calls, seconds, builds)), = new_kinds(before).items()
+  assert calls == 2 and seconds > 0 and builds == 1
   call(3, 19)
   call(3, 19)  # another kind
-  assert len(new_kinds(before)) == 2 and new_kinds(before)[kind] == (calls, seconds)
+  assert len(new_kinds(before)) == 2 and new_kinds(before)[kind] == (calls, seconds, 1)
 
 
 def test_the_speedup_compares_the_windows_kind_by_kind():
   # Kind 1 takes 1 s a call on A and 0.5 s on B; kind 2 takes 0.1 s and
   # 0.1 s. A ran mostly kind 2, B mostly kind 1: over all their calls, B's
   # seconds per call are the larger (0.46 against 0.14), yet B is faster.
-  a = {1: (1, 1.0), 2: (9, 0.9), 3: (5, 5.0)}  # kind 3 only in A: left out
-  b = {1: (9, 4.5), 2: (1, 0.1)}
+  a = {1: (1, 1.0, 0), 2: (9, 0.9, 0), 3: (5, 5.0, 0)}  # kind 3 only in A: left out
+  b = {1: (9, 4.5, 0), 2: (1, 0.1, 0)}
   # Both windows' calls: 10 of kind 1, 10 of kind 2; at A's times 10 + 1 s,
   # at B's 5 + 1 s.
   assert onednn.speedup(a, b) == pytest.approx(11 / 6)
   assert onednn.speedup(b, a) == pytest.approx(6 / 11)
-  assert onednn.speedup(a, {3: (0, 0.0), 4: (2, 1.0)}) is None
+  assert onednn.speedup(a, {3: (0, 0.0, 1), 4: (2, 1.0, 0)}) is None
   assert onednn.speedup({}, {}) is None
 
 
@@ -174,10 +175,35 @@ def test_a_load_that_grows_during_the_probe_weighs_on_both_counts_alike(monkeypa
       state['window'] += 1
       state['calls'] += 1
       state['seconds'] += state['window'] / (faster if state['threads'] == 4 else 1.0)
-    return {7: (state['calls'], state['seconds'])}
+    return {7: (state['calls'], state['seconds'], 0)}
 
   follower = onednn.LoadFollower(set_threads=set_threads, stats=stats, probe=0.001)
   assert follower._speedup(2, 4) == pytest.approx(faster)
+
+
+@pytest.mark.parametrize('window', [0, 1, 2])
+def test_a_probe_while_primitives_are_built_is_not_counted(monkeypatch, window):
+  # A model starting: its first calls build primitives, and its first step
+  # runs slow throughout (here, on 4 threads 4x faster than on 2, but a
+  # build in any of the A-B-B-A windows voids the probe).
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+  state = {'threads': 2, 'reads': 0, 'calls': 0, 'seconds': 0.0, 'builds': 0}
+
+  def set_threads(threads):
+    state['threads'] = threads
+
+  def stats():
+    state['reads'] += 1
+    if state['reads'] % 2 == 0:  # a window's end: its calls
+      state['calls'] += 4 if state['threads'] == 4 else 1
+      state['seconds'] += 1.0
+      state['builds'] += state['reads'] // 2 - 1 == window
+    return {7: (state['calls'], state['seconds'], state['builds'])}
+
+  follower = onednn.LoadFollower(set_threads=set_threads, stats=stats, probe=0.001)
+  assert follower._speedup(2, 4) is None
+  state['builds'], window = 0, -1  # no more builds
+  assert follower._speedup(2, 4) == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize('value, expected', [

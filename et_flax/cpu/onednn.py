@@ -205,8 +205,7 @@ def load() -> ctypes.CDLL:
       library.EtOnednnSetThreads.argtypes = [ctypes.c_int]
       library.EtOnednnSetThreads.restype = ctypes.c_int
       library.EtOnednnKindStats.argtypes = [
-          ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int64),
-          ctypes.POINTER(ctypes.c_int64)]
+          ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64)] + [ctypes.POINTER(ctypes.c_int64)] * 3
       library.EtOnednnKindStats.restype = ctypes.c_int64
       _loaded = library
   return _loaded
@@ -292,13 +291,15 @@ def threads_for(free_cores: float, cores: int) -> int:
   return max(1, min(cores, math.floor(free_cores + 0.25)))
 
 
-KindStats = dict[int, tuple[int, float]]  # kind of call -> (calls, seconds)
+# Per kind of call: (calls, seconds, builds), the calls that built a
+# primitive (a kind's first) counted in builds only.
+KindStats = dict[int, tuple[int, float, int]]
 
 
 def kind_stats() -> KindStats:
   """This process's oneDNN calls so far, per kind (direction and shapes):
-  their number and wall time, leaving out each kind's first call (which
-  builds its primitives)."""
+  their number and wall time, and apart the calls that built the kind's
+  primitives (its first)."""
   return _kind_stats(load())
 
 
@@ -306,10 +307,10 @@ def _kind_stats(library: ctypes.CDLL) -> KindStats:
   capacity = 64
   while True:
     ids = (ctypes.c_uint64 * capacity)()
-    calls, nanos = (ctypes.c_int64 * capacity)(), (ctypes.c_int64 * capacity)()
-    kinds = library.EtOnednnKindStats(capacity, ids, calls, nanos)
+    calls, nanos, builds = ((ctypes.c_int64 * capacity)() for _ in range(3))
+    kinds = library.EtOnednnKindStats(capacity, ids, calls, nanos, builds)
     if kinds <= capacity:
-      return {ids[i]: (calls[i], nanos[i] / 1e9) for i in range(kinds)}
+      return {ids[i]: (calls[i], nanos[i] / 1e9, builds[i]) for i in range(kinds)}
     capacity = kinds + 16  # kinds added meanwhile
 
 
@@ -320,7 +321,7 @@ def speedup(slow: KindStats, fast: KindStats) -> float | None:
   when no kind ran in both."""
   slow_seconds = fast_seconds = 0.0
   for kind in slow.keys() & fast.keys():
-    (slow_calls, slow_time), (fast_calls, fast_time) = slow[kind], fast[kind]
+    (slow_calls, slow_time, _), (fast_calls, fast_time, _) = slow[kind], fast[kind]
     if slow_calls and fast_calls:
       calls = slow_calls + fast_calls
       slow_seconds += calls * slow_time / slow_calls
@@ -329,14 +330,17 @@ def speedup(slow: KindStats, fast: KindStats) -> float | None:
 
 
 def _delta(after: KindStats, before: KindStats) -> KindStats:
-  return {kind: (calls - before.get(kind, (0, 0.0))[0], seconds - before.get(kind, (0, 0.0))[1])
-          for kind, (calls, seconds) in after.items()}
+  return _add(after, {kind: tuple(-v for v in counts) for kind, counts in before.items()})
 
 
 def _add(a: KindStats, b: KindStats) -> KindStats:
-  return {kind: (a.get(kind, (0, 0.0))[0] + b.get(kind, (0, 0.0))[0],
-                 a.get(kind, (0, 0.0))[1] + b.get(kind, (0, 0.0))[1])
+  none = (0, 0.0, 0)
+  return {kind: tuple(x + y for x, y in zip(a.get(kind, none), b.get(kind, none)))
           for kind in a.keys() | b.keys()}
+
+
+def _builds(stats: KindStats) -> int:
+  return sum(builds for _, _, builds in stats.values())
 
 
 class LoadFollower:
@@ -408,12 +412,20 @@ class LoadFollower:
 
   def _speedup(self, a: int, b: int) -> float | None:
     """How many times faster the calls ran on `b` threads than on `a`, timed
-    A-B-B-A; None without calls of a kind on both (or when stopped)."""
+    A-B-B-A; None without calls of a kind on both, while primitives were
+    being built (a model starting: its first step is slow throughout), or
+    when stopped."""
     first = self._window(a, self._probe / 2)
-    middle = first and self._window(b, self._probe)
-    last = middle and self._window(a, self._probe / 2)
+    middle = None if first is None else self._window(b, self._probe)
+    last = None if middle is None else self._window(a, self._probe / 2)
     self._set(self.threads)  # until the caller's choice
-    return speedup(_add(first, last), middle) if last is not None else None
+    if last is None:
+      return None
+    if _builds(first) or _builds(middle) or _builds(last):
+      logging.debug('oneDNN threads not compared: primitives were built meanwhile '
+                    '(a model starting); timed again later')
+      return None
+    return speedup(_add(first, last), middle)
 
   def _follow(self) -> None:
     cores = len(self._cores)

@@ -100,9 +100,11 @@ std::atomic<int> applied_threads{0};  // the threads of the last call
 // the calls and their wall time, so that a caller can compare the calls'
 // speed on different numbers of threads kind by kind, whatever mix of calls
 // falls in each window (EtOnednnKindStats). A call that built a primitive (a
-// kind's first) is left out: it times the build, not the threads.
+// kind's first) is counted apart, in `builds`: it times the build, not the
+// threads, and says that a model is starting, whose first step is slow
+// throughout (its buffers' pages are new).
 struct KindStats {
-  int64_t calls = 0, nanos = 0;
+  int64_t calls = 0, nanos = 0, builds = 0;
 };
 std::mutex kind_mu;
 auto* kind_stats = new std::map<uint64_t, KindStats>;  // never destroyed (see the top)
@@ -568,9 +570,12 @@ class Executor {
     int64_t nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - start)
                         .count();
-    if (built_plan) return;
     std::lock_guard<std::mutex> stats_lock(kind_mu);
     KindStats& stats = (*kind_stats)[kind];
+    if (built_plan) {
+      ++stats.builds;
+      return;
+    }
     ++stats.calls;
     stats.nanos += nanos;
   }
@@ -937,11 +942,12 @@ extern "C" int EtOnednnSetThreads(int n) {
   return applied_threads.load(std::memory_order_relaxed);
 }
 
-// Each kind of call's id, calls and wall time (ns) since the process
-// started, in the first `capacity` places of each array; returns the number
-// of kinds (more than `capacity`: call again with room for them all).
+// Each kind of call's id, calls, their wall time (ns) and the calls that
+// built a primitive (not in the first two) since the process started, in the
+// first `capacity` places of each array; returns the number of kinds (more
+// than `capacity`: call again with room for them all).
 extern "C" int64_t EtOnednnKindStats(int64_t capacity, uint64_t* ids, int64_t* calls,
-                                     int64_t* nanos) {
+                                     int64_t* nanos, int64_t* builds) {
   std::lock_guard<std::mutex> lock(kind_mu);
   int64_t i = 0;
   for (const auto& [kind, stats] : *kind_stats) {
@@ -949,6 +955,7 @@ extern "C" int64_t EtOnednnKindStats(int64_t capacity, uint64_t* ids, int64_t* c
       ids[i] = kind;
       calls[i] = stats.calls;
       nanos[i] = stats.nanos;
+      builds[i] = stats.builds;
     }
     ++i;
   }
