@@ -357,7 +357,8 @@ class LoadFollower:
   A-B-B-A (`probe` seconds on each count in all, so that a load that grows
   or shrinks meanwhile weighs on both alike), compares them kind of call by
   kind of call (`stats`; so that which layers happen to fall in a window
-  does not count), keeps the faster, and times them again after `hold`
+  does not count; a probe in which primitives were built, a model
+  starting, is void), keeps the faster, and times them again after `hold`
   seconds or when the busy cores change. The first time it takes more
   threads than cores it says so in one log line; later changes are logged
   at debug level. The calls give the same bits on any number of threads
