@@ -120,11 +120,17 @@ def _manager(directory: pathlib.Path, max_to_keep: int | None) -> ocp.Checkpoint
               barrier_sync_key_prefix=f'et_flax_{directory.name}')))
 
 
-def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory.absolute(), item_handlers=_item_handlers(),
-      options=ocp.CheckpointManagerOptions(read_only=True,
-                                           enable_async_checkpointing=False))
+def _read_only_manager(directory: pathlib.Path, local: bool = False
+                       ) -> ocp.CheckpointManager:
+  """A manager that reads; with `local`, this process alone (no barriers: in a
+  multi-process run Orbax's reads are collectives, which a read that fails on
+  one process leaves out of step)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+  if local:
+    options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()})
+  return ocp.CheckpointManager(directory.absolute(), item_handlers=_item_handlers(),
+                               options=options)
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -725,20 +731,29 @@ def find_resume_point(workdir: pathlib.Path) -> run_files.RunMeta | None:
   best checkpoint, which is written again from its epoch's checkpoint where
   that is intact. Raises DamagedCheckpointError, moving nothing, when there
   are checkpoints and none reads whole.
+
+  In a multi-process run every process reads them, and they agree: a
+  checkpoint damaged on any process (or not listed by one) counts as damaged,
+  so every process resumes from the same one, or raises the same error.
   """
   folders = [folder for folder in (LATEST, INTERRUPTED, BEST) if (workdir / folder).is_dir()]
-  if not folders:
+  multiprocess = jax.process_count() > 1
+  if not folders and not multiprocess:  # the processes agree on a new run too
     return None
   is_writer = jax.process_index() == 0
   damaged: list[Damage] = []
   with contextlib.ExitStack() as stack:
     if is_writer:
       stack.enter_context(workdir_lock.checkpoint_access(workdir, exclusive=True))
+    # Several processes read apart, then agree (_agreed_newest_intact).
     managers = {folder: stack.enter_context(contextlib.closing(
-        _read_only_manager(workdir / folder))) for folder in folders}
+        _read_only_manager(workdir / folder, local=multiprocess))) for folder in folders}
     candidates = _resume_candidates(managers, damaged)
     # Read whole on this process's first device; restored again for the run.
-    found = _newest_intact(candidates, _local_sharding(), damaged)
+    if multiprocess:
+      found, damaged = _agreed_newest_intact(candidates, damaged, workdir)
+    else:
+      found = _newest_intact(candidates, _local_sharding(), damaged)
     if found is None:
       if not damaged:
         return None
@@ -748,13 +763,13 @@ def find_resume_point(workdir: pathlib.Path) -> run_files.RunMeta | None:
           'elsewhere to train this run from the start, or copy intact checkpoints back '
           'from a backup.')
     _, _, meta = found
-    best_copy = _check_best(managers, damaged, meta)
-    if jax.process_count() > 1:  # every process has read before any folder moves
+    best_copy = _check_best(managers, damaged, meta, workdir if multiprocess else None)
+    if multiprocess:  # every process has read before any folder moves
       multihost_utils.sync_global_devices('et_flax_checkpoints_read')
     moved = [_move_aside(damage, workdir) for damage in damaged] if is_writer else []
     if best_copy is not None and is_writer:
       _copy_step(*best_copy)
-  if jax.process_count() > 1:
+  if multiprocess:
     multihost_utils.sync_global_devices('et_flax_checkpoints_moved')
   if damaged:
     where = (f'interrupted, step {meta.interrupted.global_step}'
@@ -769,21 +784,111 @@ def find_resume_point(workdir: pathlib.Path) -> run_files.RunMeta | None:
 
 
 def _check_best(managers: Mapping[str, ocp.CheckpointManager], damaged: list[Damage],
-                meta: run_files.RunMeta) -> tuple[pathlib.Path, pathlib.Path] | None:
+                meta: run_files.RunMeta, workdir: pathlib.Path | None = None
+                ) -> tuple[pathlib.Path, pathlib.Path] | None:
   """Reads the best checkpoint whole; if damaged, adds it to `damaged` and
-  returns (source, target) to write it again from its epoch's intact checkpoint."""
+  returns (source, target) to write it again from its epoch's intact checkpoint.
+
+  With `workdir` (a multi-process run: every process calls it) the processes
+  agree: the best is damaged if it is on any process, and written again if
+  its epoch's checkpoint is intact on every one.
+  """
   best = managers.get(BEST)
   steps = [] if best is None else sorted(best.all_steps(), reverse=True)
-  if not steps or _newest_intact([(best, steps[0])], _local_sharding(), damaged) is not None:
+  best_damage: list[Damage] = []
+  if steps:
+    _newest_intact([(best, steps[0])], _local_sharding(), best_damage)
+  if workdir is not None:
+    agreed: dict[str, Damage] = {}
+    _agreed_damage(_gather({'damaged': [[_name(d.path), d.reason] for d in best_damage]}),
+                   workdir, agreed)
+    best_damage = list(agreed.values())
+  if not best_damage:
     return None
-  epoch, latest = steps[0], managers.get(LATEST)
-  if latest is None or epoch not in latest.all_steps():
+  damaged += best_damage
+  target = best_damage[0].path
+  epoch, latest = int(target.name), managers.get(LATEST)
+  intact = latest is not None and epoch in latest.all_steps()
+  if intact and (epoch != meta.epoch or meta.interrupted is not None):  # else read whole
+    intact = _newest_intact([(latest, epoch)], _local_sharding(), []) is not None
+  if workdir is not None:  # intact on every process, and not moved aside
+    source = f'{LATEST}/{epoch}'
+    intact = all(_gather(intact)) and all(_name(d.path) != source for d in damaged)
+  if not intact:
     return None
-  if epoch != meta.epoch or meta.interrupted is not None:  # else read whole
-    if _newest_intact([(latest, epoch)], _local_sharding(), []) is None:
-      return None
-  return (pathlib.Path(latest.directory) / str(epoch),
-          pathlib.Path(best.directory) / str(epoch))
+  return pathlib.Path(latest.directory) / str(epoch), target
+
+
+def _gather(value: Any) -> list[Any]:
+  """`value` (JSON) as each process gave it, in process order; called by all."""
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  # Padded to a multiple of 1 KiB: few shapes, so few programs to compile.
+  padded = np.zeros(-(-int(sizes.max()) // 1024) * 1024, np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
+
+
+def _name(path: pathlib.Path) -> str:
+  """'<folder>/<step>' of a step folder: the same on every process."""
+  return f'{path.parent.name}/{path.name}'
+
+
+def _agreed_damage(verdicts: Sequence[Mapping[str, Any]], workdir: pathlib.Path,
+                   agreed: dict[str, Damage]) -> None:
+  """Adds to `agreed` what any process found damaged (naming the process)."""
+  for process, verdict in enumerate(verdicts):
+    for name, reason in verdict['damaged']:
+      agreed.setdefault(name, Damage(workdir.absolute() / name,
+                                     f'on process {process}: {reason}'))
+
+
+def _agreed_newest_intact(candidates: Sequence[tuple[ocp.CheckpointManager, int]],
+                          damaged: Sequence[Damage], workdir: pathlib.Path
+                          ) -> tuple[tuple[int, dict[str, Any], run_files.RunMeta] | None,
+                                     list[Damage]]:
+  """`_newest_intact`, agreed by every process (all call it), and the damaged
+  ones, the same on every process.
+
+  That is the newest candidate every process read whole: one damaged on any
+  process, or not listed by one (`damaged` holds this process's unreadable
+  metas), is damaged. Each process reads on past the ones another found
+  damaged, in rounds, until they name the same one (or none).
+  """
+  sharding = _local_sharding()
+  names = [_name(pathlib.Path(manager.directory) / str(step)) for manager, step in candidates]
+  listed = names + [_name(damage.path) for damage in damaged]
+  own = list(damaged)
+  agreed: dict[str, Damage] = {}
+  index, found = -1, None
+  while True:
+    if found is None or names[index] in agreed:
+      found = None
+      for index in range(index + 1, len(candidates)):
+        if names[index] not in agreed:
+          manager, step = candidates[index]
+          found = _read_or_note(lambda: _read_whole(manager, step, sharding),
+                                manager, step, own)
+          if found is not None:
+            break
+    verdicts = _gather({'listed': listed, 'intact': None if found is None else names[index],
+                        'damaged': [[_name(d.path), d.reason] for d in own]})
+    before = len(agreed)
+    _agreed_damage(verdicts, workdir, agreed)
+    anywhere = {name for verdict in verdicts for name in verdict['listed']}
+    for process, verdict in enumerate(verdicts):
+      for name in sorted(anywhere - set(verdict['listed'])):
+        agreed.setdefault(name, Damage(workdir.absolute() / name,
+                                       f'not listed on process {process}'))
+    intact = {verdict['intact'] for verdict in verdicts}
+    if len(intact) == 1:
+      break
+    if len(agreed) == before:  # their metas order them differently: none is trusted
+      for name in intact - {None}:
+        agreed.setdefault(name, Damage(workdir.absolute() / name,
+                                       'read differently by the processes'))
+  return (None if found is None else (index, *found)), list(agreed.values())
 
 
 def _copy_step(source: pathlib.Path, target: pathlib.Path) -> None:

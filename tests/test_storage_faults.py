@@ -12,8 +12,11 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
+import time
 
 import jax
 import numpy as np
@@ -25,6 +28,7 @@ from et_flax import checkpoints
 from et_flax import console
 from et_flax import interrupts
 from et_flax import reproduce
+from et_flax import run_files
 from et_flax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -205,6 +209,94 @@ def test_every_checkpoint_damaged_is_one_error_line(three_epochs, digits_data_di
   assert lines[1:] == [f'(traceback in {run / "log.txt"})'], stderr[-3000:]
   assert sorted(p.name for p in (run / checkpoints.LATEST).iterdir()) == ['1', '2', '3']
   assert not (run / checkpoints.DAMAGED).exists()
+
+
+# Two processes of a run, on 127.0.0.1 with JAX's CPU collectives; process 1's
+# reads of the step folders named in argv fail, as a flaky network filesystem's
+# reads fail on one host.
+DISAGREEING_SCRIPT = textwrap.dedent('''
+    import pathlib, sys
+    import jax
+    port, process_id, workdirs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(',')
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                               process_id=process_id, initialization_timeout=60)
+    from et_flax import checkpoints
+    unreadable = set(sys.argv[4].split(',')) if process_id == 1 else set()
+    read_whole = checkpoints._read_whole
+    def flaky_read_whole(manager, step, sharding):
+      path = str(pathlib.Path(manager.directory) / str(step))
+      if path in unreadable:
+        raise OSError(5, 'Input/output error', path)
+      return read_whole(manager, step, sharding)
+    checkpoints._read_whole = flaky_read_whole
+    for workdir in workdirs:
+      try:
+        print('resumes from epoch', checkpoints.find_resume_point(pathlib.Path(workdir)).epoch,
+              flush=True)
+      except checkpoints.DamagedCheckpointError as error:
+        print('error:', error, flush=True)
+''')
+
+
+def _three_small_checkpoints(workdir):
+  """Epochs 1-3 of tiny arrays; the best is epoch 2's."""
+  with checkpoints.RunCheckpoints(workdir) as run:
+    for epoch in (1, 2, 3):
+      history = [{'epoch': e, 'step': 10 * e} for e in range(1, epoch + 1)]
+      run.save(epoch, {'w': jax.numpy.full(3, epoch, jax.numpy.float32)},
+               run_files.RunMeta(epoch=epoch, config={}, history=history), best=epoch < 3)
+
+
+@pytest.mark.slow
+def test_processes_that_read_a_checkpoint_differently_agree_on_the_resume_point(tmp_path):
+  partly, wholly = tmp_path / 'partly', tmp_path / 'wholly'
+  for workdir in (partly, wholly):
+    _three_small_checkpoints(workdir)
+  # Process 1 alone cannot read partly's latest and best, nor any of wholly's.
+  unreadable = [partly / checkpoints.LATEST / '3', partly / checkpoints.BEST / '2',
+                *(wholly / checkpoints.LATEST / str(epoch) for epoch in (1, 2, 3))]
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
+  processes = []
+  for i, log in enumerate(logs):
+    with log.open('w') as log_file:
+      processes.append(subprocess.Popen(
+          [sys.executable, '-c', DISAGREEING_SCRIPT, str(port), str(i), f'{partly},{wholly}',
+           ','.join(map(str, unreadable))],
+          cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.time() + 120
+    codes = [process.wait(timeout=max(1, deadline - time.time())) for process in processes]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  outputs = [log.read_text() for log in logs]
+  assert codes == [0, 0], '\n'.join(output[-3000:] for output in outputs)
+  said = [[line for line in output.splitlines() if line.startswith(('resumes', 'error:'))]
+          for output in outputs]
+  # Both from epoch 2, intact on both; the damaged ones moved aside once, the
+  # best written again from epoch 2's.
+  assert said[0] == said[1] and said[0][0] == 'resumes from epoch 2', outputs
+  assert (f'{partly / checkpoints.LATEST / "3"} and {partly / checkpoints.BEST / "2"} are '
+          'damaged (on process 1: [Errno 5]') in outputs[0]
+  damaged = partly / checkpoints.DAMAGED
+  assert sorted(str(p.relative_to(damaged)) for p in damaged.glob('*/*')) == [
+      f'{checkpoints.LATEST}/3', f'{checkpoints.BEST}/2']
+  assert sorted(p.name for p in (partly / checkpoints.LATEST).iterdir()) == ['1', '2']
+  _assert_same_state(partly / checkpoints.BEST / '2', partly / checkpoints.LATEST / '2')
+  # None intact on both: the same error on both, nothing moved.
+  assert said[0][1].startswith(f'error: no intact checkpoint to resume {wholly} from: '
+                               f'{wholly / checkpoints.LATEST / "3"}, '), said
+  assert sorted(p.name for p in (wholly / checkpoints.LATEST).iterdir()) == ['1', '2', '3']
+  assert not (wholly / checkpoints.DAMAGED).exists()
 
 
 # ---------------------------------------------------------------------------
