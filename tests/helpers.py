@@ -1,5 +1,12 @@
 """Helpers the tests share (the fixtures live in conftest.py)."""
 
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
 import numpy as np
 
 from et_flax.data import fake_data
@@ -38,3 +45,35 @@ def make_tiny_imagenet_tree(root, wnids=('n02', 'n01', 'n03'), train_per_class=4
   return fake_data.write_tiny_imagenet_tree(root, wnids, train_per_class, num_val,
                                             num_test, size, pixels='label',
                                             extra_synsets=True)
+
+
+def run_processes(script, args, log_dir, count=2, timeout=120):
+  """Runs `script` (`python -c`) as `count` processes of one JAX run on
+  127.0.0.1, one CPU device each: argv is a free port, the process's index,
+  then `args`; each writes to `log_dir`/process_<i>.log. Waits at most
+  `timeout` s for them all and kills any left. Returns (their exit codes,
+  None on a timeout; their outputs)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  logs = [pathlib.Path(log_dir) / f'process_{i}.log' for i in range(count)]
+  processes = []
+  for i, log in enumerate(logs):
+    with log.open('w') as log_file:
+      processes.append(subprocess.Popen(
+          [sys.executable, '-c', script, str(port), str(i), *map(str, args)],
+          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, stdout=log_file,
+          stderr=subprocess.STDOUT))
+  try:
+    deadline = time.time() + timeout
+    codes = [process.wait(timeout=max(1, deadline - time.time())) for process in processes]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return codes, [log.read_text() for log in logs]

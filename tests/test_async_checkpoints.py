@@ -8,9 +8,6 @@ as long as a test needs.
 import fcntl
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,11 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import run_processes
 from et_flax import checkpoints
 from et_flax import run_files
 from et_flax import workdir_lock
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 # How long a gated save waits at most: a save that blocks its caller (not
 # asynchronous) goes on after this, and the test fails instead of hanging.
 GATE_SECONDS = 20
@@ -264,30 +261,8 @@ PROCESS_SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_two_processes_save_together(tmp_path):
   """Each manager's background barriers are its own (else Orbax fails: 'already ongoing')."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  env.pop('XLA_FLAGS', None)  # one CPU device per process
   workdir = tmp_path / 'run'
-  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
-  processes = []
-  for i, log in enumerate(logs):
-    with log.open('w') as log_file:
-      processes.append(subprocess.Popen(
-          [sys.executable, '-c', PROCESS_SCRIPT, str(port), str(i), str(workdir)],
-          cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT))
-  try:
-    deadline = time.time() + 120
-    codes = [process.wait(timeout=max(1, deadline - time.time())) for process in processes]
-  except subprocess.TimeoutExpired:
-    codes = None
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  outputs = [log.read_text() for log in logs]
+  codes, outputs = run_processes(PROCESS_SCRIPT, [workdir], tmp_path)
   assert codes == [0, 0], '\n'.join(output[-3000:] for output in outputs)
   assert all('done' in output for output in outputs)
   assert sorted(p.name for p in (workdir / checkpoints.LATEST).iterdir()) == ['3', '4']

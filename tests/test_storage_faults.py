@@ -12,17 +12,16 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import run_processes
 from helpers import tiny_config
 from et_flax import checkpoints
 from et_flax import console
@@ -255,30 +254,8 @@ def test_processes_that_read_a_checkpoint_differently_agree_on_the_resume_point(
   # Process 1 alone cannot read partly's latest and best, nor any of wholly's.
   unreadable = [partly / checkpoints.LATEST / '3', partly / checkpoints.BEST / '2',
                 *(wholly / checkpoints.LATEST / str(epoch) for epoch in (1, 2, 3))]
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  env.pop('XLA_FLAGS', None)  # one CPU device per process
-  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
-  processes = []
-  for i, log in enumerate(logs):
-    with log.open('w') as log_file:
-      processes.append(subprocess.Popen(
-          [sys.executable, '-c', DISAGREEING_SCRIPT, str(port), str(i), f'{partly},{wholly}',
-           ','.join(map(str, unreadable))],
-          cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT))
-  try:
-    deadline = time.time() + 120
-    codes = [process.wait(timeout=max(1, deadline - time.time())) for process in processes]
-  except subprocess.TimeoutExpired:
-    codes = None
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  outputs = [log.read_text() for log in logs]
+  codes, outputs = run_processes(
+      DISAGREEING_SCRIPT, [f'{partly},{wholly}', ','.join(map(str, unreadable))], tmp_path)
   assert codes == [0, 0], '\n'.join(output[-3000:] for output in outputs)
   said = [[line for line in output.splitlines() if line.startswith(('resumes', 'error:'))]
           for output in outputs]
