@@ -157,6 +157,26 @@ def test_the_speedup_compares_the_windows_kind_by_kind():
   assert onednn.speedup({}, {}) is None
 
 
+class Windows:
+  """The calls as `kind_stats` gives them to a probe, which reads them at
+  each window's start and end: at the end of window w (1, 2, ...) on
+  `threads`, `window(w, threads)` gives its (calls, seconds, builds) of one
+  kind."""
+
+  def __init__(self, window):
+    self.window, self.threads, self.reads, self.total = window, 2, 0, (0, 0.0, 0)
+
+  def set_threads(self, threads):
+    self.threads = threads
+
+  def stats(self):
+    self.reads += 1
+    if self.reads % 2 == 0:  # a window's end
+      added = self.window(self.reads // 2, self.threads)
+      self.total = tuple(t + a for t, a in zip(self.total, added))
+    return {7: self.total}
+
+
 @pytest.mark.parametrize('faster', [1.0, 1.5])
 def test_a_load_that_grows_during_the_probe_weighs_on_both_counts_alike(monkeypatch, faster):
   # Each window holds one call, whose time grows by 1 s a window (a load
@@ -164,45 +184,22 @@ def test_a_load_that_grows_during_the_probe_weighs_on_both_counts_alike(monkeypa
   # growth cancels: A's calls took 1 and 3 s, B's 2 s / `faster`. Timed A
   # then B, 4 threads would seem half as fast on an even load.
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
-  state = {'threads': 2, 'window': 0, 'calls': 0, 'seconds': 0.0, 'reads': 0}
-
-  def set_threads(threads):
-    state['threads'] = threads
-
-  def stats():
-    state['reads'] += 1
-    if state['reads'] % 2 == 0:  # a window's end: its call
-      state['window'] += 1
-      state['calls'] += 1
-      state['seconds'] += state['window'] / (faster if state['threads'] == 4 else 1.0)
-    return {7: (state['calls'], state['seconds'], 0)}
-
-  follower = onednn.LoadFollower(set_threads=set_threads, stats=stats, probe=0.001)
+  calls = Windows(lambda w, threads: (1, w / (faster if threads == 4 else 1.0), 0))
+  follower = onednn.LoadFollower(set_threads=calls.set_threads, stats=calls.stats, probe=0.001)
   assert follower._speedup(2, 4) == pytest.approx(faster)
 
 
-@pytest.mark.parametrize('window', [0, 1, 2])
+@pytest.mark.parametrize('window', [1, 2, 3])
 def test_a_probe_while_primitives_are_built_is_not_counted(monkeypatch, window):
   # A model starting: its first calls build primitives, and its first step
   # runs slow throughout (here, on 4 threads 4x faster than on 2, but a
   # build in any of the A-B-B-A windows voids the probe).
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
-  state = {'threads': 2, 'reads': 0, 'calls': 0, 'seconds': 0.0, 'builds': 0}
-
-  def set_threads(threads):
-    state['threads'] = threads
-
-  def stats():
-    state['reads'] += 1
-    if state['reads'] % 2 == 0:  # a window's end: its calls
-      state['calls'] += 4 if state['threads'] == 4 else 1
-      state['seconds'] += 1.0
-      state['builds'] += state['reads'] // 2 - 1 == window
-    return {7: (state['calls'], state['seconds'], state['builds'])}
-
-  follower = onednn.LoadFollower(set_threads=set_threads, stats=stats, probe=0.001)
+  builds = {window}
+  calls = Windows(lambda w, threads: (4 if threads == 4 else 1, 1.0, int(w in builds)))
+  follower = onednn.LoadFollower(set_threads=calls.set_threads, stats=calls.stats, probe=0.001)
   assert follower._speedup(2, 4) is None
-  state['builds'], window = 0, -1  # no more builds
+  builds.clear()
   assert follower._speedup(2, 4) == pytest.approx(4.0)
 
 
