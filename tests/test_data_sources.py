@@ -130,16 +130,22 @@ def test_official_layout_from_another_source_is_refused(tmp_path, official_is_3_
   assert input_pipeline.get_dataset_info(other).wnids == ('n04', 'n05', 'n06')
 
 
-def test_official_layout_without_a_stored_fingerprint(tmp_path, official_is_3_classes_8px,
-                                                      caplog):
-  """Prepared by an older et_flax: its wnids and split sizes are checked."""
-  tree_a = _tree(tmp_path / 'a', WNIDS_A)
-  prepared = pathlib.Path(
-      input_pipeline.get_dataset_info(_config(tmp_path, tree_a)).data_dir)
+def _prepared_as_by_an_older_et_flax(tmp_path, tree):
+  """Prepares `tree` and drops its stored fingerprint, as an older et_flax
+  kept none; returns the prepared folder."""
+  prepared = pathlib.Path(input_pipeline.get_dataset_info(_config(tmp_path, tree)).data_dir)
   metadata = prepared / 'metadata.json'
   stored = json.loads(metadata.read_text())
   del stored[tiny_imagenet.FINGERPRINT_KEY]
   metadata.write_text(json.dumps(stored))
+  return prepared
+
+
+def test_official_layout_without_a_stored_fingerprint(tmp_path, official_is_3_classes_8px,
+                                                      caplog):
+  """Prepared by an older et_flax: its wnids and split sizes are checked."""
+  tree_a = _tree(tmp_path / 'a', WNIDS_A)
+  _prepared_as_by_an_older_et_flax(tmp_path, tree_a)
 
   with caplog.at_level(logging.WARNING):
     info = input_pipeline.get_dataset_info(_config(tmp_path, tree_a))
@@ -158,12 +164,7 @@ def test_a_dataset_prepared_by_an_older_et_flax_is_decoded_once(
   """Without a stored fingerprint, a split is still cached: a later run reads
   it without TensorFlow, keyed by what tfds recorded of the prepared data."""
   tree_a = _tree(tmp_path / 'a', WNIDS_A)
-  prepared = pathlib.Path(
-      input_pipeline.get_dataset_info(_config(tmp_path, tree_a)).data_dir)
-  metadata = prepared / 'metadata.json'
-  stored = json.loads(metadata.read_text())
-  del stored[tiny_imagenet.FINGERPRINT_KEY]
-  metadata.write_text(json.dumps(stored))
+  prepared = _prepared_as_by_an_older_et_flax(tmp_path, tree_a)
 
   info = input_pipeline.get_dataset_info(_config(tmp_path, tree_a))
   decoded = input_pipeline.load_split(info, 'val')
